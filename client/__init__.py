@@ -1,0 +1,69 @@
+"""Typed Python clients of the modelreg registry, sync and asyncio.
+
+Example::
+
+    from modelreg.client import RegistryClient
+
+    with RegistryClient("127.0.0.1:50051") as client:
+        v = client.create_version("fraud-detector", artifact_uri=uri, sha256=digest, size_bytes=n)
+        client.promote("fraud-detector", "staging", v.model_version.version, reason="nightly")
+"""
+
+from modelreg.client._async_client import AsyncRegistryClient
+from modelreg.client._common import DEFAULT_TARGET, ClientConfig, ClientState, RetryPolicy
+from modelreg.client._sync_client import RegistryClient
+from modelreg.client.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RegistryError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnexpectedStatusError,
+    from_rpc_error,
+)
+from modelreg.v1.resources_pb2 import (
+    AuditAction,
+    AuditEvent,
+    Lineage,
+    ModelVersion,
+    PointerHistoryEntry,
+    PointerMoveKind,
+    RegisteredModel,
+    StagePointer,
+    VersionState,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AbortedError",
+    "AlreadyExistsError",
+    "AsyncRegistryClient",
+    "AuditAction",
+    "AuditEvent",
+    "ClientConfig",
+    "ClientState",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "Lineage",
+    "ModelVersion",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PointerHistoryEntry",
+    "PointerMoveKind",
+    "RegisteredModel",
+    "RegistryClient",
+    "RegistryError",
+    "RetryPolicy",
+    "StagePointer",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnexpectedStatusError",
+    "VersionState",
+    "from_rpc_error",
+]

@@ -1,0 +1,368 @@
+"""The asyncio client: ``AsyncRegistryClient``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+
+from modelreg.client import _common as cm
+from modelreg.client import _requests as rq
+from modelreg.client._transport import AsyncTransport
+from modelreg.v1 import model_service_pb2 as pb
+from modelreg.v1 import resources_pb2 as res
+
+
+class AsyncRegistryClient(AsyncTransport):
+    """Typed asyncio client of the modelreg ``ModelService``.
+
+    The channel is created on first use (behind a lock) and closed by :meth:`aclose` or at the
+    end of ``async with``. Model arguments take an id (``fraud-detector``) or a full name
+    (``models/fraud-detector``). Every method takes ``timeout``: the call's deadline in seconds,
+    retries included, defaulting to the client's. Mutations take ``request_id``, an idempotency
+    key; when ``None`` a uuid4 is generated so the client's own retries are applied once, and
+    ``""`` sends none and disables retrying. Failures raise :class:`~modelreg.client.RegistryError`
+    subclasses, never raw gRPC errors. (``timeout`` is a gRPC deadline that the server sees too,
+    so it stays a parameter rather than an ``asyncio.timeout`` scope.)
+
+    Args:
+        target: ``host:port`` of the server.
+        actor: Who is calling, for the audit trail; default ``$MODELREG_ACTOR`` or the OS user.
+        timeout: Default per-call deadline in seconds, retries included.
+        retries: Retries on UNAVAILABLE, or a full :class:`RetryPolicy`.
+        options: gRPC channel options.
+        credentials: TLS channel credentials; plaintext when ``None``.
+
+    Example::
+
+        async with AsyncRegistryClient("127.0.0.1:50051") as client:
+            stage = (await client.get_stage("fraud-detector", "production")).stage
+
+    """
+
+    async def create_model(
+        self,
+        model_id: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        custom_stages: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.CreateModelResponse:
+        """Register a model id; ``custom_stages`` declares stages besides staging/production."""
+        req = rq.create_model(
+            model_id,
+            description=description,
+            tags=tags,
+            custom_stages=custom_stages,
+            request_id=request_id,
+        )
+        return await self._call(
+            lambda s: s.CreateModel, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def get_model(
+        self,
+        model: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.GetModelResponse:
+        """Read one model."""
+        req = pb.GetModelRequest(name=rq.model_name(model))
+        return await self._call(lambda s: s.GetModel, req, timeout)
+
+    async def list_models(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.ListModelsResponse:
+        """Read one page of models in name order (``page_size`` 0: the server's default)."""
+        req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
+        return await self._call(lambda s: s.ListModels, req, timeout)
+
+    def iter_models(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[res.RegisteredModel]:
+        """Iterate over every model, fetching pages as needed (``timeout`` is per page)."""
+        return cm.apages(
+            lambda t: self.list_models(page_size=page_size, page_token=t, timeout=timeout),
+            lambda page: page.models,
+        )
+
+    async def update_model(
+        self,
+        model: str,
+        *,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        custom_stages: Sequence[str] | None = None,
+        etag: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.UpdateModelResponse:
+        """Replace the fields given (not None); with ``etag``, only if it is still current."""
+        req = rq.update_model(
+            model,
+            description=description,
+            tags=tags,
+            custom_stages=custom_stages,
+            etag=etag,
+            request_id=request_id,
+        )
+        return await self._call(
+            lambda s: s.UpdateModel, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def delete_model(
+        self,
+        model: str,
+        *,
+        etag: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.DeleteModelResponse:
+        """Delete a model and its versions; refused while a stage names one of them."""
+        req = rq.delete_model(model, etag=etag, request_id=request_id)
+        return await self._call(
+            lambda s: s.DeleteModel, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def create_version(
+        self,
+        model: str,
+        *,
+        artifact_uri: str,
+        sha256: str,
+        size_bytes: int,
+        framework: str = "",
+        signature: str = "",
+        metrics: Mapping[str, float] | None = None,
+        params: Mapping[str, str] | None = None,
+        lineage: res.Lineage | Mapping[str, str] | None = None,
+        model_card: str = "",
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.CreateModelVersionResponse:
+        """Register the next immutable version of a model; the server assigns its number."""
+        req = rq.create_version(
+            model,
+            artifact_uri=artifact_uri,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            framework=framework,
+            signature=signature,
+            metrics=metrics,
+            params=params,
+            lineage=lineage,
+            model_card=model_card,
+            description=description,
+            tags=tags,
+            request_id=request_id,
+        )
+        return await self._call(
+            lambda s: s.CreateModelVersion, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def get_version(
+        self,
+        model: str,
+        version: int,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.GetModelVersionResponse:
+        """Read one version with its derived state and stages."""
+        req = pb.GetModelVersionRequest(name=rq.version_name(model, version))
+        return await self._call(lambda s: s.GetModelVersion, req, timeout)
+
+    async def list_versions(
+        self,
+        model: str,
+        *,
+        state: res.VersionState.ValueType | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.ListModelVersionsResponse:
+        """Read one page of a model's versions in number order, optionally in one state only."""
+        req = rq.list_versions(model, state=state, page_size=page_size, page_token=page_token)
+        return await self._call(lambda s: s.ListModelVersions, req, timeout)
+
+    def iter_versions(
+        self,
+        model: str,
+        *,
+        state: res.VersionState.ValueType | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[res.ModelVersion]:
+        """Iterate over every version of a model (``timeout`` is per page)."""
+        return cm.apages(
+            lambda t: self.list_versions(
+                model, state=state, page_size=page_size, page_token=t, timeout=timeout
+            ),
+            lambda page: page.model_versions,
+        )
+
+    async def update_version(
+        self,
+        model: str,
+        version: int,
+        *,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        sunset_time: datetime | None = None,
+        clear_sunset_time: bool = False,
+        etag: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.UpdateModelVersionResponse:
+        """Replace a version's annotations given (not None); a sunset time deprecates it."""
+        req = rq.update_version(
+            model,
+            version,
+            description=description,
+            tags=tags,
+            sunset_time=sunset_time,
+            clear_sunset_time=clear_sunset_time,
+            etag=etag,
+            request_id=request_id,
+        )
+        return await self._call(
+            lambda s: s.UpdateModelVersion, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def get_stage(
+        self,
+        model: str,
+        stage: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.GetStageResponse:
+        """Read one stage pointer (version 0: the stage is empty)."""
+        req = pb.GetStageRequest(name=rq.stage_name(model, stage))
+        return await self._call(lambda s: s.GetStage, req, timeout)
+
+    async def list_stages(
+        self,
+        model: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.ListStagesResponse:
+        """Read every stage pointer of a model, empty ones included."""
+        req = pb.ListStagesRequest(parent=rq.model_name(model))
+        return await self._call(lambda s: s.ListStages, req, timeout)
+
+    async def promote(
+        self,
+        model: str,
+        stage: str,
+        version: int,
+        *,
+        etag: str | None = None,
+        reason: str = "",
+        hotfix: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.PromoteVersionResponse:
+        """Point ``stage`` at ``version`` under the lifecycle rules; hotfix needs a reason."""
+        req = rq.promote(
+            model, stage, version, etag=etag, reason=reason, hotfix=hotfix, request_id=request_id
+        )
+        return await self._call(
+            lambda s: s.PromoteVersion, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def rollback(
+        self,
+        model: str,
+        stage: str,
+        *,
+        to_version: int = 0,
+        etag: str | None = None,
+        reason: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.RollbackStageResponse:
+        """Move ``stage`` back to its last known-good version, or to former ``to_version``."""
+        req = rq.rollback(
+            model, stage, to_version=to_version, etag=etag, reason=reason, request_id=request_id
+        )
+        return await self._call(
+            lambda s: s.RollbackStage, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def stage_history(
+        self,
+        model: str,
+        stage: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.ListStageHistoryResponse:
+        """Read one page of a stage pointer's moves, newest first."""
+        req = pb.ListStageHistoryRequest(
+            name=rq.stage_name(model, stage), page_size=page_size, page_token=page_token
+        )
+        return await self._call(lambda s: s.ListStageHistory, req, timeout)
+
+    def iter_stage_history(
+        self, model: str, stage: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[res.PointerHistoryEntry]:
+        """Iterate over a stage pointer's moves, newest first (``timeout`` is per page)."""
+        return cm.apages(
+            lambda t: self.stage_history(
+                model, stage, page_size=page_size, page_token=t, timeout=timeout
+            ),
+            lambda page: page.entries,
+        )
+
+    async def list_audit_events(
+        self,
+        *,
+        model: str | None = None,
+        actor: str | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.ListAuditEventsResponse:
+        """Read one page of audit events, newest first, filtered by model, actor and time."""
+        req = rq.list_audit_events(
+            model=model,
+            actor=actor,
+            start_time=start_time,
+            end_time=end_time,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._call(lambda s: s.ListAuditEvents, req, timeout)
+
+    def iter_audit_events(
+        self,
+        *,
+        model: str | None = None,
+        actor: str | None = None,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[res.AuditEvent]:
+        """Iterate over matching audit events, newest first (``timeout`` is per page)."""
+        return cm.apages(
+            lambda t: self.list_audit_events(
+                model=model,
+                actor=actor,
+                start_time=start_time,
+                end_time=end_time,
+                page_size=page_size,
+                page_token=t,
+                timeout=timeout,
+            ),
+            lambda page: page.audit_events,
+        )

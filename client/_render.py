@@ -1,0 +1,236 @@
+"""Pure helpers of the CLI: parsing ``k=v`` and times, and rendering resources as text."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+
+from modelreg.v1 import resources_pb2 as res
+
+_CLIP = 48
+"""Longest free-text cell (description, reason) shown in a table."""
+
+
+def parse_key_value(text: str) -> tuple[str, str]:
+    """Parse ``key=value`` (the value may contain ``=``); an argparse ``type``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_metric(text: str) -> tuple[str, float]:
+    """Parse ``name=number``; an argparse ``type``."""
+    key, value = parse_key_value(text)
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"metric {key!r}: {value!r} is not a number") from None
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 date or time (``2024-05-01``, ``...T12:00:00Z``); naive is local."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """Return the lowercase hex sha256 and the size in bytes of a file."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """Convert a message to a JSON-ready dict, with proto field names and every field present."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Render rows as left-aligned columns under upper-case headers, two spaces apart."""
+    cells = [[str(h).upper() for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def details(pairs: Iterable[tuple[str, object]]) -> str:
+    """Render ``key: value`` lines with the values aligned; empty values are left out."""
+    kept = [(k, str(v)) for k, v in pairs if v not in ("", None)]
+    width = max((len(k) for k, _ in kept), default=0) + 1
+    return "\n".join(f"{k + ':':<{width}} {v}" for k, v in kept)
+
+
+def clip(text: str, limit: int = _CLIP) -> str:
+    """Shorten one-line text to ``limit`` characters, marking the cut with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def when(ts: timestamp_pb2.Timestamp) -> str:
+    """Format a Timestamp as ISO 8601 UTC to the second; ``-`` when unset."""
+    if ts.seconds == 0 and ts.nanos == 0:
+        return "-"
+    return ts.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def state_name(state: res.VersionState.ValueType) -> str:
+    """Return ``staging`` for ``VERSION_STATE_STAGING``; ``-`` for unspecified."""
+    if state == res.VERSION_STATE_UNSPECIFIED:
+        return "-"
+    return enum_name(res.VersionState.Name(state), "VERSION_STATE_")
+
+
+def enum_name(name: str, prefix: str) -> str:
+    """Return an enum value name without its prefix, lower-case (``PROMOTE`` → ``promote``)."""
+    return name.removeprefix(prefix).lower()
+
+
+def last_segment(name: str) -> str:
+    """Return the last segment of a resource name (``models/m/stages/prod`` → ``prod``)."""
+    return name.rsplit("/", 1)[-1]
+
+
+def version_label(version: int) -> str:
+    """Return ``v5`` for 5 and ``-`` for 0 (no version)."""
+    return f"v{version}" if version else "-"
+
+
+def pairs(mapping: Iterable[tuple[str, object]]) -> str:
+    """Render ``a=1, b=2`` sorted by key."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(mapping))
+
+
+def model_details(m: res.RegisteredModel) -> str:
+    """Describe one model."""
+    return details(
+        [
+            ("name", m.name),
+            ("description", m.description),
+            ("tags", pairs(m.tags.items())),
+            ("custom stages", ", ".join(m.custom_stages)),
+            ("versions", m.version_count),
+            ("created", when(m.create_time)),
+            ("updated", when(m.update_time)),
+            ("etag", m.etag),
+        ]
+    )
+
+
+def models_table(models: Iterable[res.RegisteredModel]) -> str:
+    """List models, one per row."""
+    rows = [
+        (last_segment(m.name), m.version_count, ",".join(m.custom_stages) or "-",
+         when(m.update_time), clip(m.description))
+        for m in models
+    ]  # fmt: skip
+    return table(["model", "versions", "custom stages", "updated", "description"], rows)
+
+
+def version_details(v: res.ModelVersion) -> str:
+    """Describe one version, lineage included."""
+    lin = v.lineage
+    return details(
+        [
+            ("name", v.name),
+            ("state", state_name(v.state)),
+            ("stages", ", ".join(v.stages)),
+            ("artifact", v.artifact_uri),
+            ("sha256", v.sha256),
+            ("size", f"{v.size_bytes} bytes"),
+            ("framework", v.framework),
+            ("metrics", pairs((k, f"{x:g}") for k, x in v.metrics.items())),
+            ("params", pairs(v.params.items())),
+            ("training run", lin.training_run),
+            ("code commit", lin.code_commit),
+            ("dataset", lin.dataset_version),
+            ("dataset sha256", lin.dataset_sha256),
+            ("description", v.description),
+            ("tags", pairs(v.tags.items())),
+            ("sunset", when(v.sunset_time) if v.HasField("sunset_time") else ""),
+            ("created", f"{when(v.create_time)} by {v.created_by or '?'}"),
+            ("etag", v.etag),
+        ]
+    )
+
+
+def versions_table(versions: Iterable[res.ModelVersion]) -> str:
+    """List versions, one per row."""
+    rows = [
+        (version_label(v.version), state_name(v.state), ",".join(v.stages) or "-",
+         v.framework or "-", v.sha256[:12], when(v.create_time), v.created_by or "-",
+         clip(v.description))
+        for v in versions
+    ]  # fmt: skip
+    headers = ["version", "state", "stages", "framework", "sha256", "created", "by", "description"]
+    return table(headers, rows)
+
+
+def _flags(p: res.StagePointer) -> str:
+    flags = [name for name, on in [("hotfix", p.hotfix), ("backfill-required", p.backfill_required)] if on]
+    return ",".join(flags) or "-"
+
+
+def stage_details(p: res.StagePointer) -> str:
+    """Describe one stage pointer."""
+    return details(
+        [
+            ("stage", p.name),
+            ("version", version_label(p.version)),
+            ("previous", version_label(p.previous_version)),
+            ("rollback to", ", ".join(map(version_label, p.rollback_candidates))),
+            ("former", ", ".join(map(version_label, p.former_versions))),
+            ("generation", p.generation),
+            ("flags", _flags(p)),
+            ("reason", p.reason),
+            ("updated", f"{when(p.update_time)} by {p.updated_by or '?'}"),
+            ("etag", p.etag),
+        ]
+    )
+
+
+def stages_table(stages: Iterable[res.StagePointer]) -> str:
+    """List stage pointers, one per row (what ``modelreg status`` prints)."""
+    rows = [
+        (last_segment(p.name), version_label(p.version), version_label(p.previous_version),
+         _flags(p), when(p.update_time), p.updated_by or "-", p.etag or "-")
+        for p in stages
+    ]  # fmt: skip
+    return table(["stage", "version", "previous", "flags", "updated", "by", "etag"], rows)
+
+
+def history_table(entries: Iterable[res.PointerHistoryEntry]) -> str:
+    """List pointer moves, newest first."""
+    rows = [
+        (e.generation, enum_name(res.PointerMoveKind.Name(e.kind), "POINTER_MOVE_KIND_"),
+         version_label(e.from_version), version_label(e.to_version), "yes" if e.hotfix else "",
+         when(e.time), e.actor, clip(e.reason))
+        for e in entries
+    ]  # fmt: skip
+    return table(["gen", "kind", "from", "to", "hotfix", "time", "actor", "reason"], rows)
+
+
+def audit_table(events: Iterable[res.AuditEvent]) -> str:
+    """List audit events, newest first."""
+    rows = [
+        (when(e.time), e.actor, enum_name(res.AuditAction.Name(e.action), "AUDIT_ACTION_"),
+         e.resource, clip(e.from_value, 24) or "-", clip(e.to_value, 24) or "-",
+         ("hotfix: " if e.hotfix else "") + clip(e.reason))
+        for e in events
+    ]  # fmt: skip
+    return table(["time", "actor", "action", "resource", "from", "to", "reason"], rows)

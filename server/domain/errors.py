@@ -1,0 +1,131 @@
+"""The one error hierarchy of modelreg's domain.
+
+Every failure a caller can cause or meet is one of these; the gRPC layer maps each class to one
+status code in a single table (``modelreg.server.api.errors``) and sends ``reason`` as the
+``google.rpc.ErrorInfo`` reason, so clients can branch on it without parsing messages::
+
+    ModelregError                   root; never raised itself
+    ├── InvalidArgumentError        a field is malformed or too large   → INVALID_ARGUMENT
+    ├── NotFoundError               the named resource does not exist   → NOT_FOUND
+    ├── AlreadyExistsError          create of a name that is taken      → ALREADY_EXISTS
+    ├── FailedPreconditionError     a lifecycle rule refuses the change → FAILED_PRECONDITION
+    ├── AbortedError                a concurrent change got in the way  → ABORTED
+    │   ├── EtagMismatchError       the caller's etag is stale
+    │   └── ContentionError         retried against fresh state, gave up
+    └── UnavailableError            etcd cannot be reached              → UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+ERROR_DOMAIN = "modelreg.dev"
+"""``google.rpc.ErrorInfo.domain`` of every error modelreg sends."""
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request, as in ``google.rpc.BadRequest.FieldViolation``."""
+
+    field: str
+    """Dotted path of the field in the request, e.g. ``model_version.sha256``."""
+    description: str
+    """What is wrong and what would be right."""
+
+
+class ModelregError(Exception):
+    """Root of every domain error: a stable ``reason`` plus string metadata for clients."""
+
+    reason: str = "MODELREG_ERROR"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgumentError(ModelregError):
+    """A request field is malformed, out of range or over its size limit; nothing was written."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
+        self.violations = tuple(violations)
+        text = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(
+            f"invalid request: {text}",
+            reason=reason,
+            metadata={"field": self.violations[0].field} if self.violations else None,
+        )
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgumentError:
+        """Shorthand for a single bad field."""
+        return cls([FieldViolation(field, description)])
+
+
+class NotFoundError(ModelregError):
+    """The named model, version or stage history entry does not exist."""
+
+    reason = "NOT_FOUND"
+
+    def __init__(self, resource: str) -> None:
+        super().__init__(f"{resource} not found", metadata={"resource": resource})
+        self.resource = resource
+
+
+class AlreadyExistsError(ModelregError):
+    """A create named something that already exists."""
+
+    reason = "ALREADY_EXISTS"
+
+    def __init__(self, resource: str) -> None:
+        super().__init__(f"{resource} already exists", metadata={"resource": resource})
+        self.resource = resource
+
+
+class FailedPreconditionError(ModelregError):
+    """A lifecycle rule refuses the change in the current state; ``reason`` names the rule."""
+
+    reason = "FAILED_PRECONDITION"
+
+    def __init__(self, rule: str, message: str, **metadata: str) -> None:
+        super().__init__(message, reason=rule, metadata=metadata)
+        self.rule = rule
+
+
+class AbortedError(ModelregError):
+    """A concurrent change got in the way; re-read and decide again."""
+
+    reason = "ABORTED"
+
+
+class EtagMismatchError(AbortedError):
+    """The caller's etag is stale: someone changed the resource since the caller read it."""
+
+    reason = "ETAG_MISMATCH"
+
+    def __init__(self, resource: str, given_etag: str, current_etag: str) -> None:
+        super().__init__(
+            f"{resource} changed: etag {given_etag} is stale, current etag is {current_etag}",
+            metadata={"resource": resource, "current_etag": current_etag},
+        )
+        self.resource = resource
+        self.current_etag = current_etag
+
+
+class ContentionError(AbortedError):
+    """Other writers kept changing what this request read; it was retried and gave up."""
+
+    reason = "CONTENTION"
+
+
+class UnavailableError(ModelregError):
+    """etcd could not be reached or did not answer in time; the request may be retried."""
+
+    reason = "STORE_UNAVAILABLE"

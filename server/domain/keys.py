@@ -1,0 +1,85 @@
+"""The etcd key schema, relative to the deployment's prefix (``--prefix``, default ``/modelreg/``).
+
+=====================================================  ==========================================
+key                                                    value (protobuf, ``modelreg.v1``)
+=====================================================  ==========================================
+``models/{model}``                                     ``RegisteredModel`` (holds ``version_count``)
+``versions/{model}/{version:012d}``                    ``ModelVersion``
+``stages/{model}/{stage}``                             ``StagePointer``
+``history/{model}/{stage}/{generation:012d}``          ``PointerHistoryEntry``
+``audit/{unix_nanos:020d}-{random:08x}``               ``AuditEvent``
+``requests/{sha256(request_id)}``                      ``StoredRequest`` (idempotency record)
+=====================================================  ==========================================
+
+Every per-model key ends its model part with ``/`` so one model's range never covers another
+(``versions/fraud/`` versus ``versions/fraud-v2/``). Zero-padded numbers keep key order equal
+to numeric order, so range reads come back sorted. ``etag``, ``revision``, ``state`` and
+``stages`` are never stored: they are derived from the key's ``mod_revision`` and the pointers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def model(model_id: str) -> str:
+    """Key of a registered model."""
+    return f"models/{model_id}"
+
+
+MODELS_START = "models/"
+MODELS_END = "models0"  # "0" is the byte after "/": the end of the "models/" range.
+
+
+def version(model_id: str, number: int) -> str:
+    """Key of one model version."""
+    return f"versions/{model_id}/{number:012d}"
+
+
+def versions_prefix(model_id: str) -> str:
+    """Prefix of every version of a model."""
+    return f"versions/{model_id}/"
+
+
+def stage(model_id: str, stage_id: str) -> str:
+    """Key of a stage pointer."""
+    return f"stages/{model_id}/{stage_id}"
+
+
+def stages_prefix(model_id: str) -> str:
+    """Prefix of every stage pointer of a model."""
+    return f"stages/{model_id}/"
+
+
+def history(model_id: str, stage_id: str, generation: int) -> str:
+    """Key of one move of a stage pointer."""
+    return f"history/{model_id}/{stage_id}/{generation:012d}"
+
+
+def history_prefix(model_id: str, stage_id: str | None = None) -> str:
+    """Prefix of the history of one stage, or of every stage of a model."""
+    return f"history/{model_id}/" if stage_id is None else f"history/{model_id}/{stage_id}/"
+
+
+def audit(unix_nanos: int, suffix: int) -> str:
+    """Key of an audit event: time-ordered, with a random suffix against same-nanosecond ties."""
+    return f"audit/{unix_nanos:020d}-{suffix:08x}"
+
+
+AUDIT_START = "audit/"
+AUDIT_END = "audit0"
+
+
+def audit_bound(unix_nanos: int) -> str:
+    """The first audit key at or after ``unix_nanos``: a bound for time-range reads."""
+    return f"audit/{unix_nanos:020d}"
+
+
+def request(request_id: str) -> str:
+    """Key of an idempotency record; hashed so any printable id makes a safe key."""
+    return "requests/" + hashlib.sha256(request_id.encode()).hexdigest()
+
+
+def prefix_end(prefix: str) -> str:
+    """The end of the range of keys starting with ``prefix`` (etcd's ``range_end``)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)

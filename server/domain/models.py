@@ -1,0 +1,191 @@
+"""Registered models: create, read, list, annotate, delete."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from modelreg.server.domain import keys, names, records, validation
+from modelreg.server.domain.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from modelreg.server.domain.ports import DeleteRange, ModelStore, Put
+from modelreg.server.domain.transaction import Call, Plan, Reader, now_timestamp, run_mutation
+from modelreg.v1 import model_service_pb2 as svc
+from modelreg.v1 import resources_pb2 as res
+
+MODEL_MASK = ("description", "tags", "custom_stages")
+"""Fields of a model that UpdateModel may change."""
+
+
+def _check_model_fields(v: validation.Violations, model: res.RegisteredModel) -> None:
+    validation.text(v, "model.description", model.description, validation.MAX_DESCRIPTION)
+    validation.tags(v, "model.tags", model.tags)
+    validation.custom_stages(v, "model.custom_stages", model.custom_stages)
+
+
+def update_paths(mask_paths: list[str], allowed: tuple[str, ...]) -> list[str]:
+    """Validates an update mask against the fields a resource lets change."""
+    if not mask_paths:
+        raise InvalidArgumentError.field(
+            "update_mask", f"is required; paths among: {', '.join(allowed)}"
+        )
+    bad = [p for p in mask_paths if p not in allowed]
+    if bad:
+        raise InvalidArgumentError.field(
+            "update_mask",
+            f"{', '.join(bad)} cannot be changed; paths among: {', '.join(allowed)}",
+        )
+    return sorted(set(mask_paths))
+
+
+class Models:
+    """Operations on registered models."""
+
+    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def create(self, call: Call, req: svc.CreateModelRequest) -> svc.CreateModelResponse:
+        """Registers a model name with its description, tags and custom stages."""
+        v = validation.Violations()
+        validation.model_id(v, "model_id", req.model_id)
+        _check_model_fields(v, req.model)
+        validation.request_id(v, req.request_id)
+        v.raise_if_any()
+        key, name = keys.model(req.model_id), names.model_name(req.model_id)
+
+        async def decide(r: Reader) -> Plan:
+            if await r.get(key) is not None:
+                raise AlreadyExistsError(name)
+            now = now_timestamp(self._clock())
+            model = res.RegisteredModel(
+                name=name,
+                description=req.model.description,
+                tags=req.model.tags,
+                custom_stages=req.model.custom_stages,
+                create_time=now,
+                update_time=now,
+            )
+            audit = res.AuditEvent(
+                action=res.AUDIT_ACTION_CREATE_MODEL, resource=name, model=req.model_id
+            )
+            return Plan(
+                [Put(key, records.encode(model))], audit, svc.CreateModelResponse(model=model)
+            )
+
+        return await run_mutation(self._store, call, decide, svc.CreateModelResponse)
+
+    async def get(self, req: svc.GetModelRequest) -> svc.GetModelResponse:
+        """Reads one model, fresh from the store."""
+        model_id = names.parse_model("name", req.name)
+        snap = await self._store.read([keys.model(model_id)], fresh=True)
+        entry = snap.get(keys.model(model_id))
+        if entry is None:
+            raise NotFoundError(req.name)
+        return svc.GetModelResponse(
+            model=records.decode(entry, res.RegisteredModel), revision=snap.revision
+        )
+
+    async def list(self, req: svc.ListModelsRequest) -> svc.ListModelsResponse:
+        """Lists models in name order, one page at a time."""
+        v = validation.Violations()
+        size = validation.page_size(v, req.page_size)
+        v.raise_if_any()
+        page = await records.list_page(
+            self._store, keys.MODELS_START, keys.MODELS_END, page_size=size, token=req.page_token
+        )
+        return svc.ListModelsResponse(
+            models=[records.decode(e, res.RegisteredModel) for e in page.entries],
+            next_page_token=page.next_token,
+            revision=page.revision,
+        )
+
+    async def update(self, call: Call, req: svc.UpdateModelRequest) -> svc.UpdateModelResponse:
+        """Changes the fields named by the update mask, checking the etag if one is given."""
+        model_id = names.parse_model("model.name", req.model.name)
+        paths = update_paths(list(req.update_mask.paths), MODEL_MASK)
+        v = validation.Violations()
+        _check_model_fields(v, req.model)
+        validation.request_id(v, req.request_id)
+        v.raise_if_any()
+        key = keys.model(model_id)
+
+        async def decide(r: Reader) -> Plan:
+            entry = await r.get(key)
+            if entry is None:
+                raise NotFoundError(req.model.name)
+            records.check_etag(req.model.etag, req.model.name, entry)
+            model = records.decode(entry, res.RegisteredModel)
+            if "custom_stages" in paths:
+                removed = [s for s in model.custom_stages if s not in req.model.custom_stages]
+                pointers = await r.get_many([keys.stage(model_id, s) for s in removed])
+                in_use = [s for s, p in zip(removed, pointers, strict=True) if p is not None]
+                if in_use:
+                    raise FailedPreconditionError(
+                        "STAGE_IN_USE",
+                        f"cannot remove stage(s) {', '.join(in_use)} of {req.model.name}: "
+                        "they point at a version",
+                    )
+            if "description" in paths:
+                model.description = req.model.description
+            if "tags" in paths:
+                model.ClearField("tags")
+                model.tags.update(req.model.tags)
+            if "custom_stages" in paths:
+                model.ClearField("custom_stages")
+                model.custom_stages.extend(req.model.custom_stages)
+            model.update_time.CopyFrom(now_timestamp(self._clock()))
+            audit = res.AuditEvent(
+                action=res.AUDIT_ACTION_UPDATE_MODEL,
+                resource=req.model.name,
+                model=model_id,
+                to_value=",".join(paths),
+            )
+            return Plan(
+                [Put(key, records.encode(model))], audit, svc.UpdateModelResponse(model=model)
+            )
+
+        return await run_mutation(self._store, call, decide, svc.UpdateModelResponse)
+
+    async def delete(self, call: Call, req: svc.DeleteModelRequest) -> svc.DeleteModelResponse:
+        """Deletes a model with its versions and history, unless a stage still names one."""
+        model_id = names.parse_model("name", req.name)
+        v = validation.Violations()
+        validation.request_id(v, req.request_id)
+        v.raise_if_any()
+        key = keys.model(model_id)
+
+        async def decide(r: Reader) -> Plan:
+            entry = await r.get(key)
+            if entry is None:
+                raise NotFoundError(req.name)
+            records.check_etag(req.etag, req.name, entry)
+            prefix = keys.stages_prefix(model_id)
+            staged = await r.scan_all(prefix, keys.prefix_end(prefix))
+            if staged:
+                stages = [e.key.removeprefix(prefix) for e in staged]
+                raise FailedPreconditionError(
+                    "MODEL_HAS_STAGED_VERSIONS",
+                    f"{req.name} still has versions in stage(s) {', '.join(stages)}; "
+                    "a model is deleted only when no stage points at its versions",
+                    stages=",".join(stages),
+                )
+            writes = [
+                DeleteRange(start, keys.prefix_end(start))
+                for start in (
+                    keys.versions_prefix(model_id),
+                    keys.history_prefix(model_id),
+                )
+            ]
+            writes.append(DeleteRange(key, key + "\0"))
+            audit = res.AuditEvent(
+                action=res.AUDIT_ACTION_DELETE_MODEL, resource=req.name, model=model_id
+            )
+            return Plan(list(writes), audit, svc.DeleteModelResponse())
+
+        return await run_mutation(self._store, call, decide, svc.DeleteModelResponse)
+

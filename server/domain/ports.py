@@ -1,0 +1,132 @@
+"""The storage port: what the domain needs from a key-value store with revisions.
+
+The domain speaks etcd's model (keys, values, ``mod_revision``, one global revision, guarded
+transactions) without importing an etcd client. ``modelreg.server.store.etcd.EtcdStore``
+implements it for real; ``modelreg.server.store.memory.MemoryStore`` implements it in memory
+for domain unit tests only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key as the store holds it."""
+
+    key: str
+    """Key relative to the deployment's prefix."""
+    value: bytes
+    mod_revision: int
+    """Revision of the last write to this key: the etag of the resource it holds."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Keys as read at one revision. A key read but absent maps to ``None``."""
+
+    entries: Mapping[str, Entry | None]
+    revision: int
+    """The store revision the read reflects (0 if unknown, e.g. served from a cold cache)."""
+    fresh: bool
+    """True when read from the store itself; False when served from the server's cache."""
+
+    def get(self, key: str) -> Entry | None:
+        """The entry under ``key``; ``KeyError`` if the key was not part of the read."""
+        return self.entries[key]
+
+    def mod_revision(self, key: str) -> int:
+        """The key's mod_revision, 0 when absent (etcd's convention for compares)."""
+        entry = self.entries[key]
+        return entry.mod_revision if entry is not None else 0
+
+
+@dataclass(frozen=True)
+class Page:
+    """Part of a key range, in key order (or reverse key order)."""
+
+    entries: Sequence[Entry]
+    revision: int
+    more: bool
+    """True when the range holds keys past the last one returned."""
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """Guard: the key's mod_revision is still ``mod_revision`` (0: the key still does not exist)."""
+
+    key: str
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class RangeUnchanged:
+    """Guard: no key in ``[start, end)`` was created or written after ``revision``."""
+
+    start: str
+    end: str
+    revision: int
+
+
+Guard = Unchanged | RangeUnchanged
+
+
+@dataclass(frozen=True)
+class Put:
+    """Write ``value`` under ``key``."""
+
+    key: str
+    value: bytes
+
+
+@dataclass(frozen=True)
+class DeleteRange:
+    """Delete every key in ``[start, end)``."""
+
+    start: str
+    end: str
+
+
+Write = Put | DeleteRange
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """Outcome of a guarded transaction."""
+
+    succeeded: bool
+    revision: int
+    """On success, the revision of the transaction: every key written has it as mod_revision."""
+    fresh: Snapshot | None = field(default=None)
+    """On failure, the current state of every key the caller asked to refresh, read in the same
+    round trip, so a retry needs no extra read."""
+
+
+class ModelStore(Protocol):
+    """A revisioned key-value store with guarded multi-key transactions (etcd's contract)."""
+
+    async def read(self, keys: Sequence[str], *, fresh: bool) -> Snapshot:
+        """Reads ``keys`` at one revision.
+
+        With ``fresh=False`` the store may answer from a cache that can lag behind; callers
+        must then guard every key they rely on, so a stale answer can only fail a commit,
+        never let a wrong one through.
+        """
+        ...
+
+    async def scan(self, start: str, end: str, *, limit: int, reverse: bool = False) -> Page:
+        """Reads up to ``limit`` keys of ``[start, end)`` at one revision, always fresh."""
+        ...
+
+    async def commit(
+        self, guards: Sequence[Guard], writes: Sequence[Write], *, refresh: Sequence[str] = ()
+    ) -> CommitResult:
+        """Applies ``writes`` atomically if every guard holds, in one round trip.
+
+        If a guard fails nothing is written, and the result carries a fresh read of
+        ``refresh`` taken in the same transaction.
+        """
+        ...

@@ -1,0 +1,206 @@
+"""Stage pointers: read, promote, roll back, and their history.
+
+A promotion reads the model (declared stages), the pointer, the version and the pointers its
+rules depend on (staging for a production move, production for a back-fill), and commits the
+new pointer, its history entry and the audit event in one transaction guarded on all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from modelreg.server.domain import keys, lifecycle, names, records, validation
+from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
+from modelreg.server.domain.ports import Entry, ModelStore, Put
+from modelreg.server.domain.transaction import Call, Plan, Reader, now_timestamp, run_mutation
+from modelreg.v1 import model_service_pb2 as svc
+from modelreg.v1 import resources_pb2 as res
+
+
+def _pointer(entry: Entry | None, model_id: str, stage: str) -> res.StagePointer:
+    """The stored pointer, or an empty one (version 0, etag ``"0"``) for a stage never used."""
+    if entry is None:
+        return res.StagePointer(name=names.stage_name(model_id, stage), etag='"0"')
+    return records.decode(entry, res.StagePointer)
+
+
+def _check_move(req: svc.PromoteVersionRequest | svc.RollbackStageRequest) -> None:
+    v = validation.Violations()
+    validation.text(v, "reason", req.reason, validation.MAX_REASON)
+    validation.request_id(v, req.request_id)
+    v.raise_if_any()
+
+
+class Stages:
+    """Operations on stage pointers."""
+
+    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def _model(self, r: Reader, model_id: str) -> res.RegisteredModel:
+        entry = await r.get(keys.model(model_id))
+        if entry is None:
+            raise NotFoundError(names.model_name(model_id))
+        return records.decode(entry, res.RegisteredModel)
+
+    async def get(self, req: svc.GetStageRequest) -> svc.GetStageResponse:
+        """Reads one stage pointer of a declared stage (empty if never used)."""
+        model_id, stage = names.parse_stage("name", req.name)
+        model_key, stage_key = keys.model(model_id), keys.stage(model_id, stage)
+        snap = await self._store.read([model_key, stage_key], fresh=True)
+        model_entry = snap.get(model_key)
+        if model_entry is None:
+            raise NotFoundError(names.model_name(model_id))
+        lifecycle.check_stage_declared(
+            records.decode(model_entry, res.RegisteredModel), stage, "name"
+        )
+        return svc.GetStageResponse(
+            stage=_pointer(snap.get(stage_key), model_id, stage), revision=snap.revision
+        )
+
+    async def list(self, req: svc.ListStagesRequest) -> svc.ListStagesResponse:
+        """Every stage of a model, built-in and declared, with what each points at."""
+        model_id = names.parse_model("parent", req.parent)
+        model = await self._model(Reader(self._store, fresh=True), model_id)
+        prefix = keys.stages_prefix(model_id)
+        page = await self._store.scan(
+            prefix, keys.prefix_end(prefix), limit=validation.MAX_PAGE_SIZE
+        )
+        found = {e.key.removeprefix(prefix): e for e in page.entries}
+        stages = [*validation.BUILTIN_STAGES, *model.custom_stages]
+        return svc.ListStagesResponse(
+            stages=[_pointer(found.get(s), model_id, s) for s in stages], revision=page.revision
+        )
+
+    async def promote(
+        self, call: Call, req: svc.PromoteVersionRequest
+    ) -> svc.PromoteVersionResponse:
+        """Points a stage at a version, enforcing the lifecycle rules (see ``lifecycle``)."""
+        model_id, stage = names.parse_stage("name", req.name)
+        _check_move(req)
+        if req.version <= 0:
+            raise InvalidArgumentError.field("version", "must be a positive version number")
+        if req.hotfix and stage != lifecycle.PRODUCTION:
+            raise InvalidArgumentError.field("hotfix", "the hotfix path leads to production only")
+        if req.hotfix and not req.reason.strip():
+            raise InvalidArgumentError.field("reason", "is required for a hotfix")
+        stage_key = keys.stage(model_id, stage)
+        version_key = keys.version(model_id, req.version)
+        staging_key = keys.stage(model_id, lifecycle.STAGING)
+        production_key = keys.stage(model_id, lifecycle.PRODUCTION)
+
+        async def decide(r: Reader) -> Plan:
+            wanted = [keys.model(model_id), stage_key, version_key, staging_key, production_key]
+            await r.get_many(wanted)  # one round trip on a cold cache
+            model = await self._model(r, model_id)
+            lifecycle.check_stage_declared(model, stage, "name")
+            version_entry = await r.get(version_key)
+            if version_entry is None:
+                raise NotFoundError(names.version_name(model_id, req.version))
+            pointer_entry = await r.get(stage_key)
+            records.check_etag(req.etag, req.name, pointer_entry)
+            staging_entry = await r.get(staging_key)
+            move = lifecycle.promote(
+                model_id,
+                stage,
+                _pointer(pointer_entry, model_id, stage),
+                records.decode(version_entry, res.ModelVersion),
+                _pointer(staging_entry, model_id, lifecycle.STAGING),
+                hotfix=req.hotfix,
+                reason=req.reason,
+                actor=call.actor,
+                now=now_timestamp(self._clock()),
+            )
+            writes = [
+                Put(stage_key, records.encode(move.pointer)),
+                Put(keys.history(model_id, stage, move.pointer.generation),
+                    records.encode(move.history)),
+            ]
+            if stage == lifecycle.STAGING:
+                production = _pointer(await r.get(production_key), model_id, lifecycle.PRODUCTION)
+                cleared = lifecycle.clear_backfill(production, req.version)
+                if cleared is not None:
+                    writes.append(Put(production_key, records.encode(cleared)))
+            audit = res.AuditEvent(
+                action=res.AUDIT_ACTION_PROMOTE,
+                resource=req.name,
+                model=model_id,
+                stage=stage,
+                from_value=str(move.from_version or ""),
+                to_value=str(req.version),
+                reason=req.reason,
+                hotfix=req.hotfix,
+            )
+            archived = move.from_version if stage == lifecycle.PRODUCTION else 0
+            response = svc.PromoteVersionResponse(stage=move.pointer, archived_version=archived)
+            return Plan(writes, audit, response)
+
+        return await run_mutation(self._store, call, decide, svc.PromoteVersionResponse)
+
+    async def rollback(
+        self, call: Call, req: svc.RollbackStageRequest
+    ) -> svc.RollbackStageResponse:
+        """Moves a stage back to its last known-good version, or to a named former one."""
+        model_id, stage = names.parse_stage("name", req.name)
+        _check_move(req)
+        if req.to_version < 0:
+            raise InvalidArgumentError.field(
+                "to_version", "must be 0 (last known-good) or positive"
+            )
+        stage_key = keys.stage(model_id, stage)
+
+        async def decide(r: Reader) -> Plan:
+            await r.get_many([keys.model(model_id), stage_key])
+            model = await self._model(r, model_id)
+            lifecycle.check_stage_declared(model, stage, "name")
+            entry = await r.get(stage_key)
+            records.check_etag(req.etag, req.name, entry)
+            move = lifecycle.rollback(
+                model_id,
+                stage,
+                _pointer(entry, model_id, stage),
+                req.to_version,
+                reason=req.reason,
+                actor=call.actor,
+                now=now_timestamp(self._clock()),
+            )
+            writes = [
+                Put(stage_key, records.encode(move.pointer)),
+                Put(keys.history(model_id, stage, move.pointer.generation),
+                    records.encode(move.history)),
+            ]
+            audit = res.AuditEvent(
+                action=res.AUDIT_ACTION_ROLLBACK,
+                resource=req.name,
+                model=model_id,
+                stage=stage,
+                from_value=str(move.from_version),
+                to_value=str(move.pointer.version),
+                reason=req.reason,
+            )
+            response = svc.RollbackStageResponse(
+                stage=move.pointer, rolled_back_version=move.from_version
+            )
+            return Plan(writes, audit, response)
+
+        return await run_mutation(self._store, call, decide, svc.RollbackStageResponse)
+
+    async def history(self, req: svc.ListStageHistoryRequest) -> svc.ListStageHistoryResponse:
+        """The moves of one stage pointer, newest first."""
+        model_id, stage = names.parse_stage("name", req.name)
+        v = validation.Violations()
+        size = validation.page_size(v, req.page_size)
+        v.raise_if_any()
+        prefix = keys.history_prefix(model_id, stage)
+        page = await records.list_page(
+            self._store, prefix, keys.prefix_end(prefix), page_size=size, token=req.page_token,
+            reverse=True,
+        )
+        return svc.ListStageHistoryResponse(
+            entries=[records.decode(e, res.PointerHistoryEntry) for e in page.entries],
+            next_page_token=page.next_token,
+            revision=page.revision,
+        )
+

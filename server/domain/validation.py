@@ -1,0 +1,182 @@
+"""Request validation: names, sizes and digests, checked before anything is read or written.
+
+Limits keep every value far below etcd's 1.5 MiB request limit (a version record is at most
+about 400 KiB with every field at its maximum) and are part of the API contract: the README
+lists them. Violations are collected per request, so one error names every bad field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+from modelreg.server.domain.errors import FieldViolation, InvalidArgumentError
+from modelreg.v1 import resources_pb2
+
+MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
+STAGE_ID_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+
+BUILTIN_STAGES = ("staging", "production")
+RESERVED_STAGES = frozenset({"latest"})
+"""Never a stage: a moving ``latest`` pointer is the trap DESIGN.md rules out for serving."""
+
+MAX_DESCRIPTION = 4096
+MAX_TAGS = 64
+MAX_TAG_VALUE = 256
+MAX_URI = 2048
+MAX_FRAMEWORK = 64
+MAX_SIGNATURE = 64 * 1024
+MAX_MAP_ENTRIES = 256
+MAX_MAP_KEY = 128
+MAX_PARAM_VALUE = 1024
+MAX_LINEAGE_FIELD = 256
+MAX_MODEL_CARD = 256 * 1024
+MAX_REASON = 1024
+MAX_CUSTOM_STAGES = 16
+MAX_REQUEST_ID = 128
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+
+
+class Violations:
+    """Collects field violations and raises them together."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        """Records one bad field."""
+        self.items.append(FieldViolation(field, description))
+
+    def check(self, ok: bool, field: str, description: str) -> None:
+        """Records ``field`` as bad unless ``ok``."""
+        if not ok:
+            self.add(field, description)
+
+    def raise_if_any(self) -> None:
+        """Raises ``InvalidArgumentError`` naming every recorded field, if any."""
+        if self.items:
+            raise InvalidArgumentError(self.items)
+
+
+def model_id(v: Violations, field: str, value: str) -> None:
+    """A model id is a lowercase slug of 2-63 characters."""
+    v.check(
+        bool(MODEL_ID_RE.match(value)),
+        field,
+        f"model id {value!r} must be 2-63 characters of a-z, 0-9 and '-', "
+        "starting with a letter and not ending with '-'",
+    )
+
+
+def stage_id(v: Violations, field: str, value: str) -> None:
+    """A stage id is a lowercase slug of 1-32 characters and never ``latest``."""
+    if value in RESERVED_STAGES:
+        v.add(field, f"stage {value!r} is reserved: serve a named stage, never a moving 'latest'")
+    else:
+        v.check(
+            bool(STAGE_ID_RE.match(value)),
+            field,
+            f"stage {value!r} must be 1-32 characters of a-z, 0-9 and '-', starting with a letter",
+        )
+
+
+def text(v: Violations, field: str, value: str, limit: int) -> None:
+    """Free text up to ``limit`` UTF-8 bytes."""
+    size = len(value.encode())
+    v.check(size <= limit, field, f"is {size} bytes; at most {limit} allowed")
+
+
+def tags(v: Violations, field: str, value: Mapping[str, str]) -> None:
+    """At most 64 tags; keys are short identifiers, values short text."""
+    v.check(len(value) <= MAX_TAGS, field, f"has {len(value)} tags; at most {MAX_TAGS} allowed")
+    for key, val in value.items():
+        v.check(
+            bool(TAG_KEY_RE.match(key)),
+            f"{field}[{key!r}]",
+            "tag keys are 1-63 characters of letters, digits, '.', '_', '/', '-'",
+        )
+        text(v, f"{field}[{key!r}]", val, MAX_TAG_VALUE)
+
+
+def custom_stages(v: Violations, field: str, value: Iterable[str]) -> None:
+    """Custom stages: valid, distinct, not built-in, at most 16."""
+    stages = list(value)
+    v.check(len(stages) <= MAX_CUSTOM_STAGES, field, f"at most {MAX_CUSTOM_STAGES} custom stages")
+    v.check(len(set(stages)) == len(stages), field, "lists a stage twice")
+    for i, name in enumerate(stages):
+        if name in BUILTIN_STAGES:
+            v.add(f"{field}[{i}]", f"{name!r} is built in; declare only custom stages")
+        else:
+            stage_id(v, f"{field}[{i}]", name)
+
+
+def sha256(v: Violations, field: str, value: str, *, required: bool) -> None:
+    """A sha256 digest as 64 lowercase hex characters."""
+    if not value and not required:
+        return
+    v.check(
+        bool(SHA256_RE.match(value)),
+        field,
+        f"digest {value[:80]!r} must be 64 lowercase hex characters (sha256)",
+    )
+
+
+def request_id(v: Violations, value: str) -> None:
+    """An idempotency key: up to 128 printable ASCII characters."""
+    if value:
+        ok = len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable()
+        v.check(ok, "request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters")
+
+
+def page_size(v: Violations, value: int) -> int:
+    """Returns the effective page size: 0 means the default; over the maximum is capped."""
+    v.check(value >= 0, "page_size", "must not be negative")
+    if value <= 0:
+        return DEFAULT_PAGE_SIZE
+    return min(value, MAX_PAGE_SIZE)
+
+
+def model_version(v: Violations, field: str, mv: resources_pb2.ModelVersion) -> None:
+    """Every field of a version to be registered."""
+    if not mv.artifact_uri:
+        v.add(f"{field}.artifact_uri", "is required")
+    else:
+        text(v, f"{field}.artifact_uri", mv.artifact_uri, MAX_URI)
+        v.check(
+            bool(URI_RE.match(mv.artifact_uri)),
+            f"{field}.artifact_uri",
+            "must be a URI with a scheme, e.g. file:///models/m.bin or s3://bucket/key",
+        )
+    sha256(v, f"{field}.sha256", mv.sha256, required=True)
+    v.check(mv.size_bytes > 0, f"{field}.size_bytes", "must be positive")
+    text(v, f"{field}.framework", mv.framework, MAX_FRAMEWORK)
+    text(v, f"{field}.signature", mv.signature, MAX_SIGNATURE)
+    text(v, f"{field}.model_card", mv.model_card, MAX_MODEL_CARD)
+    text(v, f"{field}.description", mv.description, MAX_DESCRIPTION)
+    tags(v, f"{field}.tags", mv.tags)
+    for name, entries in (("metrics", len(mv.metrics)), ("params", len(mv.params))):
+        v.check(entries <= MAX_MAP_ENTRIES, f"{field}.{name}", f"at most {MAX_MAP_ENTRIES} entries")
+    for key, metric in mv.metrics.items():
+        text(v, f"{field}.metrics[{key!r}]", key, MAX_MAP_KEY)
+        v.check(math.isfinite(metric), f"{field}.metrics[{key!r}]", "must be a finite number")
+    for key, param in mv.params.items():
+        text(v, f"{field}.params[{key!r}]", key, MAX_MAP_KEY)
+        text(v, f"{field}.params[{key!r}]", param, MAX_PARAM_VALUE)
+    lineage = mv.lineage
+    for name in ("training_run", "code_commit", "dataset_version"):
+        text(v, f"{field}.lineage.{name}", getattr(lineage, name), MAX_LINEAGE_FIELD)
+    sha256(v, f"{field}.lineage.dataset_sha256", lineage.dataset_sha256, required=False)
+    if mv.version or mv.state or mv.stages:
+        v.add(field, "version, state and stages are assigned by the server; leave them unset")
+
+
+def version_state(value: int) -> resources_pb2.VersionState.ValueType:
+    """Accepts a known VersionState, refusing numbers the enum does not define."""
+    if value not in resources_pb2.VersionState.values():
+        raise InvalidArgumentError.field("state", f"unknown version state {value}")
+    return resources_pb2.VersionState.ValueType(value)

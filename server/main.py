@@ -1,0 +1,151 @@
+"""``modelreg serve`` and ``modelreg up``: run one server process until Ctrl-C or SIGTERM.
+
+``serve`` uses the etcd cluster given by ``--etcd`` (or starts an embedded one if none is
+given); ``up`` always runs a private etcd child process on a persistent data directory. Either
+way the gRPC health service says NOT_SERVING until etcd answers, and SERVING from then on,
+following etcd's availability; shutdown drains RPCs for ``--grace`` seconds, then stops etcd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+from prometheus_client import start_http_server
+
+from modelreg.server import logs
+from modelreg.server.api.grpc import ServerParts, build_server, set_serving
+from modelreg.server.config import ServerConfig
+from modelreg.server.domain.errors import UnavailableError
+from modelreg.server.domain.registry import Registry
+from modelreg.server.embedded_etcd import EmbeddedEtcd, EtcdNotFoundError, EtcdStartError
+from modelreg.server.store.etcd import EtcdStore
+
+log = structlog.get_logger("modelreg.server")
+
+HEALTH_INTERVAL = 2.0
+"""Seconds between etcd pings that keep the health status true."""
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The flags of ``modelreg serve`` / ``modelreg up``; unset flags fall back to env/file."""
+    up = command == "up"
+    parser = argparse.ArgumentParser(
+        prog=f"modelreg {command}",
+        description=(
+            "Run a local modelreg server on an embedded etcd with a persistent data directory; "
+            "Ctrl-C stops both." if up else
+            "Run the modelreg gRPC server against an etcd cluster (--etcd host:port,...), or "
+            "an embedded etcd if none is given."
+        ),
+        epilog="Every flag can also be set as MODELREG_<FLAG> in the environment or in the "
+               "TOML file given by --config. Health: grpc.health.v1 says SERVING once etcd "
+               "answers.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with settings (same names)")
+    parser.add_argument("--listen", help="gRPC address HOST:PORT (default 127.0.0.1:50051)")
+    if not up:
+        parser.add_argument("--etcd", help="etcd endpoints HOST:PORT[,HOST:PORT...]")
+    parser.add_argument("--data-dir", dest="data_dir",
+                        help="embedded etcd data directory (default ~/.local/share/modelreg)")
+    parser.add_argument("--prefix", help="etcd key prefix of this deployment (default /modelreg/)")
+    parser.add_argument("--etcd-timeout", dest="etcd_timeout", type=float,
+                        help="deadline of each etcd call in seconds (default 5)")
+    parser.add_argument("--metrics-listen", dest="metrics_listen",
+                        help="Prometheus endpoint HOST:PORT, '' to disable (default "
+                             "127.0.0.1:9464)")
+    parser.add_argument("--log-level", dest="log_level",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", dest="log_format", choices=["json", "console"])
+    parser.add_argument("--grace", type=float, help="seconds to drain RPCs on shutdown")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Entry point for ``modelreg serve|up ARGS``; returns the process exit code."""
+    command, rest = argv[0], argv[1:]
+    args = vars(build_parser(command).parse_args(rest))
+    config_file = args.pop("config") or (
+        Path(os.environ["MODELREG_CONFIG"]) if os.environ.get("MODELREG_CONFIG") else None
+    )
+    try:
+        config = ServerConfig.from_sources(args, os.environ, config_file)
+    except (ValueError, OSError) as err:
+        print(f"modelreg {command}: {err}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level, config.log_format)
+    try:
+        return asyncio.run(run(config, embedded=command == "up" or not config.etcd))
+    except (EtcdNotFoundError, EtcdStartError, OSError) as err:
+        print(f"modelreg {command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _watch_health(parts: ServerParts, store: EtcdStore) -> None:
+    """Keeps the health status in step with etcd: SERVING while it answers."""
+    serving: bool | None = None
+    while True:
+        try:
+            await store.read([], fresh=True)
+            ok = True
+        except UnavailableError:
+            ok = False
+        if ok != serving:
+            await set_serving(parts, ok)
+            log.info("health", serving=ok, etcd=store.endpoint)
+            serving = ok
+        await asyncio.sleep(HEALTH_INTERVAL)
+
+
+async def run(config: ServerConfig, *, embedded: bool) -> int:
+    """Runs the server (and the embedded etcd, if any) until SIGINT or SIGTERM."""
+    etcd: EmbeddedEtcd | None = None
+    endpoints = list(config.etcd)
+    if embedded:
+        etcd = EmbeddedEtcd(config.data_dir)
+        log.info("etcd_starting", data_dir=str(config.data_dir))
+        await asyncio.to_thread(etcd.start)
+        endpoints = [etcd.endpoint]
+        log.info("etcd_started", endpoint=etcd.endpoint, pid=etcd.pid, log=str(etcd.log_path))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    store = EtcdStore(endpoints, config.prefix, timeout=config.etcd_timeout)
+    metrics_server = None
+    try:
+        parts = build_server(Registry.over(store), config.listen)
+        if config.metrics_listen:
+            host, _, port = config.metrics_listen.rpartition(":")
+            metrics_server, _ = start_http_server(
+                int(port), addr=host, registry=parts.metrics.registry
+            )
+        await parts.server.start()
+        host = config.listen.rpartition(":")[0]
+        log.info("serving", listen=f"{host}:{parts.port}", etcd=",".join(endpoints),
+                 prefix=config.prefix, metrics=config.metrics_listen or None)
+        health = asyncio.create_task(_watch_health(parts, store))
+        await stop.wait()
+        log.info("stopping", grace=config.grace)
+        health.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health
+        await set_serving(parts, False)
+        await parts.server.stop(config.grace)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        await store.close()
+        if etcd is not None:
+            await asyncio.to_thread(etcd.stop)
+            log.info("etcd_stopped")
+    log.info("stopped")
+    return 0

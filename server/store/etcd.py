@@ -1,0 +1,229 @@
+"""``ModelStore`` on etcd, through aetcd's connection and generated stubs.
+
+One ``Txn`` per commit: a MOD compare per guard, the writes on success, and a range read of
+every key the caller wants refreshed on failure, so a lost race costs no extra round trip.
+A read cache (LRU, bounded) remembers what this process last read or wrote; ``read(...,
+fresh=False)`` answers from it. It is only ever an optimisation: callers guard every key they
+read, so a stale cache entry can fail a commit, never let a wrong one through. Entries carry
+the revision they were learned at and an older answer never replaces a newer one.
+
+aetcd's ``transaction()`` drops the response header (the commit revision) and ignores
+``range_end`` and ``limit`` on reads, so this module builds etcd's request messages itself
+and calls ``client.kvstub``; aetcd still owns the channel, authentication and reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd
+import grpc
+import structlog
+from aetcd import rpc
+
+from modelreg.server.domain.errors import UnavailableError
+from modelreg.server.domain.ports import (
+    CommitResult,
+    DeleteRange,
+    Entry,
+    Guard,
+    Page,
+    Put,
+    RangeUnchanged,
+    Snapshot,
+    Unchanged,
+    Write,
+)
+
+log = structlog.get_logger(__name__)
+
+CHANNEL_OPTIONS = {
+    # etcd restarts should be noticed within a second, not after grpc's default 120 s backoff.
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.max_receive_message_length": 64 * 1024 * 1024,
+}
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(frozen=True)
+class _Cached:
+    entry: Entry | None
+    learned_at: int
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"etcd endpoint {text!r} must be HOST:PORT")
+    return host, int(port)
+
+
+class EtcdStore:
+    """The production ``ModelStore``: every key under ``prefix`` in one etcd cluster."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str,
+        *,
+        timeout: float = 5.0,
+        cache_size: int = 100_000,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is required")
+        self.endpoints = [_endpoint(e) for e in endpoints]
+        self.prefix = prefix
+        self._prefix_bytes = prefix.encode()
+        self._timeout = timeout
+        self._auth = (username, password)
+        self._current = 0
+        self._client: aetcd.Client | None = None
+        self._lock = asyncio.Lock()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def endpoint(self) -> str:
+        """The etcd endpoint in use."""
+        host, port = self.endpoints[self._current]
+        return f"{host}:{port}"
+
+    async def _kv(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                host, port = self.endpoints[self._current]
+                self._client = aetcd.Client(
+                    host, port, username=self._auth[0], password=self._auth[1],
+                    timeout=None, options=CHANNEL_OPTIONS,
+                )
+                await self._client.connect()
+            return self._client
+
+    async def close(self) -> None:
+        """Closes the connection; the store reconnects if used again."""
+        async with self._lock:
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
+
+    async def _call(self, method: str, request: Any) -> Any:
+        client = await self._kv()
+        try:
+            return await getattr(client.kvstub, method)(
+                request, timeout=self._timeout, metadata=client.metadata
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in _UNAVAILABLE:
+                raise
+            failed = self.endpoint
+            if len(self.endpoints) > 1:  # fail over: the next call tries the next member
+                await self.close()
+                self._current = (self._current + 1) % len(self.endpoints)
+            log.warning("etcd_unavailable", endpoint=failed, code=err.code().name)
+            raise UnavailableError(
+                f"etcd at {failed} is unavailable ({err.code().name}: {err.details()})",
+                metadata={"endpoint": failed},
+            ) from err
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _key(self, key: str) -> bytes:
+        return self._prefix_bytes + key.encode()
+
+    def _entry(self, kv: Any) -> Entry:
+        return Entry(kv.key[len(self._prefix_bytes):].decode(), kv.value, kv.mod_revision)
+
+    def _compare(self, guard: Guard) -> Any:
+        if isinstance(guard, Unchanged):
+            return rpc.Compare(
+                key=self._key(guard.key), target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                mod_revision=guard.mod_revision,
+            )
+        assert isinstance(guard, RangeUnchanged)
+        return rpc.Compare(
+            key=self._key(guard.start), range_end=self._key(guard.end), target=rpc.Compare.MOD,
+            result=rpc.Compare.LESS, mod_revision=guard.revision + 1,
+        )
+
+    def _op(self, write: Write) -> Any:
+        if isinstance(write, Put):
+            return rpc.RequestOp(request_put=rpc.PutRequest(key=self._key(write.key),
+                                                            value=write.value))
+        assert isinstance(write, DeleteRange)
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+            key=self._key(write.start), range_end=self._key(write.end)))
+
+    def _get_op(self, key: str) -> Any:
+        return rpc.RequestOp(request_range=rpc.RangeRequest(key=self._key(key)))
+
+    # -- cache ------------------------------------------------------------------------------
+
+    def _learn(self, key: str, entry: Entry | None, revision: int) -> None:
+        cached = self._cache.get(key)
+        if cached is not None and cached.learned_at > revision:
+            return
+        self._cache[key] = _Cached(entry, revision)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _snapshot(self, keys: Sequence[str], responses: Any, revision: int) -> Snapshot:
+        entries: dict[str, Entry | None] = {}
+        for key, resp in zip(keys, responses, strict=True):
+            kvs = resp.response_range.kvs
+            entries[key] = self._entry(kvs[0]) if kvs else None
+            self._learn(key, entries[key], revision)
+        return Snapshot(entries, revision, fresh=True)
+
+    # -- ModelStore -------------------------------------------------------------------------
+
+    async def read(self, keys: Sequence[str], *, fresh: bool) -> Snapshot:
+        """Reads keys in one round trip, or from the cache when allowed and complete."""
+        if not fresh and all(k in self._cache for k in keys):
+            for k in keys:
+                self._cache.move_to_end(k)
+            return Snapshot({k: self._cache[k].entry for k in keys}, 0, fresh=False)
+        txn = rpc.TxnRequest(success=[self._get_op(k) for k in keys])
+        resp = await self._call("Txn", txn)
+        return self._snapshot(keys, resp.responses, resp.header.revision)
+
+    async def scan(self, start: str, end: str, *, limit: int, reverse: bool = False) -> Page:
+        """Reads part of a range in key order (or reverse), fresh."""
+        request = rpc.RangeRequest(
+            key=self._key(start), range_end=self._key(end), limit=limit,
+            sort_target=rpc.RangeRequest.KEY,
+            sort_order=rpc.RangeRequest.DESCEND if reverse else rpc.RangeRequest.ASCEND,
+        )
+        resp = await self._call("Range", request)
+        return Page([self._entry(kv) for kv in resp.kvs], resp.header.revision, resp.more)
+
+    async def commit(
+        self, guards: Sequence[Guard], writes: Sequence[Write], *, refresh: Sequence[str] = ()
+    ) -> CommitResult:
+        """One guarded Txn; on failure, the refreshed keys come back from the same Txn."""
+        txn = rpc.TxnRequest(
+            compare=[self._compare(g) for g in guards],
+            success=[self._op(w) for w in writes],
+            failure=[self._get_op(k) for k in refresh],
+        )
+        resp = await self._call("Txn", txn)
+        revision = resp.header.revision
+        if not resp.succeeded:
+            return CommitResult(False, revision, self._snapshot(refresh, resp.responses, revision))
+        for write in writes:
+            if isinstance(write, Put):
+                self._learn(write.key, Entry(write.key, write.value, revision), revision)
+            else:
+                for key in [k for k in self._cache if write.start <= k < write.end]:
+                    self._learn(key, None, revision)
+        return CommitResult(True, revision)

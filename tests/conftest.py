@@ -1,0 +1,123 @@
+"""Shared pytest fixtures: real etcd processes (and, later, in-process modelreg servers)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from typing import Any
+
+import aetcd
+import grpc
+import pytest
+from modelreg.server.api.grpc import ServerParts, build_server, set_serving
+from modelreg.server.domain.registry import Registry
+from modelreg.server.embedded_etcd import EmbeddedEtcd
+from modelreg.server.store.etcd import EtcdStore
+from modelreg.v1 import model_service_pb2_grpc
+
+# --------------------------------------------------------------------------------------------
+# etcd
+#
+# One etcd for the whole session, shared by tests that isolate themselves with `etcd_prefix`;
+# a private one (`own_etcd`) for tests that stop, kill or restart etcd. Every process started
+# here is stopped at teardown, whatever the test did.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
+    """Run one single-member etcd on free loopback ports for the whole session."""
+    with EmbeddedEtcd(tmp_path_factory.mktemp("etcd-session")) as etcd:
+        yield etcd
+
+
+@pytest.fixture
+async def etcd_prefix(etcd_server: EmbeddedEtcd) -> AsyncIterator[str]:
+    """Give the test a fresh key prefix (``/t/<hex>/``) in the session etcd; empty it after."""
+    assert etcd_server.running, (
+        "the session etcd is gone; tests that stop or kill etcd must use the own_etcd fixture"
+    )
+    prefix = f"/t/{uuid.uuid4().hex}/"
+    yield prefix
+    async with aetcd.Client(etcd_server.host, etcd_server.client_port, timeout=10) as client:
+        await client.delete_prefix(prefix.encode())
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EmbeddedEtcd]:
+    """Run a private etcd (own data dir and ports) that the test may stop, kill and restart."""
+    etcd = EmbeddedEtcd(tmp_path / "own-etcd")
+    try:
+        etcd.start()
+        yield etcd
+    finally:
+        etcd.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# modelreg servers
+#
+# A real grpc.aio server on 127.0.0.1 port 0 over a real EtcdStore, in the test's event loop.
+# --------------------------------------------------------------------------------------------
+
+
+class RunningServer:
+    """A started modelreg server and what tests need to talk to it."""
+
+    def __init__(self, parts: ServerParts, store: EtcdStore) -> None:
+        self.parts = parts
+        self.store = store
+        self.target = f"127.0.0.1:{parts.port}"
+
+    async def stop(self) -> None:
+        """Stop serving and close the etcd connection."""
+        await self.parts.server.stop(0)
+        await self.store.close()
+
+
+async def start_server(endpoint: str, prefix: str, *, etcd_timeout: float = 2.0) -> RunningServer:
+    """Start a modelreg server over etcd at ``endpoint`` under ``prefix``."""
+    store = EtcdStore([endpoint], prefix, timeout=etcd_timeout)
+    parts = build_server(Registry.over(store), "127.0.0.1:0")
+    await parts.server.start()
+    await set_serving(parts, True)
+    return RunningServer(parts, store)
+
+
+@pytest.fixture
+async def server(etcd_server: EmbeddedEtcd, etcd_prefix: str) -> AsyncIterator[RunningServer]:
+    """A modelreg server on the session etcd, under the test's own prefix."""
+    running = await start_server(etcd_server.endpoint, etcd_prefix)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def stub(server: RunningServer) -> AsyncIterator[model_service_pb2_grpc.ModelServiceStub]:
+    """A raw generated stub on the server, acting as ``alice``."""
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        yield ActorStub(channel, "alice")
+
+
+class ActorStub(model_service_pb2_grpc.ModelServiceStub):
+    """The generated stub with the actor header on every call."""
+
+    def __init__(self, channel: grpc.aio.Channel, actor: str) -> None:
+        super().__init__(channel)
+        for name in dir(self):
+            method = getattr(self, name)
+            if not name.startswith("_") and callable(method):
+                setattr(self, name, _with_actor(method, actor))
+
+
+def _with_actor(method: Any, actor: str) -> Any:
+    def call(request: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("metadata", (("x-modelreg-actor", actor),))
+        kwargs.setdefault("timeout", 10)
+        return method(request, **kwargs)
+
+    return call
