@@ -135,10 +135,15 @@ def model_details(m: res.RegisteredModel) -> str:
 def models_table(models: Iterable[res.RegisteredModel]) -> str:
     """List models, one per row."""
     rows = [
-        (last_segment(m.name), m.version_count, ",".join(m.custom_stages) or "-",
-         when(m.update_time), clip(m.description))
+        (
+            last_segment(m.name),
+            m.version_count,
+            ",".join(m.custom_stages) or "-",
+            when(m.update_time),
+            clip(m.description),
+        )
         for m in models
-    ]  # fmt: skip
+    ]
     return table(["model", "versions", "custom stages", "updated", "description"], rows)
 
 
@@ -172,18 +177,25 @@ def version_details(v: res.ModelVersion) -> str:
 def versions_table(versions: Iterable[res.ModelVersion]) -> str:
     """List versions, one per row."""
     rows = [
-        (version_label(v.version), state_name(v.state), ",".join(v.stages) or "-",
-         v.framework or "-", v.sha256[:12], when(v.create_time), v.created_by or "-",
-         clip(v.description))
+        (
+            version_label(v.version),
+            state_name(v.state),
+            ",".join(v.stages) or "-",
+            v.framework or "-",
+            v.sha256[:12],
+            when(v.create_time),
+            v.created_by or "-",
+            clip(v.description),
+        )
         for v in versions
-    ]  # fmt: skip
+    ]
     headers = ["version", "state", "stages", "framework", "sha256", "created", "by", "description"]
     return table(headers, rows)
 
 
 def _flags(p: res.StagePointer) -> str:
-    flags = [name for name, on in [("hotfix", p.hotfix), ("backfill-required", p.backfill_required)] if on]
-    return ",".join(flags) or "-"
+    flags = [("hotfix", p.hotfix), ("backfill-required", p.backfill_required)]
+    return ",".join(name for name, on in flags if on) or "-"
 
 
 def stage_details(p: res.StagePointer) -> str:
@@ -207,30 +219,50 @@ def stage_details(p: res.StagePointer) -> str:
 def stages_table(stages: Iterable[res.StagePointer]) -> str:
     """List stage pointers, one per row (what ``modelreg status`` prints)."""
     rows = [
-        (last_segment(p.name), version_label(p.version), version_label(p.previous_version),
-         _flags(p), when(p.update_time), p.updated_by or "-", p.etag or "-")
+        (
+            last_segment(p.name),
+            version_label(p.version),
+            version_label(p.previous_version),
+            _flags(p),
+            when(p.update_time),
+            p.updated_by or "-",
+            p.etag or "-",
+        )
         for p in stages
-    ]  # fmt: skip
+    ]
     return table(["stage", "version", "previous", "flags", "updated", "by", "etag"], rows)
 
 
 def history_table(entries: Iterable[res.PointerHistoryEntry]) -> str:
     """List pointer moves, newest first."""
     rows = [
-        (e.generation, enum_name(res.PointerMoveKind.Name(e.kind), "POINTER_MOVE_KIND_"),
-         version_label(e.from_version), version_label(e.to_version), "yes" if e.hotfix else "",
-         when(e.time), e.actor, clip(e.reason))
+        (
+            e.generation,
+            enum_name(res.PointerMoveKind.Name(e.kind), "POINTER_MOVE_KIND_"),
+            version_label(e.from_version),
+            version_label(e.to_version),
+            "yes" if e.hotfix else "",
+            when(e.time),
+            e.actor,
+            clip(e.reason),
+        )
         for e in entries
-    ]  # fmt: skip
+    ]
     return table(["gen", "kind", "from", "to", "hotfix", "time", "actor", "reason"], rows)
 
 
 def audit_table(events: Iterable[res.AuditEvent]) -> str:
     """List audit events, newest first."""
     rows = [
-        (when(e.time), e.actor, enum_name(res.AuditAction.Name(e.action), "AUDIT_ACTION_"),
-         e.resource, clip(e.from_value, 24) or "-", clip(e.to_value, 24) or "-",
-         ("hotfix: " if e.hotfix else "") + clip(e.reason))
+        (
+            when(e.time),
+            e.actor,
+            enum_name(res.AuditAction.Name(e.action), "AUDIT_ACTION_"),
+            e.resource,
+            clip(e.from_value, 24) or "-",
+            clip(e.to_value, 24) or "-",
+            ("hotfix: " if e.hotfix else "") + clip(e.reason),
+        )
         for e in events
-    ]  # fmt: skip
+    ]
     return table(["time", "actor", "action", "resource", "from", "to", "reason"], rows)

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from google.protobuf import field_mask_pb2, timestamp_pb2
+
 from modelreg.client._common import new_request_id
 from modelreg.v1 import model_service_pb2 as pb
 from modelreg.v1 import resources_pb2 as res

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Self, TypeVar
 
 import grpc
 from grpc import aio
+
 from modelreg.client._common import DEFAULT_TARGET, ClientConfig, ClientState, Options, RetryPolicy
 from modelreg.client.errors import from_rpc_error
 from modelreg.v1 import model_service_pb2_grpc as pb_grpc

@@ -1,0 +1,177 @@
+"""What each ``modelreg`` command does: call the client, return JSON data and a text rendering."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from modelreg.client import _render as r
+from modelreg.client._sync_client import RegistryClient
+from modelreg.v1 import resources_pb2 as res
+
+STATES = {r.state_name(v): v for v in res.VersionState.values() if v}
+
+
+class UsageError(Exception):
+    """Local input the CLI cannot use (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a command prints: ``data`` with ``--json``, ``text`` otherwise."""
+
+    data: Any
+    text: str
+
+
+Handler = Callable[[RegistryClient, argparse.Namespace], Output]
+"""A command: run it with a client and the parsed arguments."""
+
+_T = TypeVar("_T")
+
+
+def models_create(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.create_model(
+        a.model, description=a.description or "", tags=dict(a.tag), custom_stages=a.custom_stage
+    )
+    return Output(r.to_json(resp), r.model_details(resp.model))
+
+
+def models_get(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.get_model(a.model)
+    return Output(r.to_json(resp), r.model_details(resp.model))
+
+
+def models_list(c: RegistryClient, a: argparse.Namespace) -> Output:
+    models = _take(c.iter_models(), a.limit)
+    return Output({"models": [r.to_json(m) for m in models]}, r.models_table(models))
+
+
+def models_update(c: RegistryClient, a: argparse.Namespace) -> Output:
+    tags = {} if a.clear_tags else (dict(a.tag) if a.tag else None)
+    stages = [] if a.clear_custom_stages else (a.custom_stage or None)
+    if a.description is None and tags is None and stages is None:
+        raise UsageError("nothing to update: give --description, --tag or --custom-stage")
+    resp = c.update_model(
+        a.model, description=a.description, tags=tags, custom_stages=stages, etag=a.etag
+    )
+    return Output(r.to_json(resp), r.model_details(resp.model))
+
+
+def models_delete(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.delete_model(a.model, etag=a.etag)
+    return Output(r.to_json(resp), f"deleted {a.model} at revision {resp.revision}")
+
+
+def versions_create(c: RegistryClient, a: argparse.Namespace) -> Output:
+    uri, sha256, size = a.artifact_uri, a.sha256, a.size
+    if a.artifact is not None:
+        try:
+            sha256, size = r.file_digest(a.artifact)
+        except OSError as exc:
+            raise UsageError(f"--artifact: {exc}") from None
+        uri = uri or a.artifact.resolve().as_uri()
+    if not uri or not sha256 or size is None:
+        raise UsageError("give --artifact FILE, or all of --artifact-uri, --sha256 and --size")
+    try:
+        card = a.model_card_file.read_text(encoding="utf-8") if a.model_card_file else ""
+    except OSError as exc:
+        raise UsageError(f"--model-card-file: {exc}") from None
+    lineage = res.Lineage(
+        training_run=a.training_run,
+        code_commit=a.code_commit,
+        dataset_version=a.dataset_version,
+        dataset_sha256=a.dataset_sha256,
+    )
+    resp = c.create_version(
+        a.model,
+        artifact_uri=uri,
+        sha256=sha256,
+        size_bytes=size,
+        framework=a.framework,
+        signature=a.signature,
+        metrics=dict(a.metric),
+        params=dict(a.param),
+        lineage=lineage,
+        model_card=card,
+        description=a.description,
+        tags=dict(a.tag),
+    )
+    return Output(r.to_json(resp), r.version_details(resp.model_version))
+
+
+def versions_get(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.get_version(a.model, a.version)
+    return Output(r.to_json(resp), r.version_details(resp.model_version))
+
+
+def versions_list(c: RegistryClient, a: argparse.Namespace) -> Output:
+    state = STATES[a.state] if a.state else None
+    versions = _take(c.iter_versions(a.model, state=state), a.limit)
+    return Output({"model_versions": [r.to_json(v) for v in versions]}, r.versions_table(versions))
+
+
+def versions_update(c: RegistryClient, a: argparse.Namespace) -> Output:
+    tags = {} if a.clear_tags else (dict(a.tag) if a.tag else None)
+    if a.description is None and tags is None and a.sunset is None and not a.clear_sunset:
+        raise UsageError("nothing to update: give --description, --tag, --sunset or --clear-sunset")
+    resp = c.update_version(
+        a.model,
+        a.version,
+        description=a.description,
+        tags=tags,
+        sunset_time=a.sunset,
+        clear_sunset_time=a.clear_sunset,
+        etag=a.etag,
+    )
+    return Output(r.to_json(resp), r.version_details(resp.model_version))
+
+
+def stages_list(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.list_stages(a.model)
+    return Output(r.to_json(resp), r.stages_table(resp.stages))
+
+
+def stages_get(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.get_stage(a.model, a.stage)
+    return Output(r.to_json(resp), r.stage_details(resp.stage))
+
+
+def promote(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.promote(a.model, a.stage, a.version, etag=a.etag, reason=a.reason, hotfix=a.hotfix)
+    p = resp.stage
+    text = f"{r.last_segment(p.name)}: {r.version_label(p.previous_version)} -> v{p.version}"
+    if resp.archived_version:
+        text += f" (archived v{resp.archived_version})"
+    if p.backfill_required:
+        text += " [hotfix: back-fill through staging required]"
+    return Output(r.to_json(resp), f"{text}\netag {p.etag}, revision {resp.revision}")
+
+
+def rollback(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.rollback(a.model, a.stage, to_version=a.to, etag=a.etag, reason=a.reason)
+    p = resp.stage
+    text = f"{r.last_segment(p.name)}: rolled back v{resp.rolled_back_version} -> v{p.version}"
+    return Output(r.to_json(resp), f"{text}\netag {p.etag}, revision {resp.revision}")
+
+
+def history(c: RegistryClient, a: argparse.Namespace) -> Output:
+    entries = _take(c.iter_stage_history(a.model, a.stage), a.limit)
+    return Output({"entries": [r.to_json(e) for e in entries]}, r.history_table(entries))
+
+
+def audit(c: RegistryClient, a: argparse.Namespace) -> Output:
+    events = _take(
+        c.iter_audit_events(
+            model=a.model, actor=a.actor_filter, start_time=a.since, end_time=a.until
+        ),
+        a.limit,
+    )
+    return Output({"audit_events": [r.to_json(e) for e in events]}, r.audit_table(events))
+
+
+def _take(items: Iterable[_T], limit: int) -> list[_T]:
+    return list(itertools.islice(items, limit or None))
