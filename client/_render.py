@@ -82,6 +82,13 @@ def clip(text: str, limit: int = _CLIP) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def by(ts: timestamp_pb2.Timestamp, who: str) -> str:
+    """Format ``<time> by <who>``, or ``""`` when neither is known."""
+    if not who and ts.seconds == 0 and ts.nanos == 0:
+        return ""
+    return f"{when(ts)} by {who or '?'}"
+
+
 def when(ts: timestamp_pb2.Timestamp) -> str:
     """Format a Timestamp as ISO 8601 UTC to the second; ``-`` when unset."""
     if ts.seconds == 0 and ts.nanos == 0:
@@ -168,7 +175,7 @@ def version_details(v: res.ModelVersion) -> str:
             ("description", v.description),
             ("tags", pairs(v.tags.items())),
             ("sunset", when(v.sunset_time) if v.HasField("sunset_time") else ""),
-            ("created", f"{when(v.create_time)} by {v.created_by or '?'}"),
+            ("created", by(v.create_time, v.created_by)),
             ("etag", v.etag),
         ]
     )
@@ -210,7 +217,7 @@ def stage_details(p: res.StagePointer) -> str:
             ("generation", p.generation),
             ("flags", _flags(p)),
             ("reason", p.reason),
-            ("updated", f"{when(p.update_time)} by {p.updated_by or '?'}"),
+            ("updated", by(p.update_time, p.updated_by)),
             ("etag", p.etag),
         ]
     )

@@ -208,24 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="at most this many (50; 0 for all)")
 
     for name, text in SERVER_COMMANDS.items():
-        p = cmds.add_parser(name, help=text, description=text, add_help=False)
-        p.add_argument("server_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        # Listed for --help only: main() hands these commands to the server before parsing.
+        cmds.add_parser(name, help=text, description=text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``modelreg`` command line and return its exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] in SERVER_COMMANDS:
-        return _run_server(args_list[0], args_list[1:])
+    server_command = _server_command(args_list)
+    if server_command is not None:
+        return _run_server(*server_command)
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.command in SERVER_COMMANDS:
-        return _run_server(args.command, args.server_args)
     return run(args)
+
+
+def _server_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """Find ``serve``/``up`` after any global flags; the server parses what follows."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in SERVER_COMMANDS:
+            return arg, argv[i + 1 :]
+        if arg in ("--target", "--timeout", "--actor"):
+            i += 2
+        elif arg == "--json" or arg.split("=", 1)[0] in ("--target", "--timeout", "--actor"):
+            i += 1
+        else:
+            return None
+    return None
 
 
 def run(args: argparse.Namespace) -> int:

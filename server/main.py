@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -31,6 +32,11 @@ log = structlog.get_logger("modelreg.server")
 
 HEALTH_INTERVAL = 2.0
 """Seconds between etcd pings that keep the health status true."""
+
+
+def host_of(address: str) -> str:
+    """The host part of HOST:PORT."""
+    return address.rpartition(":")[0]
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -79,6 +85,9 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as err:
         print(f"modelreg {command}: {err}", file=sys.stderr)
         return 2
+    if command == "up" and args.get("log_format") is None and sys.stderr.isatty():
+        # `modelreg up` is usually a person at a terminal: readable lines unless asked for JSON.
+        config = replace(config, log_format="console")
     logs.configure(config.log_level, config.log_format)
     try:
         return asyncio.run(run(config, embedded=command == "up" or not config.etcd))
@@ -130,8 +139,10 @@ async def run(config: ServerConfig, *, embedded: bool) -> int:
             )
         await parts.server.start()
         host = config.listen.rpartition(":")[0]
+        metrics_at = (f"{host_of(config.metrics_listen)}:{metrics_server.server_port}"
+                      if metrics_server is not None else None)
         log.info("serving", listen=f"{host}:{parts.port}", etcd=",".join(endpoints),
-                 prefix=config.prefix, metrics=config.metrics_listen or None)
+                 prefix=config.prefix, metrics=metrics_at)
         health = asyncio.create_task(_watch_health(parts, store))
         await stop.wait()
         log.info("stopping", grace=config.grace)

@@ -31,11 +31,11 @@ from modelreg.client import (
     RetryPolicy,
     UnavailableError,
     UnexpectedStatusError,
+    cli,
     from_rpc_error,
 )
 from modelreg.client import _render as render
 from modelreg.client import _requests as rq
-from modelreg.client import cli
 from modelreg.client.errors import ERRORS_BY_CODE
 from modelreg.v1 import model_service_pb2 as pb
 from modelreg.v1 import model_service_pb2_grpc as pb_grpc
@@ -44,8 +44,9 @@ from modelreg.v1 import resources_pb2 as res
 FAST = RetryPolicy(max_retries=3, initial_backoff=0.001, max_backoff=0.002)
 
 
-def _rich(code: int, message: str, reason: str, violations: dict[str, str] | None = None,
-          **metadata: str) -> grpc.Status:  # fmt: skip
+def _rich(
+    code: int, message: str, reason: str, violations: dict[str, str] | None = None, **metadata: str
+) -> grpc.Status:
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="modelreg.dev", metadata=metadata))
     details = [info]
@@ -81,8 +82,13 @@ class FakeService(pb_grpc.ModelServiceServicer):
         await self._flaky("GetModel", request, context)
         if request.name == "models/bad":
             await context.abort_with_status(
-                _rich(code_pb2.INVALID_ARGUMENT, "invalid request: name: bad slug",
-                      "INVALID_ARGUMENT", {"name": "bad slug"}, field="name")  # fmt: skip
+                _rich(
+                    code_pb2.INVALID_ARGUMENT,
+                    "invalid request: name: bad slug",
+                    "INVALID_ARGUMENT",
+                    {"name": "bad slug"},
+                    field="name",
+                )
             )
         if request.name == "models/missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "models/missing not found")
@@ -155,7 +161,9 @@ class TestErrorDecoding:
         with pytest.raises(FailedPreconditionError) as info:
             await client.promote("m", "production", 5)
         assert info.value.reason == "STAGING_REQUIRED"
-        assert str(info.value) == "FAILED_PRECONDITION STAGING_REQUIRED: version 5 is not in staging"
+        assert (
+            str(info.value) == "FAILED_PRECONDITION STAGING_REQUIRED: version 5 is not in staging"
+        )
 
     async def test_plain_status_without_details(self, client: AsyncRegistryClient) -> None:
         """A status without ErrorInfo still maps by code, with the code name as reason."""
@@ -322,8 +330,9 @@ class TestSyncClient:
 class TestRequests:
     def test_update_mask_from_given_args(self) -> None:
         """Only arguments that are not None enter the update mask; {} clears tags."""
-        req = rq.update_model("m", description=None, tags={}, custom_stages=["canary"],
-                              etag='"3"', request_id="r")  # fmt: skip
+        req = rq.update_model(
+            "m", description=None, tags={}, custom_stages=["canary"], etag='"3"', request_id="r"
+        )
         assert list(req.update_mask.paths) == ["tags", "custom_stages"]
         assert req.model.name == "models/m"
         assert req.model.etag == '"3"'
@@ -331,24 +340,59 @@ class TestRequests:
     def test_empty_update_refused(self) -> None:
         """An update naming no field is a local ValueError, not a server round trip."""
         with pytest.raises(ValueError, match="at least one"):
-            rq.update_version("m", 1, description=None, tags=None, sunset_time=None,
-                              clear_sunset_time=False, etag=None, request_id=None)  # fmt: skip
+            rq.update_version(
+                "m",
+                1,
+                description=None,
+                tags=None,
+                sunset_time=None,
+                clear_sunset_time=False,
+                etag=None,
+                request_id=None,
+            )
 
     def test_sunset_and_lineage(self) -> None:
         """A sunset time is set or cleared through the mask; lineage may be a dict."""
         when = datetime(2030, 1, 1, tzinfo=UTC)
-        req = rq.update_version("m", 2, description=None, tags=None, sunset_time=when,
-                                clear_sunset_time=False, etag=None, request_id=None)  # fmt: skip
+        req = rq.update_version(
+            "m",
+            2,
+            description=None,
+            tags=None,
+            sunset_time=when,
+            clear_sunset_time=False,
+            etag=None,
+            request_id=None,
+        )
         assert req.model_version.sunset_time.seconds == int(when.timestamp())
         assert req.request_id
-        clear = rq.update_version("m", 2, description=None, tags=None, sunset_time=None,
-                                  clear_sunset_time=True, etag=None, request_id="x")  # fmt: skip
+        clear = rq.update_version(
+            "m",
+            2,
+            description=None,
+            tags=None,
+            sunset_time=None,
+            clear_sunset_time=True,
+            etag=None,
+            request_id="x",
+        )
         assert list(clear.update_mask.paths) == ["sunset_time"]
         assert not clear.model_version.HasField("sunset_time")
-        ver = rq.create_version("m", artifact_uri="file:///a", sha256="0" * 64, size_bytes=1,
-                                framework="", signature="", metrics={"auc": 1}, params=None,
-                                lineage={"code_commit": "abc"}, model_card="", description="",
-                                tags=None, request_id=None)  # fmt: skip
+        ver = rq.create_version(
+            "m",
+            artifact_uri="file:///a",
+            sha256="0" * 64,
+            size_bytes=1,
+            framework="",
+            signature="",
+            metrics={"auc": 1},
+            params=None,
+            lineage={"code_commit": "abc"},
+            model_card="",
+            description="",
+            tags=None,
+            request_id=None,
+        )
         assert ver.model_version.lineage.code_commit == "abc"
 
     def test_names(self) -> None:
@@ -394,8 +438,9 @@ class TestCli:
         assert code == 1
         err = capsys.readouterr().err
         assert err == "error: FAILED_PRECONDITION STAGING_REQUIRED: version 5 is not in staging\n"
-        code = await asyncio.to_thread(cli.main, ["--target", "127.0.0.1:1", "--timeout", "1",
-                                                  "models", "get", "m"])  # fmt: skip
+        code = await asyncio.to_thread(
+            cli.main, ["--target", "127.0.0.1:1", "--timeout", "1", "models", "get", "m"]
+        )
         assert code == 3
         assert capsys.readouterr().err.startswith("error: UNAVAILABLE")
         code = await asyncio.to_thread(cli.main, [*target, "--json", "models", "list"])
@@ -431,13 +476,20 @@ class TestRendering:
 
     def test_stage_rows_and_details(self) -> None:
         """Stage tables show versions and flags; details leave empty fields out."""
-        p = res.StagePointer(name="models/m/stages/production", version=5, previous_version=4,
-                             hotfix=True, backfill_required=True, etag='"12"')  # fmt: skip
+        p = res.StagePointer(
+            name="models/m/stages/production",
+            version=5,
+            previous_version=4,
+            hotfix=True,
+            backfill_required=True,
+            etag='"12"',
+        )
         row = render.stages_table([p]).splitlines()[1].split()
         assert row[:4] == ["production", "v5", "v4", "hotfix,backfill-required"]
         text = render.stage_details(p)
         assert "reason" not in text
-        assert 'etag:        "12"' in text
+        assert "updated" not in text
+        assert text.splitlines()[-1].split() == ["etag:", '"12"']
 
     def test_small_formatters(self) -> None:
         """States, timestamps, versions and key=value parsing render as documented."""

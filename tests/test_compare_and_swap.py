@@ -122,3 +122,15 @@ class TestIdempotency:
             raise AssertionError("a reused request_id was applied")
         got = await stub.GetStage(svc.GetStageRequest(name=stage("staging")))
         assert got.stage.version == 1
+
+    async def test_request_records_expire(self, stub, etcd_server, etcd_prefix):
+        """Idempotency records sit on an etcd lease of at least a day, so they do not pile up."""
+        await make_model(stub, versions=1)
+        await stub.PromoteVersion(
+            svc.PromoteVersionRequest(name=stage("staging"), version=1, request_id="req-ttl"))
+        async with aetcd.Client(etcd_server.host, etcd_server.client_port) as client:
+            records = list(await client.get_prefix(f"{etcd_prefix}requests/".encode()))
+            assert len(records) == 1
+            assert records[0].lease != 0
+            info = await client.get_lease_info(records[0].lease)
+        assert 24 * 3600 <= info.TTL <= 25 * 3600

@@ -80,6 +80,8 @@ class Put:
 
     key: str
     value: bytes
+    ttl: int = 0
+    """Seconds after which the store may delete the key (at least this long); 0 keeps it."""
 
 
 @dataclass(frozen=True)

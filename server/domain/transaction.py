@@ -43,6 +43,9 @@ from modelreg.server.domain.ports import (
 )
 from modelreg.v1 import resources_pb2, store_pb2
 
+REQUEST_TTL = 24 * 3600
+"""Seconds an idempotency record is kept: a retry within a day is answered, not re-applied."""
+
 MAX_ATTEMPTS = 10
 """Decisions per request before giving up with ``ContentionError`` (each after a lost race)."""
 
@@ -203,7 +206,7 @@ async def run_mutation(
                 response=plan.response.SerializeToString(),
                 time=now_timestamp(unix_nanos),
             )
-            writes.append(Put(request_key, record_value.SerializeToString()))
+            writes.append(Put(request_key, record_value.SerializeToString(), ttl=REQUEST_TTL))
         result = await store.commit(
             reader.guards() + plan.guards, writes, refresh=reader.keys()
         )

@@ -15,6 +15,7 @@ and calls ``client.kvstub``; aetcd still owns the channel, authentication and re
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ CHANNEL_OPTIONS = {
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
+LEASE_ROTATION = 3600.0
+"""Seconds one lease serves expiring keys before a new one is granted."""
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -91,6 +94,7 @@ class EtcdStore:
         self._lock = asyncio.Lock()
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
+        self._leases: dict[int, tuple[int, float]] = {}
 
     @property
     def endpoint(self) -> str:
@@ -115,6 +119,7 @@ class EtcdStore:
             if self._client is not None:
                 await self._client.close()
                 self._client = None
+                self._leases.clear()
 
     async def _call(self, method: str, request: Any) -> Any:
         client = await self._kv()
@@ -155,10 +160,25 @@ class EtcdStore:
             result=rpc.Compare.LESS, mod_revision=guard.revision + 1,
         )
 
-    def _op(self, write: Write) -> Any:
+    async def _lease(self, ttl: int) -> int:
+        """A lease that outlives ``ttl`` by at most an hour: one grant per hour, not per key."""
+        now = time.monotonic()
+        held = self._leases.get(ttl)
+        if held is not None and now - held[1] < LEASE_ROTATION:
+            return held[0]
+        client = await self._kv()
+        try:
+            lease = await asyncio.wait_for(client.lease(ttl + int(LEASE_ROTATION)), self._timeout)
+        except (aetcd.ClientError, TimeoutError) as err:
+            raise UnavailableError(f"etcd at {self.endpoint} could not grant a lease: {err}",
+                                   metadata={"endpoint": self.endpoint}) from err
+        self._leases[ttl] = (lease.id, now)
+        return int(lease.id)
+
+    def _op(self, write: Write, lease: int = 0) -> Any:
         if isinstance(write, Put):
-            return rpc.RequestOp(request_put=rpc.PutRequest(key=self._key(write.key),
-                                                            value=write.value))
+            return rpc.RequestOp(request_put=rpc.PutRequest(
+                key=self._key(write.key), value=write.value, lease=lease))
         assert isinstance(write, DeleteRange)
         return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
             key=self._key(write.start), range_end=self._key(write.end)))
@@ -211,12 +231,23 @@ class EtcdStore:
         self, guards: Sequence[Guard], writes: Sequence[Write], *, refresh: Sequence[str] = ()
     ) -> CommitResult:
         """One guarded Txn; on failure, the refreshed keys come back from the same Txn."""
-        txn = rpc.TxnRequest(
-            compare=[self._compare(g) for g in guards],
-            success=[self._op(w) for w in writes],
-            failure=[self._get_op(k) for k in refresh],
-        )
-        resp = await self._call("Txn", txn)
+        for attempt in (1, 2):
+            leases = {w.ttl: await self._lease(w.ttl) for w in writes
+                      if isinstance(w, Put) and w.ttl}
+            txn = rpc.TxnRequest(
+                compare=[self._compare(g) for g in guards],
+                success=[self._op(w, leases.get(w.ttl, 0) if isinstance(w, Put) else 0)
+                         for w in writes],
+                failure=[self._get_op(k) for k in refresh],
+            )
+            try:
+                resp = await self._call("Txn", txn)
+                break
+            except grpc.aio.AioRpcError as err:
+                # A lease can vanish under us (etcd restored from a backup): grant a new one.
+                if attempt == 2 or err.code() != grpc.StatusCode.NOT_FOUND or not leases:
+                    raise
+                self._leases.clear()
         revision = resp.header.revision
         if not resp.succeeded:
             return CommitResult(False, revision, self._snapshot(refresh, resp.responses, revision))
