@@ -425,6 +425,16 @@ class TestRollback:
         assert (await env.rollback()).stage.version == 1
         assert list((await env.stage("production")).rollback_candidates) == []
 
+    async def test_rolled_away_version_is_archived_once_out_of_staging(self, env: Env) -> None:
+        """The version rolled away from is ARCHIVED once staging has moved on from it too."""
+        await env.setup(3)
+        await env.to_production(1)
+        await env.to_production(2)
+        await env.rollback()
+        assert (await env.version(2)).state == VS.VERSION_STATE_STAGING
+        await env.promote("staging", 3)
+        assert (await env.version(2)).state == VS.VERSION_STATE_ARCHIVED
+
     async def test_named_rollback_to_older_candidate(self, env: Env) -> None:
         """A rollback may name any known-good former version, not only the last one."""
         await env.setup(3)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from modelreg.server.domain import keys, names, records, validation
 from modelreg.server.domain.errors import (
     AlreadyExistsError,
@@ -12,8 +9,8 @@ from modelreg.server.domain.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from modelreg.server.domain.ports import DeleteRange, ModelStore, Put
-from modelreg.server.domain.transaction import Call, Plan, Reader, now_timestamp, run_mutation
+from modelreg.server.domain.ports import DeleteRange, Put
+from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
@@ -42,12 +39,8 @@ def update_paths(mask_paths: list[str], allowed: tuple[str, ...]) -> list[str]:
     return sorted(set(mask_paths))
 
 
-class Models:
+class Models(Operations):
     """Operations on registered models."""
-
-    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
-        self._store = store
-        self._clock = clock
 
     async def create(self, call: Call, req: svc.CreateModelRequest) -> svc.CreateModelResponse:
         """Registers a model name with its description, tags and custom stages."""
@@ -61,7 +54,7 @@ class Models:
         async def decide(r: Reader) -> Plan:
             if await r.get(key) is not None:
                 raise AlreadyExistsError(name)
-            now = now_timestamp(self._clock())
+            now = r.now
             model = res.RegisteredModel(
                 name=name,
                 description=req.model.description,
@@ -77,7 +70,7 @@ class Models:
                 [Put(key, records.encode(model))], audit, svc.CreateModelResponse(model=model)
             )
 
-        return await run_mutation(self._store, call, decide, svc.CreateModelResponse)
+        return await self._mutate(call, decide, svc.CreateModelResponse)
 
     async def get(self, req: svc.GetModelRequest) -> svc.GetModelResponse:
         """Reads one model, fresh from the store."""
@@ -138,7 +131,7 @@ class Models:
             if "custom_stages" in paths:
                 model.ClearField("custom_stages")
                 model.custom_stages.extend(req.model.custom_stages)
-            model.update_time.CopyFrom(now_timestamp(self._clock()))
+            model.update_time.CopyFrom(r.now)
             audit = res.AuditEvent(
                 action=res.AUDIT_ACTION_UPDATE_MODEL,
                 resource=req.model.name,
@@ -149,7 +142,7 @@ class Models:
                 [Put(key, records.encode(model))], audit, svc.UpdateModelResponse(model=model)
             )
 
-        return await run_mutation(self._store, call, decide, svc.UpdateModelResponse)
+        return await self._mutate(call, decide, svc.UpdateModelResponse)
 
     async def delete(self, call: Call, req: svc.DeleteModelRequest) -> svc.DeleteModelResponse:
         """Deletes a model with its versions and history, unless a stage still names one."""
@@ -187,5 +180,5 @@ class Models:
             )
             return Plan(list(writes), audit, svc.DeleteModelResponse())
 
-        return await run_mutation(self._store, call, decide, svc.DeleteModelResponse)
+        return await self._mutate(call, decide, svc.DeleteModelResponse)
 

@@ -7,13 +7,10 @@ new pointer, its history entry and the audit event in one transaction guarded on
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from modelreg.server.domain import keys, lifecycle, names, records, validation
 from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
-from modelreg.server.domain.ports import Entry, ModelStore, Put
-from modelreg.server.domain.transaction import Call, Plan, Reader, now_timestamp, run_mutation
+from modelreg.server.domain.ports import Entry, Put
+from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
@@ -32,12 +29,8 @@ def _check_move(req: svc.PromoteVersionRequest | svc.RollbackStageRequest) -> No
     v.raise_if_any()
 
 
-class Stages:
+class Stages(Operations):
     """Operations on stage pointers."""
-
-    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
-        self._store = store
-        self._clock = clock
 
     async def _model(self, r: Reader, model_id: str) -> res.RegisteredModel:
         entry = await r.get(keys.model(model_id))
@@ -111,7 +104,7 @@ class Stages:
                 hotfix=req.hotfix,
                 reason=req.reason,
                 actor=call.actor,
-                now=now_timestamp(self._clock()),
+                now=r.now,
             )
             writes = [
                 Put(stage_key, records.encode(move.pointer)),
@@ -137,7 +130,7 @@ class Stages:
             response = svc.PromoteVersionResponse(stage=move.pointer, archived_version=archived)
             return Plan(writes, audit, response)
 
-        return await run_mutation(self._store, call, decide, svc.PromoteVersionResponse)
+        return await self._mutate(call, decide, svc.PromoteVersionResponse)
 
     async def rollback(
         self, call: Call, req: svc.RollbackStageRequest
@@ -164,7 +157,7 @@ class Stages:
                 req.to_version,
                 reason=req.reason,
                 actor=call.actor,
-                now=now_timestamp(self._clock()),
+                now=r.now,
             )
             writes = [
                 Put(stage_key, records.encode(move.pointer)),
@@ -185,7 +178,7 @@ class Stages:
             )
             return Plan(writes, audit, response)
 
-        return await run_mutation(self._store, call, decide, svc.RollbackStageResponse)
+        return await self._mutate(call, decide, svc.RollbackStageResponse)
 
     async def history(self, req: svc.ListStageHistoryRequest) -> svc.ListStageHistoryResponse:
         """The moves of one stage pointer, newest first."""

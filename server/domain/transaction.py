@@ -105,9 +105,13 @@ class Plan:
 class Reader:
     """Reads for one decision, remembering every key and range read so all can be guarded."""
 
-    def __init__(self, store: ModelStore, *, fresh: bool, known: Snapshot | None = None) -> None:
+    def __init__(
+        self, store: ModelStore, *, fresh: bool, known: Snapshot | None = None, now_ns: int = 0
+    ) -> None:
         self._store = store
         self.fresh = fresh
+        self.now = now_timestamp(now_ns)
+        """When this decision is made: the time of the change and of its audit event."""
         self._seen: dict[str, Entry | None] = dict(known.entries) if known else {}
         self._ranges: list[RangeUnchanged] = []
 
@@ -178,7 +182,8 @@ async def run_mutation(
     request_key = keys.request(call.request_id) if call.request_id else None
     fresh, known = False, None
     for _ in range(MAX_ATTEMPTS):
-        reader = Reader(store, fresh=fresh, known=known)
+        unix_nanos = clock()
+        reader = Reader(store, fresh=fresh, known=known, now_ns=unix_nanos)
         if request_key is not None:
             record = await reader.get(request_key)
             if record is not None:
@@ -191,20 +196,19 @@ async def run_mutation(
             fresh, known = True, None  # judged on cached data: judge again on fresh data
             continue
         writes = list(plan.writes)
-        unix_nanos = clock()
         audit = plan.audit
         audit_key = keys.audit(unix_nanos, random.getrandbits(32))
         audit.name = "auditEvents/" + audit_key.removeprefix(keys.AUDIT_START)
         audit.actor = call.actor
         audit.request_id = call.request_id
-        audit.time.CopyFrom(now_timestamp(unix_nanos))
+        audit.time.CopyFrom(reader.now)
         writes.append(Put(audit_key, audit.SerializeToString()))
         if request_key is not None:
             record_value = store_pb2.StoredRequest(
                 method=call.method,
                 fingerprint=call.fingerprint(),
                 response=plan.response.SerializeToString(),
-                time=now_timestamp(unix_nanos),
+                time=reader.now,
             )
             writes.append(Put(request_key, record_value.SerializeToString(), ttl=REQUEST_TTL))
         result = await store.commit(
@@ -218,3 +222,14 @@ async def run_mutation(
         f"gave up after {MAX_ATTEMPTS} attempts: concurrent writers kept changing what "
         f"{call.method} reads; retry later"
     )
+
+
+class Operations:
+    """Base of the operation groups: one store, one clock, and mutations run over both."""
+
+    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def _mutate(self, call: Call, decide: Decide, response_type: type[R]) -> R:
+        return await run_mutation(self._store, call, decide, response_type, clock=self._clock)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from modelreg.server.domain import keys, lifecycle, names, records, validation
 from modelreg.server.domain.errors import NotFoundError
 from modelreg.server.domain.models import update_paths
-from modelreg.server.domain.ports import Entry, ModelStore, Put, Unchanged
-from modelreg.server.domain.transaction import Call, Plan, Reader, now_timestamp, run_mutation
+from modelreg.server.domain.ports import Entry, Put, Unchanged
+from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
@@ -37,12 +36,8 @@ def with_state(
     return mv
 
 
-class Versions:
+class Versions(Operations):
     """Operations on model versions."""
-
-    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
-        self._store = store
-        self._clock = clock
 
     async def _pointers(self, model_id: str) -> tuple[dict[str, res.StagePointer], int]:
         prefix = keys.stages_prefix(model_id)
@@ -79,7 +74,7 @@ class Versions:
             mv.name = names.version_name(model_id, number)
             mv.version = number
             mv.created_by = call.actor
-            mv.create_time.CopyFrom(now_timestamp(self._clock()))
+            mv.create_time.CopyFrom(r.now)
             mv.ClearField("sunset_time")
             version_key = keys.version(model_id, number)
             audit = res.AuditEvent(
@@ -95,7 +90,7 @@ class Versions:
                 guards=[Unchanged(version_key, 0)],  # create-only, even if numbering went wrong
             )
 
-        return await run_mutation(self._store, call, decide, svc.CreateModelVersionResponse)
+        return await self._mutate(call, decide, svc.CreateModelVersionResponse)
 
     async def get(self, req: svc.GetModelVersionRequest) -> svc.GetModelVersionResponse:
         """Reads one version with its derived state."""
@@ -182,5 +177,5 @@ class Versions:
                 svc.UpdateModelVersionResponse(model_version=with_state(mv, pointers)),
             )
 
-        return await run_mutation(self._store, call, decide, svc.UpdateModelVersionResponse)
+        return await self._mutate(call, decide, svc.UpdateModelVersionResponse)
 
