@@ -312,6 +312,17 @@ async def measure(args: argparse.Namespace, etcd: EmbeddedEtcd, listen: str,
             for op, sink in (first, second) if i % 2 == 0 else (second, first):
                 sink.extend(await sequential(op, per_round))
 
+        # Context, not compared: one Python gRPC round trip to the same server, no etcd.
+        health_stub = health_pb2_grpc.HealthStub(channel)
+
+        async def check() -> None:
+            await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
+
+        await sequential(check, args.warmup)
+        hop = await sequential(check, max(1, args.n // 2))
+        print(f"grpc health Check on the server (Python gRPC hop, no etcd): "
+              f"p50 {percentile(hop, 0.5):.2f} ms  p99 {percentile(hop, 0.99):.2f} ms")
+
         raw_ops: list[Op] = [RawCas(client, f"tp-{i}", sizes) for i in range(concurrency)]
         promote_ops: list[Op] = [Promoter(stub, m) for m in throughput_models]
         per_worker = max(1, args.n // concurrency)
@@ -322,7 +333,7 @@ async def measure(args: argparse.Namespace, etcd: EmbeddedEtcd, listen: str,
         promote_tps: list[float] = []
         raw_clat: list[float] = []
         promote_clat: list[float] = []
-        tp_rounds = 2
+        tp_rounds = 2  # equal op counts: the harmonic mean of rates is total ops / total time
         for i in range(tp_rounds):
             order = [(raw_ops, raw_tps, raw_clat), (promote_ops, promote_tps, promote_clat)]
             for ops, tps, clat in order if i % 2 == 0 else order[::-1]:
@@ -330,9 +341,9 @@ async def measure(args: argparse.Namespace, etcd: EmbeddedEtcd, listen: str,
                 tps.append(tps_value)
                 clat.extend(lat)
         return (
-            Result(raw_lat, statistics.fmean(raw_tps), percentile(raw_clat, 0.5),
+            Result(raw_lat, statistics.harmonic_mean(raw_tps), percentile(raw_clat, 0.5),
                    percentile(raw_clat, 0.99)),
-            Result(promote_lat, statistics.fmean(promote_tps), percentile(promote_clat, 0.5),
+            Result(promote_lat, statistics.harmonic_mean(promote_tps), percentile(promote_clat, 0.5),
                    percentile(promote_clat, 0.99)),
         )
     finally:

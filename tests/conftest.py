@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-
 from typing import Any
 
 import aetcd
 import grpc
 import pytest
+
 from modelreg.server.api.grpc import ServerParts, build_server, set_serving
 from modelreg.server.domain.registry import Registry
 from modelreg.server.embedded_etcd import EmbeddedEtcd

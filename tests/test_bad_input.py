@@ -5,9 +5,9 @@ from __future__ import annotations
 import aetcd
 import grpc
 import pytest
+
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-
 from tests.helpers import MODEL, error_info, make_model, stage, version_message
 
 PARENT = f"models/{MODEL}"
@@ -85,7 +85,7 @@ class TestBadInput:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await getattr(stub, method)(request_)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
-        reason, metadata, got_fields = error_info(caught.value)
+        _, metadata, got_fields = error_info(caught.value)
         assert got_fields == fields
         assert metadata["field"] == fields[0]
         assert fields[0] in caught.value.details()

@@ -1,5 +1,6 @@
 """The installed ``modelreg`` command end to end: ``modelreg up`` in a child process, the CLI
-in others, exactly as an operator runs them."""
+in others, exactly as an operator runs them.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from modelreg.server.embedded_etcd import free_port
 
 MODELREG = shutil.which("modelreg", path=str(Path(sys.executable).parent)) or "modelreg"
@@ -102,7 +104,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 class TestModelregUp:
     def test_serves_health_reflection_and_metrics(self, up):
         """`modelreg up` answers health SERVING, lists its services by reflection, and
-        exports Prometheus metrics."""
+        exports Prometheus metrics.
+        """
         with grpc.insecure_channel(up.target) as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             replies = stub.ServerReflectionInfo(
@@ -116,7 +119,8 @@ class TestModelregUp:
 
     def test_sigterm_stops_server_and_etcd_and_data_persists(self, tmp_path):
         """SIGTERM stops the server and its etcd child cleanly; a new `up` on the same data
-        dir has the state."""
+        dir has the state.
+        """
         first = Up(tmp_path / "data")
         first.start()
         try:

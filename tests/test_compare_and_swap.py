@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import aetcd
 import grpc
+import pytest
+
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-
 from tests.helpers import MODEL, error_info, make_model, stage
 
 
@@ -45,7 +47,8 @@ class TestCompareAndSwap:
 
     async def test_interleavings_leave_one_production_version(self, stub, server):
         """Rounds of racing promotions with and without etags, on two connections: the audit
-        trail counts exactly the successful moves and the history replays to the final pointer."""
+        trail counts exactly the successful moves and the history replays to the final pointer.
+        """
         await make_model(stub, versions=8)
         rng = random.Random(7)
         successes = 0
@@ -73,14 +76,14 @@ class TestCompareAndSwap:
             svc.ListStageHistoryRequest(name=stage("production"), page_size=1000))
         assert len(history.entries) == successes
         chain = list(reversed(history.entries))
-        for earlier, later in zip(chain, chain[1:], strict=False):
+        for earlier, later in itertools.pairwise(chain):
             assert later.from_version == earlier.to_version  # no lost or forked update
         final = await stub.GetStage(svc.GetStageRequest(name=stage("production")))
         assert final.stage.version == chain[-1].to_version
         assert final.stage.generation == successes
 
     async def test_one_production_key_in_etcd(self, stub, etcd_server, etcd_prefix):
-        """etcd itself holds exactly one production pointer naming one version."""
+        """Etcd itself holds exactly one production pointer naming one version."""
         await make_model(stub, versions=3)
         await asyncio.gather(*(_promote(stub, v) for v in (1, 2, 3)))
         async with aetcd.Client(etcd_server.host, etcd_server.client_port) as client:
@@ -102,9 +105,11 @@ class TestIdempotency:
         create = svc.CreateModelVersionRequest(
             parent=f"models/{MODEL}", model_version=res.ModelVersion(
                 artifact_uri="file:///m3", sha256="c" * 64, size_bytes=3), request_id="req-2")
-        a, b = await asyncio.gather(stub.CreateModelVersion(create), stub.CreateModelVersion(create))
+        a, b = await asyncio.gather(
+            stub.CreateModelVersion(create), stub.CreateModelVersion(create))
         assert a.model_version.version == b.model_version.version == 3
-        listed = await stub.ListModelVersions(svc.ListModelVersionsRequest(parent=f"models/{MODEL}"))
+        listed = await stub.ListModelVersions(
+            svc.ListModelVersionsRequest(parent=f"models/{MODEL}"))
         assert len(listed.model_versions) == 3
 
     async def test_request_id_reused_for_another_request(self, stub):
@@ -112,14 +117,11 @@ class TestIdempotency:
         await make_model(stub, versions=2)
         await stub.PromoteVersion(
             svc.PromoteVersionRequest(name=stage("staging"), version=1, request_id="req-x"))
-        try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.PromoteVersion(
                 svc.PromoteVersionRequest(name=stage("staging"), version=2, request_id="req-x"))
-        except grpc.aio.AioRpcError as err:
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert error_info(err)[2] == ["request_id"]
-        else:
-            raise AssertionError("a reused request_id was applied")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value)[2] == ["request_id"]
         got = await stub.GetStage(svc.GetStageRequest(name=stage("staging")))
         assert got.stage.version == 1
 

@@ -496,7 +496,8 @@ class TestRollback:
         await env.setup(3)
         for n in (1, 2, 3):
             await env.promote("staging", n)
-        seen, token = [], ""
+        seen: list[int] = []
+        token = ""
         for _ in range(5):
             resp = await env.reg.stages.history(svc.ListStageHistoryRequest(
                 name=f"models/{MODEL}/stages/staging", page_size=1, page_token=token

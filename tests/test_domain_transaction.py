@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -22,7 +23,15 @@ from modelreg.server.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
-from modelreg.server.domain.ports import CommitResult, Guard, ModelStore, Page, Snapshot, Write
+from modelreg.server.domain.ports import (
+    CommitResult,
+    Entry,
+    Guard,
+    ModelStore,
+    Page,
+    Snapshot,
+    Write,
+)
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.transaction import MAX_ATTEMPTS, Call
 from modelreg.server.store.memory import MemoryStore
@@ -145,7 +154,7 @@ def env() -> Env:
 
 class TestIdempotency:
     async def test_same_request_id_is_applied_once(self, env: Env) -> None:
-        """A retried request_id gets the first response, at its revision, without a second change."""
+        """A retried request_id gets the first response at its revision, and changes nothing."""
         await env.setup(1)
         commits = env.memory.commits
         first = await env.promote("staging", 1, request_id="deploy-42")
@@ -227,7 +236,7 @@ class TestIdempotency:
 
 
 class TestStaleCache:
-    async def _staging_moved(self, env: Env) -> tuple[svc.PromoteVersionResponse, object]:
+    async def _staging_moved(self, env: Env) -> tuple[svc.PromoteVersionResponse, Entry]:
         """Staging went 1 → 2, and the cache still holds the pointer at 1."""
         await env.setup(3)
         await env.promote("staging", 1)
@@ -275,7 +284,7 @@ class TestStaleCache:
     async def test_stale_etag_is_refused_even_if_cache_agrees(self, env: Env) -> None:
         """A caller's stale etag is refused with the store's current etag, not the cache's."""
         current, old = await self._staging_moved(env)
-        first_etag = f'"{old.mod_revision}"'  # type: ignore[attr-defined]
+        first_etag = f'"{old.mod_revision}"'
         with pytest.raises(EtagMismatchError) as exc:
             await env.promote("staging", 3, etag=first_etag)
         assert exc.value.current_etag == current.stage.etag
@@ -327,7 +336,7 @@ class TestConcurrency:
         chain = list(reversed(history.entries))
         assert [e.generation for e in chain] == [1, 2, 3, 4, 5, 6]
         assert chain[0].from_version == 0
-        for before, after in zip(chain, chain[1:], strict=False):
+        for before, after in itertools.pairwise(chain):
             assert after.from_version == before.to_version
         assert sorted(e.to_version for e in chain) == [1, 2, 3, 4, 5, 6]
         promotions = [e for e in await env.audit() if e.action == res.AUDIT_ACTION_PROMOTE]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aetcd
 import pytest
+
 from modelreg.server.embedded_etcd import (
     ETCD_BINARY_ENV,
     EmbeddedEtcd,

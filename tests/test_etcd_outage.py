@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-from modelreg.v1 import model_service_pb2 as svc
 
+from modelreg.v1 import model_service_pb2 as svc
 from tests.conftest import ActorStub, start_server
 from tests.helpers import MODEL, error_info, make_model, stage
 
@@ -29,7 +29,8 @@ class TestEtcdOutage:
     @pytest.mark.parametrize("fault", ["stop", "kill"])
     async def test_unavailable_then_recovers(self, own_etcd, fault):
         """Stopping (or SIGKILLing) etcd makes calls UNAVAILABLE; restarting it heals the
-        same server process, with every version, pointer and audit event still there."""
+        same server process, with every version, pointer and audit event still there.
+        """
         running = await start_server(own_etcd.endpoint, "/outage/", etcd_timeout=1.0)
         try:
             async with grpc.aio.insecure_channel(running.target) as channel:

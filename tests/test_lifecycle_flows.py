@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-
 from tests.helpers import MODEL, error_info, make_model, stage
 
 VS = res.VersionState
@@ -55,7 +55,8 @@ class TestSeedFlow:
         await make_model(stub, versions=1)
         before = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.PromoteVersion(svc.PromoteVersionRequest(name=stage("production"), version=1))
+            await stub.PromoteVersion(
+                svc.PromoteVersionRequest(name=stage("production"), version=1))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_info(caught.value)[0] == "STAGING_REQUIRED"
         after = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL))
@@ -108,7 +109,8 @@ class TestSeedFlow:
         await stub.UpdateModel(svc.UpdateModelRequest(
             model=res.RegisteredModel(name=f"models/{MODEL}", custom_stages=["canary"]),
             update_mask={"paths": ["custom_stages"]}))
-        moved = await stub.PromoteVersion(svc.PromoteVersionRequest(name=stage("canary"), version=1))
+        moved = await stub.PromoteVersion(
+            svc.PromoteVersionRequest(name=stage("canary"), version=1))
         assert moved.stage.version == 1
         stages = await stub.ListStages(svc.ListStagesRequest(parent=f"models/{MODEL}"))
         assert [(s.name.rsplit("/", 1)[1], s.version) for s in stages.stages] == [
@@ -134,7 +136,8 @@ class TestVersions:
     async def test_versions_are_numbered_and_immutable(self, stub):
         """The server numbers versions; annotations change with an etag, immutable fields never."""
         await make_model(stub, versions=3)
-        listed = await stub.ListModelVersions(svc.ListModelVersionsRequest(parent=f"models/{MODEL}"))
+        listed = await stub.ListModelVersions(
+            svc.ListModelVersionsRequest(parent=f"models/{MODEL}"))
         assert [v.version for v in listed.model_versions] == [1, 2, 3]
         v2 = listed.model_versions[1]
         assert v2.created_by == "alice" and v2.state == VS.VERSION_STATE_REGISTERED
