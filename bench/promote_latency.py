@@ -341,10 +341,10 @@ async def measure(args: argparse.Namespace, etcd: EmbeddedEtcd, listen: str,
                 tps.append(tps_value)
                 clat.extend(lat)
         return (
-            Result(raw_lat, statistics.harmonic_mean(raw_tps), percentile(raw_clat, 0.5),
-                   percentile(raw_clat, 0.99)),
-            Result(promote_lat, statistics.harmonic_mean(promote_tps), percentile(promote_clat, 0.5),
-                   percentile(promote_clat, 0.99)),
+            Result(raw_lat, statistics.harmonic_mean(raw_tps),
+                   percentile(raw_clat, 0.5), percentile(raw_clat, 0.99)),
+            Result(promote_lat, statistics.harmonic_mean(promote_tps),
+                   percentile(promote_clat, 0.5), percentile(promote_clat, 0.99)),
         )
     finally:
         await channel.close()

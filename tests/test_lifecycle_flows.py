@@ -200,3 +200,23 @@ class TestAudit:
         everything = await stub.ListAuditEvents(svc.ListAuditEventsRequest())
         revisions = [e.revision for e in everything.audit_events]
         assert revisions == sorted(revisions, reverse=True) and len(set(revisions)) == 4
+
+
+class TestRollbackSkipsDeprecated:
+    async def test_deprecated_versions_are_not_rollback_targets(self, stub):
+        """Rollback skips a deprecated former version and refuses it when named."""
+        await make_model(stub, versions=3)
+        for v in (1, 2, 3):
+            await stub.PromoteVersion(svc.PromoteVersionRequest(name=stage("staging"), version=v))
+            await stub.PromoteVersion(
+                svc.PromoteVersionRequest(name=stage("production"), version=v))
+        await stub.UpdateModelVersion(svc.UpdateModelVersionRequest(
+            model_version=res.ModelVersion(name=f"models/{MODEL}/versions/2",
+                                           sunset_time={"seconds": 1_900_000_000}),
+            update_mask={"paths": ["sunset_time"]}))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.RollbackStage(
+                svc.RollbackStageRequest(name=stage("production"), to_version=2))
+        assert error_info(caught.value)[0] == "VERSION_DEPRECATED"
+        rolled = await stub.RollbackStage(svc.RollbackStageRequest(name=stage("production")))
+        assert rolled.stage.version == 1

@@ -17,7 +17,7 @@ never a candidate again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
@@ -170,18 +170,29 @@ def rollback(
     old: resources_pb2.StagePointer,
     to_version: int,
     *,
+    deprecated: Collection[int] = (),
     reason: str,
     actor: str,
     now: timestamp_pb2.Timestamp,
 ) -> Move:
-    """Decides a rollback of ``old`` to its last known-good version, or to ``to_version``."""
+    """Decides a rollback of ``old`` to its last known-good version, or to ``to_version``.
+
+    The last known-good version is the most recent candidate that is not ``deprecated``; a
+    deprecated version is never rolled back to, named or not.
+    """
     candidates = list(old.rollback_candidates)
-    if not candidates:
+    usable = [c for c in candidates if c not in deprecated]
+    if not usable:
         raise FailedPreconditionError(
             "NO_ROLLBACK_CANDIDATE",
-            f"{names.stage_name(model_id, stage)} has no known-good former version to roll back to",
+            f"{names.stage_name(model_id, stage)} has no known-good former version to roll back "
+            "to" + (" that is not deprecated" if candidates else ""),
         )
-    target = to_version or candidates[0]
+    target = to_version or usable[0]
+    if target in deprecated:
+        raise FailedPreconditionError(
+            "VERSION_DEPRECATED", f"version {target} is deprecated and cannot be rolled back to"
+        )
     if target not in candidates:
         raise FailedPreconditionError(
             "NOT_A_ROLLBACK_CANDIDATE",

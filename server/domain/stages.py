@@ -150,11 +150,19 @@ class Stages(Operations):
             lifecycle.check_stage_declared(model, stage, "name")
             entry = await r.get(stage_key)
             records.check_etag(req.etag, req.name, entry)
+            old = _pointer(entry, model_id, stage)
+            candidates = list(old.rollback_candidates)
+            versions = await r.get_many([keys.version(model_id, c) for c in candidates])
+            deprecated = {
+                c for c, e in zip(candidates, versions, strict=True)
+                if e is None or res.ModelVersion.FromString(e.value).HasField("sunset_time")
+            }
             move = lifecycle.rollback(
                 model_id,
                 stage,
-                _pointer(entry, model_id, stage),
+                old,
                 req.to_version,
+                deprecated=deprecated,
                 reason=req.reason,
                 actor=call.actor,
                 now=r.now,
