@@ -37,6 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aetcd
 import grpc
@@ -46,6 +47,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from modelreg.server.embedded_etcd import EmbeddedEtcd, free_port
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import model_service_pb2_grpc, resources_pb2
+
+if TYPE_CHECKING:
+    from modelreg.v1.model_service_pb2_grpc import ModelServiceAsyncStub
 
 PREFIX = "/bench/"
 RAW_PREFIX = "/rawbench/"
@@ -167,7 +171,7 @@ class RawCas:
 class Promoter:
     """Moves one model's canary pointer between versions 1 and 2, with the last etag."""
 
-    def __init__(self, stub: model_service_pb2_grpc.ModelServiceStub, model_id: str) -> None:
+    def __init__(self, stub: ModelServiceAsyncStub, model_id: str) -> None:
         self._stub = stub
         self._name = f"models/{model_id}/stages/{STAGE}"
         self._etag = ""
@@ -183,7 +187,7 @@ class Promoter:
         self._etag = resp.stage.etag
 
 
-async def create_model(stub: model_service_pb2_grpc.ModelServiceStub, model_id: str) -> None:
+async def create_model(stub: ModelServiceAsyncStub, model_id: str) -> None:
     """A model declaring the canary stage, with versions 1 and 2."""
     await stub.CreateModel(
         svc.CreateModelRequest(
@@ -390,9 +394,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the exit code."""
     args = parse_args(argv)
+    # SIGTERM cleans up like Ctrl-C does: the finally below stops the server and etcd.
+    signal.signal(signal.SIGTERM, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="modelreg-bench-", dir=os.environ.get("BENCH_TMPDIR")))
     etcd = EmbeddedEtcd(tmp / "data")
     proc: subprocess.Popen[bytes] | None = None

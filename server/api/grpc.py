@@ -84,6 +84,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -92,13 +93,21 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Wraps unary-unary handlers of the model service; passes the rest through."""
-        handler = await continuation(handler_call_details)
+        """Wraps unary-unary handlers of the model service (once per method); passes the rest."""
         method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or not method.startswith(f"/{SERVICE}/"):
             return handler
+        self._wrapped[method] = self._wrap(handler, method.rsplit("/", 1)[-1])
+        return self._wrapped[method]
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], short: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         inner = handler.unary_unary
-        short = method.rsplit("/", 1)[-1]
+        assert inner is not None
         metrics = self._metrics
 
         async def wrapped(request: Message, context: Any) -> Any:

@@ -85,8 +85,11 @@ class Stages(Operations):
         production_key = keys.stage(model_id, lifecycle.PRODUCTION)
 
         async def decide(r: Reader) -> Plan:
-            wanted = [keys.model(model_id), stage_key, version_key, staging_key, production_key]
-            await r.get_many(wanted)  # one round trip on a cold cache
+            # Read only what this move's rules need, all in one round trip on a cold cache:
+            # production depends on staging, staging may settle production's back-fill.
+            related = {lifecycle.PRODUCTION: [staging_key], lifecycle.STAGING: [production_key]}
+            await r.get_many([keys.model(model_id), stage_key, version_key,
+                              *related.get(stage, [])])
             model = await self._model(r, model_id)
             lifecycle.check_stage_declared(model, stage, "name")
             version_entry = await r.get(version_key)
@@ -94,13 +97,14 @@ class Stages(Operations):
                 raise NotFoundError(names.version_name(model_id, req.version))
             pointer_entry = await r.get(stage_key)
             records.check_etag(req.etag, req.name, pointer_entry)
-            staging_entry = await r.get(staging_key)
+            staging = (_pointer(await r.get(staging_key), model_id, lifecycle.STAGING)
+                       if stage == lifecycle.PRODUCTION else None)
             move = lifecycle.promote(
                 model_id,
                 stage,
                 _pointer(pointer_entry, model_id, stage),
                 records.decode(version_entry, res.ModelVersion),
-                _pointer(staging_entry, model_id, lifecycle.STAGING),
+                staging,
                 hotfix=req.hotfix,
                 reason=req.reason,
                 actor=call.actor,
