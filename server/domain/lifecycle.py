@@ -106,6 +106,7 @@ def _move(
         reason=reason,
         updated_by=actor,
         update_time=now,
+        last_move=kind,
     )
     history = resources_pb2.PointerHistoryEntry(
         name=f"{pointer.name}/history/{pointer.generation}",

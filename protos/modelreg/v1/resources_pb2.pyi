@@ -384,6 +384,7 @@ class StagePointer(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_MOVE_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `models/{model}/stages/{stage}`."""
@@ -399,6 +400,8 @@ class StagePointer(_message.Message):
     """Hotfix that has not been through staging yet; cleared when that version reaches staging."""
     reason: _builtins.str
     updated_by: _builtins.str
+    last_move: Global___PointerMoveKind.ValueType
+    """How the pointer reached its current version."""
     etag: _builtins.str
     @_builtins.property
     def rollback_candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -424,11 +427,12 @@ class StagePointer(_message.Message):
         reason: _builtins.str = ...,
         updated_by: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        last_move: Global___PointerMoveKind.ValueType = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill_required", b"backfill_required", "etag", b"etag", "former_versions", b"former_versions", "generation", b"generation", "hotfix", b"hotfix", "name", b"name", "previous_version", b"previous_version", "reason", b"reason", "rollback_candidates", b"rollback_candidates", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill_required", b"backfill_required", "etag", b"etag", "former_versions", b"former_versions", "generation", b"generation", "hotfix", b"hotfix", "last_move", b"last_move", "name", b"name", "previous_version", b"previous_version", "reason", b"reason", "rollback_candidates", b"rollback_candidates", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
