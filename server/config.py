@@ -42,6 +42,8 @@ class ServerConfig:
     """json (one object per line) or console (human-readable)."""
     grace: float = 5.0
     """Seconds in-flight RPCs get to finish on shutdown."""
+    bookmark_interval: float = 10.0
+    """Seconds an idle watch stream waits before it gets a bookmark (its current revision)."""
 
     ENV = {
         "listen": "MODELREG_LISTEN",
@@ -53,6 +55,7 @@ class ServerConfig:
         "log_level": "MODELREG_LOG_LEVEL",
         "log_format": "MODELREG_LOG_FORMAT",
         "grace": "MODELREG_GRACE",
+        "bookmark_interval": "MODELREG_BOOKMARK_INTERVAL",
     }
 
     @classmethod
@@ -86,7 +89,7 @@ class ServerConfig:
                 converted[name] = tuple(i.strip() for i in items if i.strip())
             elif name == "data_dir":
                 converted[name] = Path(value).expanduser()
-            elif name in ("etcd_timeout", "grace"):
+            elif name in ("etcd_timeout", "grace", "bookmark_interval"):
                 converted[name] = float(value)
             else:
                 converted[name] = str(value)
@@ -106,5 +109,6 @@ class ServerConfig:
             raise ValueError(f"log_level: {self.log_level!r} is not debug/info/warning/error")
         if self.log_format not in ("json", "console"):
             raise ValueError(f"log_format: {self.log_format!r} is not json or console")
-        if self.etcd_timeout <= 0 or self.grace < 0:
-            raise ValueError("etcd_timeout must be positive and grace not negative")
+        if self.etcd_timeout <= 0 or self.grace < 0 or self.bookmark_interval <= 0:
+            raise ValueError(
+                "etcd_timeout and bookmark_interval must be positive, grace not negative")

@@ -21,12 +21,11 @@ import structlog
 from prometheus_client import start_http_server
 
 from modelreg.server import logs
-from modelreg.server.api.grpc import ServerParts, build_server, set_serving
+from modelreg.server.api.grpc import Metrics
+from modelreg.server.app import App
 from modelreg.server.config import ServerConfig
 from modelreg.server.domain.errors import UnavailableError
-from modelreg.server.domain.registry import Registry
 from modelreg.server.embedded_etcd import EmbeddedEtcd, EtcdNotFoundError, EtcdStartError
-from modelreg.server.store.etcd import EtcdStore
 
 log = structlog.get_logger("modelreg.server")
 
@@ -70,6 +69,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", dest="log_format", choices=["json", "console"])
     parser.add_argument("--grace", type=float, help="seconds to drain RPCs on shutdown")
+    parser.add_argument("--bookmark-interval", dest="bookmark_interval", type=float,
+                        help="seconds between bookmarks on idle watch streams (default 10)")
     return parser
 
 
@@ -98,18 +99,18 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-async def _watch_health(parts: ServerParts, store: EtcdStore) -> None:
+async def _watch_health(app: App) -> None:
     """Keeps the health status in step with etcd: SERVING while it answers."""
     serving: bool | None = None
     while True:
         try:
-            await store.read([], fresh=True)
+            await app.store.read([], fresh=True)
             ok = True
         except UnavailableError:
             ok = False
         if ok != serving:
-            await set_serving(parts, ok)
-            log.info("health", serving=ok, etcd=store.endpoint)
+            await app.set_serving(ok)
+            log.info("health", serving=ok, etcd=app.store.endpoint)
             serving = ok
         await asyncio.sleep(HEALTH_INTERVAL)
 
@@ -128,33 +129,31 @@ async def run(config: ServerConfig, *, embedded: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    store = EtcdStore(endpoints, config.prefix, timeout=config.etcd_timeout)
+    metrics = Metrics.create()
     metrics_server = None
+    app: App | None = None
     try:
-        parts = build_server(Registry.over(store), config.listen)
         if config.metrics_listen:
             host, _, port = config.metrics_listen.rpartition(":")
-            metrics_server, _ = start_http_server(
-                int(port), addr=host, registry=parts.metrics.registry
-            )
-        await parts.server.start()
-        host = config.listen.rpartition(":")[0]
+            metrics_server, _ = start_http_server(int(port), addr=host, registry=metrics.registry)
+        app = await App.start(endpoints, config.prefix, config.listen,
+                              etcd_timeout=config.etcd_timeout,
+                              bookmark_interval=config.bookmark_interval, metrics=metrics)
         metrics_at = (f"{host_of(config.metrics_listen)}:{metrics_server.server_port}"
                       if metrics_server is not None else None)
-        log.info("serving", listen=f"{host}:{parts.port}", etcd=",".join(endpoints),
-                 prefix=config.prefix, metrics=metrics_at)
-        health = asyncio.create_task(_watch_health(parts, store))
+        log.info("serving", listen=f"{host_of(config.listen)}:{app.port}",
+                 etcd=",".join(endpoints), prefix=config.prefix, metrics=metrics_at)
+        health = asyncio.create_task(_watch_health(app))
         await stop.wait()
         log.info("stopping", grace=config.grace)
         health.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await health
-        await set_serving(parts, False)
-        await parts.server.stop(config.grace)
     finally:
+        if app is not None:
+            await app.stop(config.grace)
         if metrics_server is not None:
             metrics_server.shutdown()
-        await store.close()
         if etcd is not None:
             await asyncio.to_thread(etcd.stop)
             log.info("etcd_stopped")

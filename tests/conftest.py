@@ -11,10 +11,8 @@ import aetcd
 import grpc
 import pytest
 
-from modelreg.server.api.grpc import ServerParts, build_server, set_serving
-from modelreg.server.domain.registry import Registry
+from modelreg.server.app import App
 from modelreg.server.embedded_etcd import EmbeddedEtcd
-from modelreg.server.store.etcd import EtcdStore
 from modelreg.v1 import model_service_pb2_grpc
 
 # --------------------------------------------------------------------------------------------
@@ -66,24 +64,26 @@ def own_etcd(tmp_path: Path) -> Iterator[EmbeddedEtcd]:
 class RunningServer:
     """A started modelreg server and what tests need to talk to it."""
 
-    def __init__(self, parts: ServerParts, store: EtcdStore) -> None:
-        self.parts = parts
-        self.store = store
-        self.target = f"127.0.0.1:{parts.port}"
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.store = app.store
+        self.hub = app.hub
+        self.target = f"127.0.0.1:{app.port}"
 
     async def stop(self) -> None:
-        """Stop serving and close the etcd connection."""
-        await self.parts.server.stop(0)
-        await self.store.close()
+        """Stop serving, the stage hub and the etcd connection."""
+        await self.app.stop()
 
 
-async def start_server(endpoint: str, prefix: str, *, etcd_timeout: float = 2.0) -> RunningServer:
+async def start_server(
+    endpoint: str, prefix: str, *, etcd_timeout: float = 2.0, listen: str = "127.0.0.1:0",
+    bookmark_interval: float = 10.0, watch_queue: int = 256,
+) -> RunningServer:
     """Start a modelreg server over etcd at ``endpoint`` under ``prefix``."""
-    store = EtcdStore([endpoint], prefix, timeout=etcd_timeout)
-    parts = build_server(Registry.over(store), "127.0.0.1:0")
-    await parts.server.start()
-    await set_serving(parts, True)
-    return RunningServer(parts, store)
+    app = await App.start([endpoint], prefix, listen, etcd_timeout=etcd_timeout,
+                          bookmark_interval=bookmark_interval, watch_queue=watch_queue)
+    await app.set_serving(True)
+    return RunningServer(app)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from modelreg.server.domain.errors import (
     InvalidArgumentError,
     ModelregError,
     NotFoundError,
+    SlowConsumerError,
     UnavailableError,
 )
 
@@ -29,6 +30,7 @@ STATUS_BY_ERROR: dict[type[ModelregError], grpc.StatusCode] = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     AbortedError: grpc.StatusCode.ABORTED,
+    SlowConsumerError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -21,11 +21,24 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from modelreg.server.api import errors
 from modelreg.server.api.servicer import SERVICE, ModelServicer
+from modelreg.server.api.watch_servicer import FleetServicer, WatchServicer
 from modelreg.server.domain.errors import ModelregError, UnavailableError
+from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.registry import Registry
-from modelreg.v1 import model_service_pb2, model_service_pb2_grpc
+from modelreg.server.domain.watch import StageHub
+from modelreg.v1 import (
+    fleet_service_pb2,
+    fleet_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    watch_service_pb2,
+    watch_service_pb2_grpc,
+)
 
 log = structlog.get_logger("modelreg.rpc")
+
+API_PREFIX = "/modelreg.v1."
+"""Unary methods of every modelreg service go through the interceptor."""
 
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -98,7 +111,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not method.startswith(f"/{SERVICE}/"):
+        if handler is None or handler.unary_unary is None or not method.startswith(API_PREFIX):
             return handler
         self._wrapped[method] = self._wrap(handler, method.rsplit("/", 1)[-1])
         return self._wrapped[method]
@@ -157,15 +170,28 @@ class ServerParts:
     metrics: Metrics
 
 
-def build_server(registry: Registry, listen: str, metrics: Metrics | None = None) -> ServerParts:
-    """A grpc.aio server with ModelService, health (NOT_SERVING until marked) and reflection."""
+def build_server(
+    registry: Registry,
+    listen: str,
+    *,
+    hub: StageHub,
+    fleet: Fleet,
+    bookmark_interval: float = 10.0,
+    metrics: Metrics | None = None,
+) -> ServerParts:
+    """A grpc.aio server: every modelreg service, health (NOT_SERVING until set), reflection."""
     metrics = metrics or Metrics.create()
     server = grpc.aio.server(interceptors=[RpcInterceptor(metrics)], options=SERVER_OPTIONS)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
+    watch_service_pb2_grpc.add_WatchServiceServicer_to_server(
+        WatchServicer(hub, bookmark_interval=bookmark_interval), server)
+    fleet_service_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(fleet), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+        watch_service_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name,
+        fleet_service_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

@@ -12,6 +12,7 @@ status code in a single table (``modelreg.server.api.errors``) and sends ``reaso
     ├── AbortedError                a concurrent change got in the way  → ABORTED
     │   ├── EtagMismatchError       the caller's etag is stale
     │   └── ContentionError         retried against fresh state, gave up
+    ├── SlowConsumerError           a watch stream fell too far behind  → RESOURCE_EXHAUSTED
     └── UnavailableError            etcd cannot be reached              → UNAVAILABLE
 """
 
@@ -123,6 +124,12 @@ class ContentionError(AbortedError):
     """Other writers kept changing what this request read; it was retried and gave up."""
 
     reason = "CONTENTION"
+
+
+class SlowConsumerError(ModelregError):
+    """A watch stream's client read too slowly and its bounded queue overflowed."""
+
+    reason = "WATCH_TOO_SLOW"
 
 
 class UnavailableError(ModelregError):

@@ -8,7 +8,8 @@ key                                                    value (protobuf, ``modelr
 ``stages/{model}/{stage}``                             ``StagePointer``
 ``history/{model}/{stage}/{generation:012d}``          ``PointerHistoryEntry``
 ``audit/{unix_nanos:020d}-{random:08x}``               ``AuditEvent``
-``requests/{sha256(request_id)}``                      ``StoredRequest`` (idempotency record)
+``requests/{sha256(request_id)}``                      ``StoredRequest`` (idempotency, on a lease)
+``nodes/{node_id}``                                    ``Node`` (serving node, on its own lease)
 =====================================================  ==========================================
 
 Every per-model key ends its model part with ``/`` so one model's range never covers another
@@ -83,3 +84,12 @@ def request(request_id: str) -> str:
 def prefix_end(prefix: str) -> str:
     """The end of the range of keys starting with ``prefix`` (etcd's ``range_end``)."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def node(node_id: str) -> str:
+    """Key of a serving node's report, on a lease that its reports keep alive."""
+    return f"nodes/{node_id}"
+
+
+NODES_START = "nodes/"
+NODES_END = "nodes0"

@@ -8,7 +8,7 @@ for domain unit tests only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -120,7 +120,7 @@ class ModelStore(Protocol):
         ...
 
     async def scan(self, start: str, end: str, *, limit: int, reverse: bool = False) -> Page:
-        """Reads up to ``limit`` keys of ``[start, end)`` at one revision, always fresh."""
+        """Reads up to ``limit`` keys (0: all) of ``[start, end)`` at one revision, fresh."""
         ...
 
     async def commit(
@@ -130,5 +130,55 @@ class ModelStore(Protocol):
 
         If a guard fails nothing is written, and the result carries a fresh read of
         ``refresh`` taken in the same transaction.
+        """
+        ...
+
+    async def put_ephemeral(self, key: str, value: bytes, ttl: int) -> int:
+        """Writes a key that vanishes ``ttl`` seconds after the last write to it.
+
+        For presence (serving nodes): no guard, no audit. Returns the revision.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """One key changed by a transaction: its new value, or ``None`` if deleted."""
+
+    key: str
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Every change one etcd transaction made to a watched range."""
+
+    revision: int
+    changes: tuple[Change, ...]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Every change up to ``revision`` has been delivered (etcd's progress notification)."""
+
+    revision: int
+
+
+class CompactedError(Exception):
+    """The revision to watch from was compacted away; reload a snapshot instead."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revisions before {compact_revision} were compacted")
+        self.compact_revision = compact_revision
+
+
+class ChangeFeed(Protocol):
+    """Ordered changes of a key range, from a revision on (etcd's watch)."""
+
+    def watch(self, start: str, end: str, from_revision: int) -> AsyncIterator[Batch | Progress]:
+        """Yields batches in revision order and progress marks, until cancelled.
+
+        Raises ``CompactedError`` if ``from_revision`` is no longer in the store's history and
+        ``UnavailableError`` if the store cannot be reached or stops answering.
         """
         ...

@@ -17,6 +17,8 @@ from modelreg.v1 import resources_pb2
 MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
 STAGE_ID_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+NODE_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+"""Node ids and regions: DNS-label-like, so host names fit."""
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
 
@@ -71,6 +73,12 @@ def model_id(v: Violations, field: str, value: str) -> None:
         f"model id {value!r} must be 2-63 characters of a-z, 0-9 and '-', "
         "starting with a letter and not ending with '-'",
     )
+
+
+def label(v: Violations, field: str, value: str) -> None:
+    """A node id or region: 1-63 characters of a-z, 0-9 and '-', like a DNS label."""
+    v.check(bool(NODE_ID_RE.match(value)), field,
+            f"{value[:80]!r} must be 1-63 characters of a-z, 0-9 and '-' (like a host name)")
 
 
 def stage_id(v: Violations, field: str, value: str) -> None:

@@ -95,12 +95,18 @@ class EtcdStore:
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
         self._leases: dict[int, tuple[int, float]] = {}
+        self._ephemeral: dict[str, tuple[int, int]] = {}
+        """Lease id and TTL of each key written by ``put_ephemeral``."""
 
     @property
     def endpoint(self) -> str:
         """The etcd endpoint in use."""
         host, port = self.endpoints[self._current]
         return f"{host}:{port}"
+
+    async def client(self) -> Any:
+        """The connected aetcd client (for the watch feed, which needs the raw channel)."""
+        return await self._kv()
 
     async def _kv(self) -> Any:
         async with self._lock:
@@ -258,3 +264,37 @@ class EtcdStore:
                 for key in [k for k in self._cache if write.start <= k < write.end]:
                     self._learn(key, None, revision)
         return CommitResult(True, revision)
+
+    async def put_ephemeral(self, key: str, value: bytes, ttl: int) -> int:
+        """Puts ``key`` on its own lease, kept alive by each call; gone ``ttl`` s after the last.
+
+        The lease of each key is remembered in this process: a call refreshes it (one
+        keep-alive) and rewrites the value; a lease that expired or was granted by another
+        server process is replaced by a new one, which the key moves to.
+        """
+        client = await self._kv()
+        held = self._ephemeral.get(key)
+        try:
+            alive = False
+            if held is not None and held[1] == ttl:
+                async for reply in client.leasestub.LeaseKeepAlive(
+                    iter([rpc.LeaseKeepAliveRequest(ID=held[0])]),
+                    timeout=self._timeout, metadata=client.metadata,
+                ):
+                    alive = reply.TTL > 0
+                    break
+            if not alive:
+                granted = await client.leasestub.LeaseGrant(
+                    rpc.LeaseGrantRequest(TTL=ttl), timeout=self._timeout,
+                    metadata=client.metadata)
+                held = (granted.ID, ttl)
+                self._ephemeral[key] = held
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in _UNAVAILABLE:
+                raise
+            raise UnavailableError(f"etcd at {self.endpoint} is unavailable ({err.code().name})",
+                                   metadata={"endpoint": self.endpoint}) from err
+        assert held is not None
+        resp = await self._call("Put", rpc.PutRequest(key=self._key(key), value=value,
+                                                      lease=held[0]))
+        return int(resp.header.revision)

@@ -47,6 +47,7 @@ class MemoryStore:
     async def scan(self, start: str, end: str, *, limit: int, reverse: bool = False) -> Page:
         """Reads part of a range in key order."""
         keys = sorted((k for k in self.data if start <= k < end), reverse=reverse)
+        limit = limit or len(keys)
         return Page([self.data[k] for k in keys[:limit]], self.revision, len(keys) > limit)
 
     def _holds(self, guard: Guard) -> bool:
@@ -78,3 +79,10 @@ class MemoryStore:
                 for key in [k for k in self.data if write.start <= k < write.end]:
                     del self.data[key]
         return CommitResult(True, self.revision)
+
+    async def put_ephemeral(self, key: str, value: bytes, ttl: int) -> int:
+        """Puts the key; expiry is not modelled here (real leases are tested on etcd)."""
+        del ttl
+        self.revision += 1
+        self.data[key] = Entry(key, value, self.revision)
+        return self.revision

@@ -1,0 +1,109 @@
+"""``modelreg.v1.WatchService`` and ``FleetService``: thin faces of the hub and the fleet.
+
+A WatchStages handler validates the selection, subscribes to the hub, writes the opening
+(snapshot or missed changes), then every queued message; when nothing arrives for a bookmark
+interval it writes a bookmark. A stream that overflowed its queue ends RESOURCE_EXHAUSTED.
+Cancellation (the client went away, the server is stopping) is never swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from modelreg.server.api import errors
+from modelreg.server.domain import validation
+from modelreg.server.domain.errors import (
+    FieldViolation,
+    ModelregError,
+    SlowConsumerError,
+    UnavailableError,
+)
+from modelreg.server.domain.fleet import Fleet
+from modelreg.server.domain.watch import OverflowError_, Selector, StageHub
+from modelreg.v1 import fleet_service_pb2 as fs
+from modelreg.v1 import fleet_service_pb2_grpc, watch_service_pb2_grpc
+from modelreg.v1 import watch_service_pb2 as ws
+
+READY_TIMEOUT = 10.0
+"""Seconds a new stream waits for the hub's first load before UNAVAILABLE."""
+
+
+def selector_of(req: ws.WatchStagesRequest) -> Selector:
+    """Validates a request's selection."""
+    v = validation.Violations()
+    for i, model in enumerate(req.models):
+        validation.model_id(v, f"models[{i}]", model)
+    if req.model_prefix:
+        v.check(bool(validation.NODE_ID_RE.match(req.model_prefix.rstrip("-"))) and
+                len(req.model_prefix) <= 63, "model_prefix", "must be the start of a model id")
+    for i, stage in enumerate(req.stages):
+        validation.stage_id(v, f"stages[{i}]", stage)
+    if req.region:
+        validation.label(v, "region", req.region)
+    v.check(req.start_revision >= 0, "start_revision", "must not be negative")
+    if req.models and req.model_prefix:
+        v.items.append(FieldViolation("model_prefix", "give models or model_prefix, not both"))
+    v.raise_if_any()
+    return Selector(frozenset(req.models), req.model_prefix, frozenset(req.stages))
+
+
+class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
+    """Streams stage pointer changes from the hub."""
+
+    def __init__(self, hub: StageHub, *, bookmark_interval: float = 10.0) -> None:
+        self._hub = hub
+        self._bookmark_interval = bookmark_interval
+
+    async def WatchStages(  # noqa: D102
+        self, request: ws.WatchStagesRequest, context: Any
+    ) -> AsyncIterator[ws.WatchStagesResponse]:
+        try:
+            selector = selector_of(request)
+            try:
+                await asyncio.wait_for(self._hub.ready.wait(), READY_TIMEOUT)
+            except TimeoutError:
+                raise UnavailableError("the watch cache has not loaded from etcd yet") from None
+            sub = self._hub.subscribe(selector)
+            try:
+                for message in await self._hub.opening(sub, request.start_revision):
+                    yield message
+                while True:
+                    try:
+                        message = await asyncio.wait_for(sub.get(), self._bookmark_interval)
+                    except TimeoutError:
+                        message = self._hub.bookmark()
+                    yield message
+            except OverflowError_:
+                raise SlowConsumerError(
+                    f"this stream fell more than {sub.queue.maxsize} messages behind; "
+                    f"resume with start_revision = your last revision + 1"
+                ) from None
+            finally:
+                self._hub.unsubscribe(sub)
+        except ModelregError as err:
+            await context.abort_with_status(errors.to_status(err))
+
+
+class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):
+    """Node reports and the fleet view."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    async def ReportNode(  # noqa: D102
+        self, request: fs.ReportNodeRequest, context: Any
+    ) -> fs.ReportNodeResponse:
+        return await self._fleet.report(request)
+
+    async def ListNodes(  # noqa: D102
+        self, request: fs.ListNodesRequest, context: Any
+    ) -> fs.ListNodesResponse:
+        return await self._fleet.list(request)
+
+    async def GetRolloutStatus(  # noqa: D102
+        self, request: fs.GetRolloutStatusRequest, context: Any
+    ) -> fs.GetRolloutStatusResponse:
+        return await self._fleet.rollout(request)
+

@@ -1,0 +1,144 @@
+"""The fleet view: serving nodes report on a lease what they prepared and serve.
+
+A report is presence, not a change of the registry: it is written with ``put_ephemeral``
+(no guard, no audit event) and vanishes when the node stops reporting for ``ttl_seconds``, so
+a node that dies drops out of every count: no ghost models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from modelreg.server.domain import keys, names, records, validation
+from modelreg.server.domain.errors import NotFoundError
+from modelreg.server.domain.ports import Entry, ModelStore
+from modelreg.server.domain.transaction import now_timestamp
+from modelreg.v1 import fleet_service_pb2 as fs
+from modelreg.v1 import resources_pb2 as res
+
+DEFAULT_TTL = 15
+MIN_TTL, MAX_TTL = 5, 300
+MAX_STAGES_PER_NODE = 64
+MAX_ERROR = 1024
+MAX_LAGGING_LISTED = 100
+
+
+def _check_node(v: validation.Violations, node: fs.Node) -> None:
+    validation.label(v, "node.node_id", node.node_id)
+    if node.region:
+        validation.label(v, "node.region", node.region)
+    validation.tags(v, "node.labels", node.labels)
+    v.check(len(node.stages) <= MAX_STAGES_PER_NODE, "node.stages",
+            f"at most {MAX_STAGES_PER_NODE} stages per node")
+    for i, served in enumerate(node.stages):
+        try:
+            names.parse_stage(f"node.stages[{i}].stage", served.stage)
+        except Exception as err:  # InvalidArgumentError: collect it with the rest
+            v.items.extend(getattr(err, "violations", ()))
+        validation.text(v, f"node.stages[{i}].error", served.error, MAX_ERROR)
+
+
+class Fleet:
+    """Node reports, node listings and rollout status."""
+
+    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def report(self, req: fs.ReportNodeRequest) -> fs.ReportNodeResponse:
+        """Registers or refreshes a node on a lease of ``ttl_seconds``."""
+        v = validation.Violations()
+        _check_node(v, req.node)
+        ttl = req.ttl_seconds or DEFAULT_TTL
+        v.check(MIN_TTL <= ttl <= MAX_TTL, "ttl_seconds",
+                f"must be {MIN_TTL}-{MAX_TTL} seconds (0: {DEFAULT_TTL})")
+        v.raise_if_any()
+        node = fs.Node()
+        node.CopyFrom(req.node)
+        node.name = f"nodes/{node.node_id}"
+        node.report_time.CopyFrom(now_timestamp(self._clock()))
+        revision = await self._store.put_ephemeral(
+            keys.node(node.node_id), node.SerializeToString(deterministic=True), ttl)
+        return fs.ReportNodeResponse(revision=revision, ttl_seconds=ttl)
+
+    async def list(self, req: fs.ListNodesRequest) -> fs.ListNodesResponse:
+        """Live nodes in id order, by region and model if asked."""
+        v = validation.Violations()
+        size = validation.page_size(v, req.page_size)
+        if req.region:
+            validation.label(v, "region", req.region)
+        if req.model:
+            validation.model_id(v, "model", req.model)
+        v.raise_if_any()
+        prefix = f"models/{req.model}/stages/"
+
+        def accept(e: Entry) -> bool:
+            node = fs.Node.FromString(e.value)
+            return (not req.region or node.region == req.region) and (
+                not req.model or any(s.stage.startswith(prefix) for s in node.stages))
+
+        page = await records.list_page(
+            self._store, keys.NODES_START, keys.NODES_END, page_size=size, token=req.page_token,
+            accept=accept if (req.region or req.model) else None)
+        return fs.ListNodesResponse(nodes=[fs.Node.FromString(e.value) for e in page.entries],
+                                    next_page_token=page.next_token, revision=page.revision)
+
+    async def rollout(self, req: fs.GetRolloutStatusRequest) -> fs.GetRolloutStatusResponse:
+        """The committed version of a stage and how many live nodes serve it."""
+        model_id, stage = names.parse_stage("name", req.name)
+        v = validation.Violations()
+        if req.region:
+            validation.label(v, "region", req.region)
+        v.raise_if_any()
+        stage_key = keys.stage(model_id, stage)
+        snap = await self._store.read([keys.model(model_id), stage_key], fresh=True)
+        if snap.get(keys.model(model_id)) is None:
+            raise NotFoundError(names.model_name(model_id))
+        entry = snap.get(stage_key)
+        pointer = (records.decode(entry, res.StagePointer) if entry is not None
+                   else res.StagePointer(name=req.name, etag='"0"'))
+        page = await self._store.scan(keys.NODES_START, keys.NODES_END, limit=0)
+        following: list[tuple[fs.Node, fs.ServedStage]] = []
+        for e in page.entries:
+            node = fs.Node.FromString(e.value)
+            if req.region and node.region != req.region:
+                continue
+            following += [(node, s) for s in node.stages if s.stage == req.name]
+        counts = Counter(s.serving_version for _, s in following)
+        order = sorted(counts, key=lambda ver: (ver != pointer.version, -counts[ver], ver))
+        lagging = [n for n, s in following if s.serving_version != pointer.version]
+        return fs.GetRolloutStatusResponse(
+            stage=pointer,
+            total_nodes=len(following),
+            serving=[fs.VersionCount(version=ver, nodes=counts[ver]) for ver in order],
+            lagging=lagging[:MAX_LAGGING_LISTED],
+            summary=_summary(stage, pointer, len(following), counts, lagging,
+                             max(page.revision, snap.revision)),
+            revision=max(page.revision, snap.revision),
+        )
+
+
+def _summary(stage: str, pointer: res.StagePointer, total: int, counts: Counter[int],
+             lagging: list[fs.Node], revision: int) -> str:
+    """E.g. ``production -> v8 at revision 120; 97/100 nodes serve v8; 3 not: a (v7), ...``."""
+    target = f"v{pointer.version}" if pointer.version else "nothing"
+    text = (f"{stage} -> {target} at revision {revision}; "
+            f"{counts.get(pointer.version, 0)}/{total} nodes serve {target}")
+    if lagging:
+        shown = ", ".join(
+            f"{n.node_id} ({_served(n, pointer.name)})" for n in lagging[:10])
+        more = f", +{len(lagging) - 10} more" if len(lagging) > 10 else ""
+        text += f"; {len(lagging)} not yet: {shown}{more}"
+    return text
+
+
+def _served(node: fs.Node, stage_name: str) -> str:
+    for s in node.stages:
+        if s.stage == stage_name:
+            state = f"v{s.serving_version}" if s.serving_version else "nothing"
+            if s.failed_version:
+                state += f", v{s.failed_version} failed: {s.error[:80]}"
+            return state
+    return "?"

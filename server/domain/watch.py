@@ -1,0 +1,301 @@
+"""The stage hub: one etcd watch per server, fanned out to any number of watch streams.
+
+The Kubernetes watch-cache idea, for stage pointers. The hub loads every pointer once, then
+follows one ``ChangeFeed`` on the ``stages/`` range and keeps:
+
+* the current pointers and the revision they are current at (moved on by progress marks, so
+  idle streams get truthful bookmarks);
+* the last ``buffer_size`` batches, so a stream that resumes from a recent revision replays
+  them without touching etcd; older resumptions read etcd's history, and if etcd compacted it,
+  get a snapshot flagged ``reset``: never a silent gap;
+* per stream, a bounded queue. Publishing never waits: a stream whose queue is full is marked
+  overflowed, its queue emptied, and it ends with RESOURCE_EXHAUSTED, so a client that stops
+  reading costs at most ``queue_size`` messages of memory.
+
+If the feed fails the hub resumes from its revision + 1 with backoff; if that revision was
+compacted it reloads the pointers and sends every stream a reset snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import structlog
+
+from modelreg.server.domain import keys
+from modelreg.server.domain.errors import UnavailableError
+from modelreg.server.domain.ports import (
+    Batch,
+    ChangeFeed,
+    CompactedError,
+    ModelStore,
+    Progress,
+)
+from modelreg.v1 import resources_pb2 as res
+from modelreg.v1 import watch_service_pb2 as ws
+
+log = structlog.get_logger("modelreg.watch")
+
+STAGES_START = "stages/"
+STAGES_END = keys.prefix_end(STAGES_START)
+Message: TypeAlias = ws.WatchStagesResponse
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which pointers a stream wants: empty sets select everything."""
+
+    models: frozenset[str] = frozenset()
+    model_prefix: str = ""
+    stages: frozenset[str] = frozenset()
+
+    def matches(self, key: str) -> bool:
+        """Whether the pointer stored under ``key`` (``stages/{model}/{stage}``) is selected."""
+        _, model, stage = key.split("/", 2)
+        return (
+            (not self.models or model in self.models)
+            and model.startswith(self.model_prefix)
+            and (not self.stages or stage in self.stages)
+        )
+
+
+class OverflowError_(Exception):
+    """The stream's client did not keep up; it must resume from its last revision + 1."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One stream's view of the hub: its selection and its bounded queue."""
+
+    selector: Selector
+    queue: asyncio.Queue[Message]
+    after: int
+    """Only batches past this revision are queued (earlier ones come from the opening)."""
+    overflowed: bool = field(default=False)
+
+    async def get(self) -> Message:
+        """The next message for the stream; raises ``OverflowError_`` if it fell behind."""
+        if self.overflowed:
+            raise OverflowError_()
+        message = await self.queue.get()
+        if self.overflowed:
+            raise OverflowError_()
+        return message
+
+
+def _name(key: str) -> str:
+    """``models/{model}/stages/{stage}`` for the key ``stages/{model}/{stage}``."""
+    _, model, stage = key.split("/", 2)
+    return f"models/{model}/stages/{stage}"
+
+
+def _pointer(key: str, value: bytes, revision: int) -> res.StagePointer:
+    pointer = res.StagePointer.FromString(value)
+    pointer.etag = f'"{revision}"'
+    return pointer
+
+
+class StageHub:
+    """Current stage pointers, recent history, and the streams that follow them."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        feed: ChangeFeed,
+        *,
+        buffer_size: int = 10_000,
+        queue_size: int = 256,
+    ) -> None:
+        self._store = store
+        self._feed = feed
+        self._buffer: deque[Batch] = deque(maxlen=buffer_size)
+        self._covered_from = 1
+        """The buffer holds every stage change with a revision at or after this one."""
+        self._queue_size = queue_size
+        self._pointers: dict[str, res.StagePointer] = {}
+        self._subs: set[Subscription] = set()
+        self.revision = 0
+        self.ready = asyncio.Event()
+        self.resets = 0
+        """How many times the hub had to reload because etcd compacted what it needed."""
+
+    # -- following etcd -----------------------------------------------------------------
+
+    async def _load(self) -> None:
+        page = await self._store.scan(STAGES_START, STAGES_END, limit=0)
+        self._pointers = {e.key: _pointer(e.key, e.value, e.mod_revision) for e in page.entries}
+        self.revision = page.revision
+        self._buffer.clear()
+        self._covered_from = self.revision + 1
+
+    async def run(self) -> None:
+        """Follows etcd until cancelled, reconnecting with jittered backoff."""
+        delay = 0.1
+        loaded = False
+        while True:
+            try:
+                if not loaded:
+                    await self._load()
+                    if self.ready.is_set():
+                        self.resets += 1
+                        self._reset_all()
+                    loaded = True
+                    self.ready.set()
+                    log.info("stage_hub_loaded", revision=self.revision,
+                             pointers=len(self._pointers))
+                async for item in self._feed.watch(STAGES_START, STAGES_END, self.revision + 1):
+                    if isinstance(item, Progress):
+                        self.revision = max(self.revision, item.revision)
+                    else:
+                        self._apply(item)
+                    delay = 0.1
+            except CompactedError as err:
+                log.warning("stage_hub_compacted", revision=self.revision,
+                            compact_revision=err.compact_revision)
+                loaded = False
+            except UnavailableError as err:
+                log.warning("stage_hub_unavailable", error=err.message, retry_in=delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 5.0)
+
+    def _apply(self, batch: Batch) -> None:
+        changes: list[tuple[str, ws.StageChange]] = []
+        for change in batch.changes:
+            old = self._pointers.get(change.key)
+            if change.value is None:
+                self._pointers.pop(change.key, None)
+                changes.append((change.key, ws.StageChange(
+                    stage=res.StagePointer(name=_name(change.key)),
+                    from_version=old.version if old else 0, deleted=True)))
+            else:
+                pointer = _pointer(change.key, change.value, batch.revision)
+                self._pointers[change.key] = pointer
+                changes.append((change.key, ws.StageChange(
+                    stage=pointer, from_version=old.version if old else 0)))
+        self.revision = batch.revision
+        if len(self._buffer) == self._buffer.maxlen:
+            self._covered_from = self._buffer[0].revision + 1
+        self._buffer.append(batch)
+        self._publish(batch.revision, changes)
+
+    def _publish(self, revision: int, changes: list[tuple[str, ws.StageChange]]) -> None:
+        for sub in self._subs:
+            if sub.overflowed or revision <= sub.after:
+                continue
+            picked = [c for key, c in changes if sub.selector.matches(key)]
+            if picked:
+                self._offer(sub, Message(type=ws.WATCH_MESSAGE_TYPE_CHANGES, revision=revision,
+                                          changes=picked))
+
+    def _offer(self, sub: Subscription, message: Message) -> None:
+        try:
+            sub.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            sub.overflowed = True
+            while not sub.queue.empty():  # free the memory now, not when the stream ends
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(message)  # wake a waiting get(); it raises OverflowError_
+
+    def _reset_all(self) -> None:
+        for sub in self._subs:
+            sub.after = self.revision
+            self._offer(sub, self.snapshot(sub.selector, reset=True))
+
+    # -- streams ------------------------------------------------------------------------
+
+    def snapshot(self, selector: Selector, *, reset: bool = False) -> Message:
+        """Every selected pointer at the hub's revision."""
+        pointers = [p for k, p in sorted(self._pointers.items()) if selector.matches(k)]
+        return Message(type=ws.WATCH_MESSAGE_TYPE_SNAPSHOT, revision=self.revision,
+                        reset=reset, snapshot=pointers)
+
+    def subscribe(self, selector: Selector) -> Subscription:
+        """Registers a stream: changes past the current revision are queued from now on."""
+        sub = Subscription(selector, asyncio.Queue(maxsize=self._queue_size), self.revision)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Forgets a stream."""
+        self._subs.discard(sub)
+
+    async def opening(self, sub: Subscription, start_revision: int) -> list[Message]:
+        """What a stream sends before live changes: a snapshot, or the changes it missed.
+
+        ``start_revision`` 0 means a snapshot. Otherwise every selected change with revision
+        in ``[start_revision, sub.after]``: from the buffer if it reaches back that far, else
+        from etcd's history, else (compacted) a snapshot flagged ``reset``.
+        """
+        if start_revision <= 0:
+            return [self.snapshot(sub.selector)]
+        if start_revision > sub.after:
+            return []
+        if start_revision >= self._covered_from:
+            batches: Iterable[Batch] = [b for b in self._buffer
+                                        if start_revision <= b.revision <= sub.after]
+        else:
+            try:
+                batches = await self._history(start_revision, sub.after)
+            except CompactedError:
+                return [self.snapshot(sub.selector, reset=True)]
+        return [m for b in batches if (m := self._message(sub.selector, b)) is not None]
+
+    async def _history(self, start_revision: int, until: int) -> list[Batch]:
+        found: list[Batch] = []
+        watch = self._feed.watch(STAGES_START, STAGES_END, start_revision)
+        try:
+            async for item in watch:
+                if isinstance(item, Batch):
+                    if item.revision > until:
+                        break
+                    found.append(item)
+                    if item.revision == until:
+                        break
+                elif item.revision >= until:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.aclose()  # type: ignore[attr-defined]
+        return found
+
+    def _message(self, selector: Selector, batch: Batch) -> Message | None:
+        changes = []
+        for change in batch.changes:
+            if not selector.matches(change.key):
+                continue
+            if change.value is None:
+                changes.append(ws.StageChange(stage=res.StagePointer(name=_name(change.key)),
+                                              deleted=True))
+            else:
+                pointer = _pointer(change.key, change.value, batch.revision)
+                changes.append(ws.StageChange(stage=pointer, from_version=pointer.previous_version))
+        if not changes:
+            return None
+        return Message(type=ws.WATCH_MESSAGE_TYPE_CHANGES, revision=batch.revision,
+                        changes=changes)
+
+    def bookmark(self) -> Message:
+        """A bookmark at the hub's revision: every change up to it has been queued."""
+        return Message(type=ws.WATCH_MESSAGE_TYPE_BOOKMARK, revision=self.revision)
+
+    @property
+    def streams(self) -> int:
+        """Streams currently subscribed."""
+        return len(self._subs)
+
+    @property
+    def overflowed_streams(self) -> int:
+        """Subscribed streams cut off for falling behind, whose handler has not ended yet
+        (it ends at its client's next read; until then it holds no queued messages)."""
+        return sum(1 for s in self._subs if s.overflowed)
+
+    @property
+    def queued_messages(self) -> int:
+        """Messages waiting in every stream's queue: bounded by streams x queue size."""
+        return sum(s.queue.qsize() for s in self._subs)
