@@ -12,6 +12,7 @@ Example::
 from modelreg.client._async_client import AsyncRegistryClient
 from modelreg.client._common import DEFAULT_TARGET, ClientConfig, ClientState, RetryPolicy
 from modelreg.client._sync_client import RegistryClient
+from modelreg.client.artifacts import ArtifactError, DigestMismatchError
 from modelreg.client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -25,6 +26,12 @@ from modelreg.client.errors import (
     UnavailableError,
     UnexpectedStatusError,
     from_rpc_error,
+)
+from modelreg.client.watcher import (
+    AsyncModelWatcher,
+    LoadedModel,
+    ThreadedModelWatcher,
+    WatcherStats,
 )
 from modelreg.v1.resources_pb2 import (
     AuditAction,
@@ -42,15 +49,19 @@ __all__ = [
     "DEFAULT_TARGET",
     "AbortedError",
     "AlreadyExistsError",
+    "ArtifactError",
+    "AsyncModelWatcher",
     "AsyncRegistryClient",
     "AuditAction",
     "AuditEvent",
     "ClientConfig",
     "ClientState",
     "DeadlineExceededError",
+    "DigestMismatchError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "Lineage",
+    "LoadedModel",
     "ModelVersion",
     "NotFoundError",
     "PermissionDeniedError",
@@ -61,9 +72,11 @@ __all__ = [
     "RegistryError",
     "RetryPolicy",
     "StagePointer",
+    "ThreadedModelWatcher",
     "UnauthenticatedError",
     "UnavailableError",
     "UnexpectedStatusError",
     "VersionState",
+    "WatcherStats",
     "from_rpc_error",
 ]

@@ -11,6 +11,12 @@ class TestExports:
         assert sorted(modelreg.client.__all__) == sorted(
             [
                 "DEFAULT_TARGET",
+                "ArtifactError",
+                "AsyncModelWatcher",
+                "DigestMismatchError",
+                "LoadedModel",
+                "ThreadedModelWatcher",
+                "WatcherStats",
                 "AbortedError",
                 "AlreadyExistsError",
                 "AsyncRegistryClient",
@@ -48,4 +54,10 @@ class TestExports:
     def test_no_private_module_leaks(self) -> None:
         """Public names are defined in public places, never exposed as private modules."""
         public = {n for n in vars(modelreg.client) if not n.startswith("_")}
-        assert public - set(modelreg.client.__all__) <= {"errors", "cli", "annotations"}
+        assert public - set(modelreg.client.__all__) <= {
+            "errors",
+            "cli",
+            "annotations",
+            "artifacts",
+            "watcher",
+        }

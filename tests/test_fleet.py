@@ -6,10 +6,10 @@ import asyncio
 
 import grpc
 import pytest
+
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import fleet_service_pb2_grpc
 from modelreg.v1 import model_service_pb2 as svc
-
 from tests.helpers import MODEL, error_info, make_model, stage
 
 
@@ -25,7 +25,8 @@ def _report(node_id: str, serving: int, *, region: str = "eu", prepared: int = 0
 class TestFleet:
     async def test_rollout_status_counts_live_nodes(self, stub, server):
         """Rollout status counts the nodes serving the committed version and names the rest;
-        a node that stops reporting is gone once its lease expires."""
+        a node that stops reporting is gone once its lease expires.
+        """
         await make_model(stub, versions=2)
         for v in (1, 2):
             await stub.PromoteVersion(svc.PromoteVersionRequest(name=stage("staging"), version=v))

@@ -1,5 +1,6 @@
 """WatchStages against a real server and etcd: snapshot, order, resume, compaction, bookmarks,
-slow consumers and server restarts."""
+slow consumers and server restarts.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import contextlib
 import aetcd
 import grpc
 import pytest
+
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import watch_service_pb2 as ws
 from modelreg.v1 import watch_service_pb2_grpc
-
 from tests.conftest import ActorStub, start_server
 from tests.helpers import MODEL, error_info, make_model, stage
 
@@ -49,7 +50,8 @@ def _versions(messages) -> list[tuple[int, int]]:
 class TestWatchStream:
     async def test_snapshot_then_changes_in_revision_order(self, stub, server):
         """A stream starts with the selected pointers, then every change in revision order;
-        the promotion's pointer moves arrive as one message per transaction."""
+        the promotion's pointer moves arrive as one message per transaction.
+        """
         await make_model(stub, versions=4, custom_stages=["canary"])
         await _promote_chain(stub, [1])
         await make_model(stub, "other", versions=1)
@@ -110,7 +112,8 @@ class TestWatchStream:
     async def test_resume_gives_exactly_the_missed_changes(self, stub, server, etcd_server,
                                                            etcd_prefix):
         """Resuming from a revision replays exactly the changes from it on, from the server's
-        buffer and, on a fresh server with an empty buffer, from etcd's history."""
+        buffer and, on a fresh server with an empty buffer, from etcd's history.
+        """
         await make_model(stub, versions=6, custom_stages=["canary"])
         revisions = await _promote_chain(stub, [1, 2, 3, 4, 5, 6])
         expected = list(zip(revisions[2:], [3, 4, 5, 6], strict=True))
@@ -132,7 +135,8 @@ class TestWatchStream:
     async def test_compacted_resume_gets_reset_snapshot(self, stub, server, etcd_server,
                                                         etcd_prefix):
         """Resuming from a revision etcd compacted away yields a snapshot flagged reset with
-        the current pointers: never a silent gap."""
+        the current pointers: never a silent gap.
+        """
         await make_model(stub, versions=3, custom_stages=["canary"])
         revisions = await _promote_chain(stub, [1, 2, 3])
         async with aetcd.Client(etcd_server.host, etcd_server.client_port) as client:
@@ -155,7 +159,8 @@ class TestWatchStream:
         """A malformed selection is refused before anything is streamed."""
         async with grpc.aio.insecure_channel(server.target) as channel:
             watch = watch_service_pb2_grpc.WatchServiceStub(channel)
-            stream = watch.WatchStages(ws.WatchStagesRequest(models=["Bad Model"], stages=["latest"]))
+            stream = watch.WatchStages(
+                ws.WatchStagesRequest(models=["Bad Model"], stages=["latest"]))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stream.read()
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -165,7 +170,8 @@ class TestWatchStream:
 class TestSlowConsumer:
     async def test_slow_consumer_is_cut_off_fast_ones_keep_up(self, etcd_server, etcd_prefix):
         """A stream whose client stops reading ends RESOURCE_EXHAUSTED once its bounded queue
-        overflows, while a reading stream receives every change; the hub forgets the slow one."""
+        overflows, while a reading stream receives every change; the hub forgets the slow one.
+        """
         running = await start_server(etcd_server.endpoint, etcd_prefix, watch_queue=8)
         try:
             async with grpc.aio.insecure_channel(running.target) as channel, \

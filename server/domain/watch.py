@@ -291,8 +291,10 @@ class StageHub:
 
     @property
     def overflowed_streams(self) -> int:
-        """Subscribed streams cut off for falling behind, whose handler has not ended yet
-        (it ends at its client's next read; until then it holds no queued messages)."""
+        """Streams cut off for falling behind whose handlers have not ended yet.
+
+        A handler ends at its client's next read; until then it holds no queued messages.
+        """
         return sum(1 for s in self._subs if s.overflowed)
 
     @property

@@ -1,0 +1,244 @@
+"""The watcher SDK: keep the model a stage pointer names loaded, and hot-swap it when it moves.
+
+A watcher follows one stage pointer (``models/{model}/stages/{stage}``) on a ``WatchStages``
+stream. For each version the pointer names it reads the version (``GetModelVersion``), fetches
+the artifact (:mod:`modelreg.client.artifacts`: ``file://``, ``http(s)://``, pluggable),
+verifies its size and sha256, calls ``loader(path)`` in a worker thread and only then replaces
+``watcher.current``, a :class:`LoadedModel`, with one reference assignment: a reader sees the
+old model or the new one, never a half-loaded or unverified one. The replaced model stays warm
+as ``watcher.previous``, so a rollback to it swaps back at once.
+
+* A digest mismatch, fetch or loader error never touches ``current``: it is logged (logger
+  ``modelreg.watcher``), passed to ``on_error``, reported to ``FleetService`` as the node's
+  ``failed_version`` and retried with capped exponential backoff until it succeeds or the
+  pointer moves on (a newer version cancels an attempt in progress).
+* The stream is reopened after any error (UNAVAILABLE, RESOURCE_EXHAUSTED for a client that
+  fell behind, a server restart, ``idle_timeout`` without a bookmark) with jittered backoff,
+  resuming from the last revision seen + 1, so no change is missed; a ``reset`` snapshot
+  (history compacted) is simply the pointer's current value.
+* The node reports what it serves (``ReportNode``) every ``ttl_seconds / 3`` and right after
+  each swap or failure; ``watcher.stats`` counts swaps, failures, reconnects and the revision.
+* An emptied or deleted pointer leaves the current model serving.
+
+asyncio::
+
+    from modelreg.client.watcher import AsyncModelWatcher
+
+    async with AsyncModelWatcher("fraud-detector", "production", load_model,
+                                 target="modelreg:50051", region="eu-west") as watcher:
+        await watcher.wait_for_version(timeout=60)       # the first model
+        ...
+        prediction = watcher.current.model.predict(x)    # per request: one attribute read
+
+Threads (Flask, Django, gunicorn sync workers: start it in each worker, after the fork)::
+
+    from modelreg.client.watcher import ThreadedModelWatcher
+
+    watcher = ThreadedModelWatcher("fraud-detector", "production", load_model)
+    watcher.start()
+    watcher.wait_for_version(timeout=60)
+
+    def predict(x):
+        return watcher.current.model.predict(x)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Generic, Self, TypedDict, TypeVar, Unpack
+
+import grpc
+
+from modelreg.client._async_watcher import AsyncModelWatcher
+from modelreg.client._common import ClientState, Options
+from modelreg.client._watch_support import (
+    Backoff,
+    ErrorCallback,
+    LoadedModel,
+    SwapCallback,
+    WatcherStats,
+    default_node_id,
+)
+from modelreg.client.artifacts import Fetcher
+
+__all__ = [
+    "AsyncModelWatcher",
+    "Backoff",
+    "ErrorCallback",
+    "LoadedModel",
+    "SwapCallback",
+    "ThreadedModelWatcher",
+    "WatcherOptions",
+    "WatcherStats",
+    "default_node_id",
+]
+
+T = TypeVar("T")
+
+
+class WatcherOptions(TypedDict, Generic[T], total=False):
+    """The keyword arguments of :class:`AsyncModelWatcher`, for :class:`ThreadedModelWatcher`."""
+
+    target: str
+    actor: str | None
+    credentials: grpc.ChannelCredentials | None
+    options: Options | None
+    node_id: str | None
+    region: str
+    labels: Mapping[str, str] | None
+    on_swap: SwapCallback[T] | None
+    on_error: ErrorCallback | None
+    cache_dir: str | Path | None
+    fetchers: Mapping[str, Fetcher] | None
+    ttl_seconds: int
+    report: bool
+    reconnect_backoff: Backoff
+    retry_backoff: Backoff
+    idle_timeout: float
+    call_timeout: float
+
+
+class ThreadedModelWatcher(Generic[T]):
+    """An :class:`AsyncModelWatcher` on its own event loop in a daemon thread.
+
+    For synchronous servers: :attr:`current` can be read from any thread (one attribute read);
+    ``loader``, ``on_swap`` and ``on_error`` run in the watcher's threads. Takes the same
+    arguments as :class:`AsyncModelWatcher`.
+
+    Example::
+
+        with ThreadedModelWatcher("fraud-detector", "production", load_model) as watcher:
+            watcher.wait_for_version(timeout=60)
+            serve(lambda x: watcher.current.model.predict(x))
+
+    """
+
+    def __init__(
+        self,
+        model: str,
+        stage: str,
+        loader: Callable[[Path], T],
+        **options: Unpack[WatcherOptions[T]],
+    ) -> None:
+        # Built here, so bad arguments raise in the caller's thread; no loop is needed yet.
+        self._watcher: AsyncModelWatcher[T] = AsyncModelWatcher(model, stage, loader, **options)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    @property
+    def current(self) -> LoadedModel[T] | None:
+        """The model serving now; ``None`` until the first version is loaded."""
+        return self._watcher.current
+
+    @property
+    def previous(self) -> LoadedModel[T] | None:
+        """The model served before ``current``, kept loaded for an instant rollback."""
+        return self._watcher.previous
+
+    @property
+    def stats(self) -> WatcherStats:
+        """Counters: swaps, failures, reconnects, revision, committed version..."""
+        return self._watcher.stats
+
+    @property
+    def node_id(self) -> str:
+        """This node's id in fleet reports."""
+        return self._watcher.node_id
+
+    @property
+    def state(self) -> ClientState:
+        """Lifecycle: unopened, opened (started) or closed (stopped)."""
+        return self._watcher.state
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the watcher thread; returns once it is watching (not once a model is loaded)."""
+        if self._thread is not None:
+            raise RuntimeError("the watcher has already been started")
+        self._thread = threading.Thread(
+            target=self._thread_main,
+            name=f"modelreg-watcher-{self._watcher.stage_id}",
+            daemon=True,
+        )
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop watching and join the thread (``timeout`` seconds at most); idempotent.
+
+        A loader still running in a worker thread is not interrupted, and the thread's exit
+        waits for it.
+        """
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def wait_for_version(
+        self, version: int | None = None, timeout: float | None = None
+    ) -> LoadedModel[T]:
+        """Block until ``current`` is ``version`` (any version if ``None``) and return it.
+
+        Raises:
+            TimeoutError: Not within ``timeout`` seconds.
+            RuntimeError: Not started, stopped while waiting, or called from a watcher callback.
+
+        """
+        loop = self._loop
+        if loop is None or self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the watcher is not running")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("wait_for_version would block the watcher's own event loop")
+        future = asyncio.run_coroutine_threadsafe(
+            self._watcher.wait_for_version(version, timeout), loop
+        )
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise RuntimeError("the watcher was stopped") from None
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException:
+            if self._start_error is None:
+                raise  # a crash after start: let the thread report it
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            await self._watcher.start()
+        except BaseException as err:
+            self._start_error = err
+            raise
+        finally:
+            self._started.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._watcher.stop()
