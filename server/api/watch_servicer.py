@@ -71,7 +71,9 @@ class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
                     yield message
                 while True:
                     try:
-                        message = await asyncio.wait_for(sub.get(), self._bookmark_interval)
+                        # asyncio.timeout, not wait_for: no extra task per message.
+                        async with asyncio.timeout(self._bookmark_interval):
+                            message = await sub.get()
                     except TimeoutError:
                         message = self._hub.bookmark()
                     yield message

@@ -185,13 +185,20 @@ class StageHub:
         self._publish(batch.revision, changes)
 
     def _publish(self, revision: int, changes: list[tuple[str, ws.StageChange]]) -> None:
+        # Streams with the same selection share one message: with thousands of streams on a
+        # few selections this runs the selector once per selection, not once per stream.
+        messages: dict[Selector, Message | None] = {}
         for sub in self._subs:
             if sub.overflowed or revision <= sub.after:
                 continue
-            picked = [c for key, c in changes if sub.selector.matches(key)]
-            if picked:
-                self._offer(sub, Message(type=ws.WATCH_MESSAGE_TYPE_CHANGES, revision=revision,
-                                          changes=picked))
+            if sub.selector not in messages:
+                picked = [c for key, c in changes if sub.selector.matches(key)]
+                messages[sub.selector] = Message(
+                    type=ws.WATCH_MESSAGE_TYPE_CHANGES, revision=revision, changes=picked
+                ) if picked else None
+            message = messages[sub.selector]
+            if message is not None:
+                self._offer(sub, message)
 
     def _offer(self, sub: Subscription, message: Message) -> None:
         try:
