@@ -53,9 +53,9 @@ class TestFleetProcesses:
         try:
             for i, region in enumerate(["eu", "eu", "us"]):
                 node_id = f"node-{i}"
-                nodes[node_id] = subprocess.Popen(
-                    [sys.executable, str(NODE), server.target, MODEL, "production", node_id,
-                     region, str(tmp_path / node_id)],
+                nodes[node_id] = await asyncio.create_subprocess_exec(
+                    sys.executable, str(NODE), server.target, MODEL, "production", node_id,
+                    region, str(tmp_path / node_id),
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
             async with grpc.aio.insecure_channel(server.target) as channel:
@@ -77,7 +77,7 @@ class TestFleetProcesses:
                 assert "3/3 nodes serve v2" in status.summary
 
                 nodes["node-1"].send_signal(signal.SIGKILL)
-                nodes["node-1"].wait()
+                await nodes["node-1"].wait()
                 status = await _until(lambda: rollout(2, 2))
                 assert status.lagging == []
                 listed = await fleet.ListNodes(fs.ListNodesRequest())
@@ -86,6 +86,6 @@ class TestFleetProcesses:
                 assert [n.node_id for n in eu.nodes] == ["node-0"]
         finally:
             for proc in nodes.values():
-                if proc.poll() is None:
+                if proc.returncode is None:
                     proc.kill()
-                proc.wait()
+                await proc.wait()
