@@ -211,7 +211,7 @@ class StageHub:
 
     def _reset_all(self) -> None:
         for sub in self._subs:
-            sub.after = self.revision
+            self._skip_through(sub, self.revision)
             self._offer(sub, self.snapshot(sub.selector, reset=True))
 
     # -- streams ------------------------------------------------------------------------
@@ -250,8 +250,21 @@ class StageHub:
             try:
                 batches = await self._history(start_revision, sub.after)
             except CompactedError:
+                # The snapshot is taken now, after the awaits: drop what it already covers.
+                self._skip_through(sub, self.revision)
                 return [self.snapshot(sub.selector, reset=True)]
         return [m for b in batches if (m := self._message(sub.selector, b)) is not None]
+
+    def _skip_through(self, sub: Subscription, revision: int) -> None:
+        """Drops queued changes at or before ``revision`` and queues none from now on."""
+        sub.after = revision
+        kept = []
+        while not sub.queue.empty():
+            message = sub.queue.get_nowait()
+            if message.revision > revision:
+                kept.append(message)
+        for message in kept:
+            sub.queue.put_nowait(message)
 
     async def _history(self, start_revision: int, until: int) -> list[Batch]:
         found: list[Batch] = []
