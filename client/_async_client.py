@@ -8,12 +8,17 @@ from datetime import datetime
 from modelreg.client import _common as cm
 from modelreg.client import _requests as rq
 from modelreg.client._transport import AsyncTransport
+from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
 from modelreg.v1 import resources_pb2 as res
+from modelreg.v1 import watch_service_pb2 as ws
 
 
 class AsyncRegistryClient(AsyncTransport):
-    """Typed asyncio client of the modelreg ``ModelService``.
+    """Typed asyncio client of the modelreg services.
+
+    It speaks ``ModelService`` (models, versions, stage pointers, audit), ``FleetService``
+    (serving nodes, rollout status) and ``WatchService`` (live stage pointers), on one channel.
 
     The channel is created on first use (behind a lock) and closed by :meth:`aclose` or at the
     end of ``async with``. Model arguments take an id (``fraud-detector``) or a full name
@@ -58,7 +63,7 @@ class AsyncRegistryClient(AsyncTransport):
             request_id=request_id,
         )
         return await self._call(
-            lambda s: s.CreateModel, req, timeout, idempotent=bool(req.request_id)
+            lambda s: s.models.CreateModel, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def get_model(
@@ -69,7 +74,7 @@ class AsyncRegistryClient(AsyncTransport):
     ) -> pb.GetModelResponse:
         """Read one model."""
         req = pb.GetModelRequest(name=rq.model_name(model))
-        return await self._call(lambda s: s.GetModel, req, timeout)
+        return await self._call(lambda s: s.models.GetModel, req, timeout)
 
     async def list_models(
         self,
@@ -80,7 +85,7 @@ class AsyncRegistryClient(AsyncTransport):
     ) -> pb.ListModelsResponse:
         """Read one page of models in name order (``page_size`` 0: the server's default)."""
         req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
-        return await self._call(lambda s: s.ListModels, req, timeout)
+        return await self._call(lambda s: s.models.ListModels, req, timeout)
 
     def iter_models(
         self, *, page_size: int = 0, timeout: float | None = None
@@ -112,7 +117,7 @@ class AsyncRegistryClient(AsyncTransport):
             request_id=request_id,
         )
         return await self._call(
-            lambda s: s.UpdateModel, req, timeout, idempotent=bool(req.request_id)
+            lambda s: s.models.UpdateModel, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def delete_model(
@@ -126,7 +131,7 @@ class AsyncRegistryClient(AsyncTransport):
         """Delete a model and its versions; refused while a stage names one of them."""
         req = rq.delete_model(model, etag=etag, request_id=request_id)
         return await self._call(
-            lambda s: s.DeleteModel, req, timeout, idempotent=bool(req.request_id)
+            lambda s: s.models.DeleteModel, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def create_version(
@@ -164,7 +169,7 @@ class AsyncRegistryClient(AsyncTransport):
             request_id=request_id,
         )
         return await self._call(
-            lambda s: s.CreateModelVersion, req, timeout, idempotent=bool(req.request_id)
+            lambda s: s.models.CreateModelVersion, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def get_version(
@@ -176,7 +181,7 @@ class AsyncRegistryClient(AsyncTransport):
     ) -> pb.GetModelVersionResponse:
         """Read one version with its derived state and stages."""
         req = pb.GetModelVersionRequest(name=rq.version_name(model, version))
-        return await self._call(lambda s: s.GetModelVersion, req, timeout)
+        return await self._call(lambda s: s.models.GetModelVersion, req, timeout)
 
     async def list_versions(
         self,
@@ -189,7 +194,7 @@ class AsyncRegistryClient(AsyncTransport):
     ) -> pb.ListModelVersionsResponse:
         """Read one page of a model's versions in number order, optionally in one state only."""
         req = rq.list_versions(model, state=state, page_size=page_size, page_token=page_token)
-        return await self._call(lambda s: s.ListModelVersions, req, timeout)
+        return await self._call(lambda s: s.models.ListModelVersions, req, timeout)
 
     def iter_versions(
         self,
@@ -232,7 +237,7 @@ class AsyncRegistryClient(AsyncTransport):
             request_id=request_id,
         )
         return await self._call(
-            lambda s: s.UpdateModelVersion, req, timeout, idempotent=bool(req.request_id)
+            lambda s: s.models.UpdateModelVersion, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def get_stage(
@@ -244,7 +249,7 @@ class AsyncRegistryClient(AsyncTransport):
     ) -> pb.GetStageResponse:
         """Read one stage pointer (version 0: the stage is empty)."""
         req = pb.GetStageRequest(name=rq.stage_name(model, stage))
-        return await self._call(lambda s: s.GetStage, req, timeout)
+        return await self._call(lambda s: s.models.GetStage, req, timeout)
 
     async def list_stages(
         self,
@@ -254,7 +259,7 @@ class AsyncRegistryClient(AsyncTransport):
     ) -> pb.ListStagesResponse:
         """Read every stage pointer of a model, empty ones included."""
         req = pb.ListStagesRequest(parent=rq.model_name(model))
-        return await self._call(lambda s: s.ListStages, req, timeout)
+        return await self._call(lambda s: s.models.ListStages, req, timeout)
 
     async def promote(
         self,
@@ -273,7 +278,7 @@ class AsyncRegistryClient(AsyncTransport):
             model, stage, version, etag=etag, reason=reason, hotfix=hotfix, request_id=request_id
         )
         return await self._call(
-            lambda s: s.PromoteVersion, req, timeout, idempotent=bool(req.request_id)
+            lambda s: s.models.PromoteVersion, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def rollback(
@@ -292,7 +297,7 @@ class AsyncRegistryClient(AsyncTransport):
             model, stage, to_version=to_version, etag=etag, reason=reason, request_id=request_id
         )
         return await self._call(
-            lambda s: s.RollbackStage, req, timeout, idempotent=bool(req.request_id)
+            lambda s: s.models.RollbackStage, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def stage_history(
@@ -308,7 +313,7 @@ class AsyncRegistryClient(AsyncTransport):
         req = pb.ListStageHistoryRequest(
             name=rq.stage_name(model, stage), page_size=page_size, page_token=page_token
         )
-        return await self._call(lambda s: s.ListStageHistory, req, timeout)
+        return await self._call(lambda s: s.models.ListStageHistory, req, timeout)
 
     def iter_stage_history(
         self, model: str, stage: str, *, page_size: int = 0, timeout: float | None = None
@@ -341,7 +346,7 @@ class AsyncRegistryClient(AsyncTransport):
             page_size=page_size,
             page_token=page_token,
         )
-        return await self._call(lambda s: s.ListAuditEvents, req, timeout)
+        return await self._call(lambda s: s.models.ListAuditEvents, req, timeout)
 
     def iter_audit_events(
         self,
@@ -366,3 +371,71 @@ class AsyncRegistryClient(AsyncTransport):
             ),
             lambda page: page.audit_events,
         )
+
+    async def list_nodes(
+        self,
+        *,
+        region: str | None = None,
+        model: str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> fs.ListNodesResponse:
+        """Read one page of live serving nodes in id order, optionally of a region or model."""
+        req = rq.list_nodes(region=region, model=model, page_size=page_size, page_token=page_token)
+        return await self._call(lambda s: s.fleet.ListNodes, req, timeout)
+
+    def iter_nodes(
+        self,
+        *,
+        region: str | None = None,
+        model: str | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[fs.Node]:
+        """Iterate over every live node that matches (``timeout`` is per page)."""
+        return cm.apages(
+            lambda t: self.list_nodes(
+                region=region, model=model, page_size=page_size, page_token=t, timeout=timeout
+            ),
+            lambda page: page.nodes,
+        )
+
+    async def rollout_status(
+        self,
+        model: str,
+        stage: str,
+        *,
+        region: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> fs.GetRolloutStatusResponse:
+        """Read a stage's committed version and how many live nodes serve which version."""
+        req = rq.rollout_status(model, stage, region=region)
+        return await self._call(lambda s: s.fleet.GetRolloutStatus, req, timeout)
+
+    def watch_stages(
+        self,
+        *,
+        models: Sequence[str] | None = None,
+        model_prefix: str = "",
+        stages: Sequence[str] | None = None,
+        start_revision: int = 0,
+    ) -> AsyncIterator[ws.WatchStagesResponse]:
+        """Follow stage pointers live: yield the messages of ONE ``WatchStages`` stream.
+
+        With ``start_revision`` 0 the first message is a SNAPSHOT of the selected pointers,
+        then CHANGES (one message per etcd transaction) and, while idle, BOOKMARKs; otherwise
+        every change from ``start_revision`` on (or a snapshot flagged ``reset`` if those were
+        compacted away). Empty selectors select everything; give ``models`` or
+        ``model_prefix``, not both.
+
+        The stream opens on the first iteration and has no deadline; closing the iterator (or
+        the client) cancels it. It is not retried nor resumed: when the server ends it or it
+        fails, iteration stops or raises a :class:`~modelreg.client.RegistryError` (e.g.
+        RESOURCE_EXHAUSTED for a reader that fell too far behind). To resume from the last
+        revision + 1 across failures, use the watchers of :mod:`modelreg.client.watcher`.
+        """
+        req = rq.watch_stages(
+            models=models, model_prefix=model_prefix, stages=stages, start_revision=start_revision
+        )
+        return self._stream(lambda s: s.watch.WatchStages, req)

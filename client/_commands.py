@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from modelreg.client import _render as r
+from modelreg.client import _requests as rq
 from modelreg.client._sync_client import RegistryClient
 from modelreg.v1 import resources_pb2 as res
+from modelreg.v1 import watch_service_pb2 as ws
 
 STATES = {r.state_name(v): v for v in res.VersionState.values() if v}
 
@@ -21,10 +23,15 @@ class UsageError(Exception):
 
 @dataclass(frozen=True)
 class Output:
-    """What a command prints: ``data`` with ``--json``, ``text`` otherwise."""
+    """What a command prints: ``data`` with ``--json``, ``text`` otherwise.
+
+    A command that follows something live sets ``stream`` instead: each of its items is
+    printed as it arrives (``data`` as one JSON line, ``text`` as is; ``None``/``""``: nothing).
+    """
 
     data: Any
     text: str
+    stream: Iterable[Output] | None = None
 
 
 Handler = Callable[[RegistryClient, argparse.Namespace], Output]
@@ -171,6 +178,34 @@ def audit(c: RegistryClient, a: argparse.Namespace) -> Output:
         a.limit,
     )
     return Output({"audit_events": [r.to_json(e) for e in events]}, r.audit_table(events))
+
+
+def nodes(c: RegistryClient, a: argparse.Namespace) -> Output:
+    found = list(c.iter_nodes(region=a.region, model=a.model))
+    return Output({"nodes": [r.to_json(n) for n in found]}, r.nodes_table(found))
+
+
+def rollout(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.rollout_status(a.model, a.stage, region=a.region)
+    return Output(r.to_json(resp), r.rollout_text(resp))
+
+
+def watch(c: RegistryClient, a: argparse.Namespace) -> Output:
+    if a.from_revision < 0:
+        raise UsageError("--from-revision must be >= 0")
+    messages = c.watch_stages(
+        models=[rq.model_id(a.model)], stages=a.stage, start_revision=a.from_revision
+    )
+    return Output(None, "", stream=_watch_output(messages, bookmarks=a.bookmarks))
+
+
+def _watch_output(
+    messages: Iterable[ws.WatchStagesResponse], *, bookmarks: bool
+) -> Iterator[Output]:
+    for msg in messages:
+        if msg.type == ws.WATCH_MESSAGE_TYPE_BOOKMARK and not bookmarks:
+            continue
+        yield Output(r.to_json(msg), "\n".join(r.watch_lines(msg, bookmarks=bookmarks)))
 
 
 def _take(items: Iterable[_T], limit: int) -> list[_T]:

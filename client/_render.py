@@ -12,7 +12,9 @@ from typing import Any
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
+from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
+from modelreg.v1 import watch_service_pb2 as ws
 
 _CLIP = 48
 """Longest free-text cell (description, reason) shown in a table."""
@@ -273,3 +275,118 @@ def audit_table(events: Iterable[res.AuditEvent]) -> str:
         for e in events
     ]
     return table(["time", "actor", "action", "resource", "from", "to", "reason"], rows)
+
+
+def stage_label(name: str) -> str:
+    """Return ``m/production`` for ``models/m/stages/production``; other names pass through."""
+    parts = name.split("/")
+    if len(parts) == 4 and parts[0] == "models" and parts[2] == "stages":
+        return f"{parts[1]}/{parts[3]}"
+    return name
+
+
+def _failed(s: fs.ServedStage) -> str:
+    if not s.failed_version:
+        return "-"
+    return f"v{s.failed_version}: {clip(s.error, 40)}" if s.error else f"v{s.failed_version}"
+
+
+def nodes_table(nodes: Iterable[fs.Node]) -> str:
+    """List nodes, one row per node and stage it follows (one row if it follows none)."""
+    rows: list[tuple[str, ...]] = []
+    for n in nodes:
+        stages: list[fs.ServedStage | None] = [*n.stages] or [None]
+        for s in stages:
+            served = (
+                (
+                    stage_label(s.stage),
+                    version_label(s.serving_version),
+                    version_label(s.prepared_version),
+                    _failed(s),
+                )
+                if s is not None
+                else ("-", "-", "-", "-")
+            )
+            node = (n.node_id or last_segment(n.name), n.region or "-")
+            rows.append((*node, *served, when(n.report_time), pairs(n.labels.items()) or "-"))
+    headers = ["node", "region", "stage", "serving", "prepared", "failed", "last report", "labels"]
+    return table(headers, rows)
+
+
+def rollout_text(resp: fs.GetRolloutStatusResponse) -> str:
+    """Describe a rollout: the server's summary, node counts per version, the lagging nodes."""
+    committed = resp.stage.version
+    parts = [resp.summary]
+    if resp.serving:
+        rows = [
+            (
+                version_label(c.version),
+                c.nodes,
+                "committed" if c.version == committed else "",
+            )
+            for c in resp.serving
+        ]
+        parts.append(table(["version", "nodes", ""], rows))
+    if resp.lagging:
+        on_target = sum(c.nodes for c in resp.serving if c.version == committed)
+        behind = resp.total_nodes - on_target
+        title = "lagging nodes"
+        if behind > len(resp.lagging):
+            title += f" (first {len(resp.lagging)} of {behind})"
+        lagging: list[tuple[str, ...]] = []
+        for n in resp.lagging:
+            s = next((s for s in n.stages if s.stage == resp.stage.name), fs.ServedStage())
+            lagging.append(
+                (
+                    n.node_id or last_segment(n.name),
+                    n.region or "-",
+                    version_label(s.serving_version),
+                    version_label(s.prepared_version),
+                    _failed(s),
+                    when(n.report_time),
+                )
+            )
+        headers = ["node", "region", "serving", "prepared", "failed", "last report"]
+        parts.append(f"{title}:\n{table(headers, lagging)}")
+    return "\n\n".join(parts)
+
+
+def _move(p: res.StagePointer) -> str:
+    kind = enum_name(res.PointerMoveKind.Name(p.last_move), "POINTER_MOVE_KIND_")
+    kind = "set" if kind == "unspecified" else kind
+    return f"{kind}, hotfix" if p.hotfix else kind
+
+
+def _who(p: res.StagePointer) -> str:
+    reason = " ".join(p.reason.split())
+    return f"by {p.updated_by or '?'}" + (f"  {reason}" if reason else "")
+
+
+def watch_lines(msg: ws.WatchStagesResponse, *, bookmarks: bool = False) -> list[str]:
+    """Render one WatchStages message as log lines (none for a bookmark unless ``bookmarks``).
+
+    A change reads ``REVISION  models/m/stages/s  v1 -> v2  (promote)  by ACTOR  reason``; a
+    snapshot gives one ``REVISION  models/m/stages/s  v2  (snapshot)  by ACTOR  reason`` line
+    per pointer.
+    """
+    rev = msg.revision
+    if msg.type == ws.WATCH_MESSAGE_TYPE_SNAPSHOT:
+        tag = "reset snapshot" if msg.reset else "snapshot"
+        if not msg.snapshot:
+            return [f"{rev}  ({tag}: no matching stage pointer yet)"]
+        return [
+            f"{rev}  {p.name}  {version_label(p.version)}  ({tag})  {_who(p)}" for p in msg.snapshot
+        ]
+    if msg.type == ws.WATCH_MESSAGE_TYPE_CHANGES:
+        lines = []
+        for c in msg.changes:
+            p = c.stage
+            if c.deleted:
+                lines.append(f"{rev}  {p.name}  {version_label(c.from_version)} -> deleted")
+            else:
+                moved = f"{version_label(c.from_version)} -> {version_label(p.version)}"
+                lines.append(f"{rev}  {p.name}  {moved}  ({_move(p)})  {_who(p)}")
+        return lines
+    if msg.type == ws.WATCH_MESSAGE_TYPE_BOOKMARK:
+        return [f"{rev}  (bookmark)"] if bookmarks else []
+    return [f"{rev}  (unknown message type {msg.type})"]

@@ -12,8 +12,10 @@ from datetime import datetime
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from modelreg.client._common import new_request_id
+from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
 from modelreg.v1 import resources_pb2 as res
+from modelreg.v1 import watch_service_pb2 as ws
 
 
 def model_name(model: str) -> str:
@@ -249,4 +251,39 @@ def delete_model(model: str, *, etag: str | None, request_id: str | None) -> pb.
     """Build a DeleteModelRequest."""
     return pb.DeleteModelRequest(
         name=model_name(model), etag=etag or "", request_id=new_request_id(request_id)
+    )
+
+
+def list_nodes(
+    *, region: str | None, model: str | None, page_size: int, page_token: str
+) -> fs.ListNodesRequest:
+    """Build a ListNodesRequest; ``model`` may be an id or a full model name."""
+    return fs.ListNodesRequest(
+        region=region or "",
+        model=model_id(model) if model else "",
+        page_size=page_size,
+        page_token=page_token,
+    )
+
+
+def rollout_status(model: str, stage: str, *, region: str | None) -> fs.GetRolloutStatusRequest:
+    """Build a GetRolloutStatusRequest."""
+    return fs.GetRolloutStatusRequest(name=stage_name(model, stage), region=region or "")
+
+
+def watch_stages(
+    *,
+    models: Sequence[str] | None,
+    model_prefix: str,
+    stages: Sequence[str] | None,
+    start_revision: int,
+) -> ws.WatchStagesRequest:
+    """Build a WatchStagesRequest; models may be ids or names, stages ids or stage names."""
+    if isinstance(models, str) or isinstance(stages, str):
+        raise TypeError("models and stages take a sequence of ids, not one string")
+    return ws.WatchStagesRequest(
+        models=[model_id(m) for m in models or ()],
+        model_prefix=model_prefix,
+        stages=[s.rsplit("/", 1)[-1] for s in stages or ()],
+        start_revision=int(start_revision),
     )

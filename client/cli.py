@@ -31,7 +31,8 @@ SERVER_COMMANDS = {
 """Commands owned by ``modelreg.server.main``: their arguments are passed through untouched."""
 
 _DESCRIPTION = """\
-Operate the modelreg registry (models, versions, stage pointers, audit), or start its server.
+Operate the modelreg registry (models, versions, stage pointers, audit), see what the serving
+fleet runs (nodes, rollout), follow stage pointers live (watch), or start its server.
 
 exit codes: 0 ok, 1 refused by the server, 2 usage error, 3 server or etcd unavailable
             (or deadline exceeded), 130 interrupted
@@ -207,6 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=r.parse_time, metavar="ISO", help="before this time")
     p.add_argument("--limit", type=int, default=50, help="at most this many (50; 0 for all)")
 
+    p = leaf(cmds, "nodes", cmd.nodes, "list live serving nodes: one row per node and stage")
+    p.add_argument("--region", help="only nodes of this region")
+    p.add_argument("--model", help="only nodes following a stage of this model")
+    p = leaf(
+        cmds, "rollout", cmd.rollout, "show how many live nodes serve a stage's committed version"
+    )
+    model_arg(p)
+    p.add_argument("stage", help="staging, production or a custom stage")
+    p.add_argument("--region", help="only count nodes of this region")
+    p = leaf(
+        cmds,
+        "watch",
+        cmd.watch,
+        "follow stage pointers live: the current ones, then every change, until Ctrl-C",
+    )
+    model_arg(p)
+    p.add_argument("stage", nargs="*", help="only these stages (default every stage)")
+    p.add_argument(
+        "--from-revision",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every change from etcd revision N on, instead of the current pointers first",
+    )
+    p.add_argument(
+        "--bookmarks", action="store_true", help="also print the bookmarks sent while idle"
+    )
+    p.epilog = (
+        "One line per change: REVISION  models/M/stages/S  v1 -> v2  (promote)  by ACTOR  reason"
+        "; --json prints each message as one JSON object per line. Runs until Ctrl-C (exit 130)"
+        " or until the server ends the stream (exit 0); it does not reconnect."
+    )
+
     for name, text in SERVER_COMMANDS.items():
         # Listed for --help only: main() hands these commands to the server before parsing.
         cmds.add_parser(name, help=text, description=text, add_help=False)
@@ -249,6 +283,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         with RegistryClient(args.target, actor=args.actor, timeout=args.timeout) as client:
             out = handler(client, args)
+            if out.stream is not None:
+                # Printed as it arrives, while the client (and its stream) is open.
+                for item in out.stream:
+                    _print_line(item, json_lines=args.json)
+                return EXIT_OK
+    except BrokenPipeError:  # e.g. `modelreg watch m | head`: the reader has had enough
+        _silence_stdout()
+        return EXIT_OK
     except (UnavailableError, DeadlineExceededError) as exc:
         return _fail(exc, EXIT_UNAVAILABLE)
     except RegistryError as exc:
@@ -262,6 +304,21 @@ def run(args: argparse.Namespace) -> int:
     elif out.text:
         print(out.text)
     return EXIT_OK
+
+
+def _print_line(out: cmd.Output, *, json_lines: bool) -> None:
+    if json_lines:
+        if out.data is not None:
+            print(json.dumps(out.data, sort_keys=True), flush=True)
+    elif out.text:
+        print(out.text, flush=True)
+
+
+def _silence_stdout() -> None:
+    # Python would report the broken pipe again when flushing stdout at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _fail(exc: Exception, code: int) -> int:
