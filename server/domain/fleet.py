@@ -115,14 +115,17 @@ class Fleet:
             serving=[fs.VersionCount(version=ver, nodes=counts[ver]) for ver in order],
             lagging=lagging[:MAX_LAGGING_LISTED],
             summary=_summary(stage, pointer, len(following), counts, lagging,
-                             max(page.revision, snap.revision)),
+                             entry.mod_revision if entry is not None else 0),
             revision=max(page.revision, snap.revision),
         )
 
 
 def _summary(stage: str, pointer: res.StagePointer, total: int, counts: Counter[int],
              lagging: list[fs.Node], revision: int) -> str:
-    """E.g. ``production -> v8 at revision 120; 97/100 nodes serve v8; 3 not: a (v7), ...``."""
+    """E.g. ``production -> v8 at revision 120; 97/100 nodes serve v8; 3 not yet: a (v7)``.
+
+    ``revision`` is the one the pointer moved at, so it can be matched with the audit trail.
+    """
     target = f"v{pointer.version}" if pointer.version else "nothing"
     text = (f"{stage} -> {target} at revision {revision}; "
             f"{counts.get(pointer.version, 0)}/{total} nodes serve {target}")
