@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import Message
 
+from modelreg.server.domain import validation
 from modelreg.server.domain.errors import InvalidArgumentError
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.transaction import Call
@@ -17,7 +18,6 @@ from modelreg.v1 import model_service_pb2_grpc
 
 ACTOR_HEADER = "x-modelreg-actor"
 """Metadata naming the caller until authentication lands; recorded in every audit event."""
-MAX_ACTOR = 256
 SERVICE = "modelreg.v1.ModelService"
 Context = grpc.aio.ServicerContext[Message, Message]
 
@@ -27,9 +27,9 @@ def actor_of(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == ACTOR_HEADER:
             text = value if isinstance(value, str) else value.decode()
-            if not text or len(text) > MAX_ACTOR or not text.isprintable():
+            if not text or len(text) > validation.MAX_ACTOR or not text.isprintable():
                 raise InvalidArgumentError.field(
-                    ACTOR_HEADER, f"metadata must be 1-{MAX_ACTOR} printable characters"
+                    ACTOR_HEADER, f"metadata must be 1-{validation.MAX_ACTOR} printable characters"
                 )
             return text
     return "anonymous"

@@ -7,8 +7,6 @@ from modelreg.server.domain.ports import Entry, ModelStore
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
-MAX_ACTOR = 256
-
 
 class AuditLog:
     """Reads the audit events that mutations write in their own transactions."""
@@ -22,7 +20,7 @@ class AuditLog:
         size = validation.page_size(v, req.page_size)
         if req.model:
             validation.model_id(v, "model", req.model)
-        validation.text(v, "actor", req.actor, MAX_ACTOR)
+        validation.text(v, "actor", req.actor, validation.MAX_ACTOR)
         start_ns = req.start_time.ToNanoseconds() if req.HasField("start_time") else 0
         end_ns = req.end_time.ToNanoseconds() if req.HasField("end_time") else 0
         v.check(start_ns >= 0, "start_time", "must not be before 1970")

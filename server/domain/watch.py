@@ -28,12 +28,13 @@ from typing import TypeAlias
 
 import structlog
 
-from modelreg.server.domain import keys
+from modelreg.server.domain import keys, records
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import (
     Batch,
     ChangeFeed,
     CompactedError,
+    Entry,
     ModelStore,
     Progress,
 )
@@ -96,9 +97,7 @@ def _name(key: str) -> str:
 
 
 def _pointer(key: str, value: bytes, revision: int) -> res.StagePointer:
-    pointer = res.StagePointer.FromString(value)
-    pointer.etag = f'"{revision}"'
-    return pointer
+    return records.decode(Entry(key, value, revision), res.StagePointer)
 
 
 class StageHub:
