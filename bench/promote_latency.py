@@ -24,39 +24,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aetcd
 import grpc
+from _harness import (
+    PREFIX,
+    RPC_TIMEOUT,
+    STAGE,
+    Server,
+    create_model,
+    interrupt_on_sigterm,
+    make_tmpdir,
+    percentile,
+    remove_tmpdir,
+    serving,
+    wait_serving,
+)
 from aetcd import rpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelreg.server.embedded_etcd import EmbeddedEtcd, free_port
 from modelreg.v1 import model_service_pb2 as svc
-from modelreg.v1 import model_service_pb2_grpc, resources_pb2
+from modelreg.v1 import model_service_pb2_grpc
 
 if TYPE_CHECKING:
     from modelreg.v1.model_service_pb2_grpc import ModelServiceAsyncStub
 
-PREFIX = "/bench/"
 RAW_PREFIX = "/rawbench/"
-STAGE = "canary"
 LATENCY_MODEL = "bench-latency"
-SHA256 = "ab" * 32
-RPC_TIMEOUT = 10.0
 DEFAULT_SIZES = (200, 150, 250)
 """Fallback (pointer, history, audit) value sizes if the server's cannot be read back."""
 
@@ -64,15 +66,6 @@ Op = Callable[[], Awaitable[None]]
 
 
 # -- statistics ------------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0..1) of ``samples``, nearest-rank; NaN if there are none."""
-    if not samples:
-        return float("nan")
-    ordered = sorted(samples)
-    rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 @dataclass
@@ -187,26 +180,6 @@ class Promoter:
         self._etag = resp.stage.etag
 
 
-async def create_model(stub: ModelServiceAsyncStub, model_id: str) -> None:
-    """A model declaring the canary stage, with versions 1 and 2."""
-    await stub.CreateModel(
-        svc.CreateModelRequest(
-            model_id=model_id, model=resources_pb2.RegisteredModel(custom_stages=[STAGE])
-        ),
-        timeout=RPC_TIMEOUT,
-    )
-    for _ in range(2):
-        await stub.CreateModelVersion(
-            svc.CreateModelVersionRequest(
-                parent=f"models/{model_id}",
-                model_version=resources_pb2.ModelVersion(
-                    artifact_uri="file:///m", sha256=SHA256, size_bytes=1
-                ),
-            ),
-            timeout=RPC_TIMEOUT,
-        )
-
-
 async def promotion_sizes(client: aetcd.Client, model_id: str) -> tuple[int, int, int]:
     """Value sizes of the pointer, latest history entry and latest audit event in etcd."""
     pointer = await client.get(f"{PREFIX}stages/{model_id}/{STAGE}".encode())
@@ -218,75 +191,19 @@ async def promotion_sizes(client: aetcd.Client, model_id: str) -> tuple[int, int
     return len(pointer.value), len(history[-1].value), len(audit[-1].value)
 
 
-# -- processes -------------------------------------------------------------------------------
-
-
-def server_command(etcd_endpoint: str, listen: str) -> list[str]:
-    """``modelreg serve`` for this etcd: the console script, or the module if it is missing."""
-    args = [
-        "serve", "--etcd", etcd_endpoint, "--listen", listen, "--metrics-listen", "",
-        "--log-level", "warning", "--prefix", PREFIX,
-    ]  # fmt: skip
-    script = Path(sys.executable).parent / "modelreg"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script), *args]
-    code = "import sys; from modelreg.server.main import main; sys.exit(main(sys.argv[1:]))"
-    return [sys.executable, "-c", code, *args]
-
-
-def log_tail(path: Path, size: int = 3000) -> str:
-    """The end of a log file, for error messages."""
-    try:
-        return path.read_bytes()[-size:].decode(errors="replace")
-    except OSError as exc:
-        return f"(unreadable: {exc})"
-
-
-async def wait_serving(
-    channel: grpc.aio.Channel, proc: subprocess.Popen[bytes], log: Path, limit_s: float = 30.0
-) -> None:
-    """Polls the grpc health service until it says SERVING; fails if the server exits."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + limit_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"modelreg serve exited with {proc.returncode}:\n{log_tail(log)}")
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"modelreg serve not SERVING after {limit_s}s:\n{log_tail(log)}")
-        await asyncio.sleep(0.05)
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, SIGKILL after 10 s."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 # -- the benchmark ---------------------------------------------------------------------------
 
 
-async def measure(args: argparse.Namespace, etcd: EmbeddedEtcd, listen: str,
-                  proc: subprocess.Popen[bytes], log: Path) -> tuple[Result, Result]:
+async def measure(args: argparse.Namespace, server: Server) -> tuple[Result, Result]:
     """Sets up models and keys, then measures both sides in alternating rounds."""
     concurrency: int = args.concurrency
     rounds: int = args.rounds
+    etcd, listen, proc = server.etcd, server.listen, server.proc
     channel = grpc.aio.insecure_channel(listen)
     client = aetcd.Client(etcd.host, etcd.client_port, timeout=None)
     await client.connect()
     try:
-        await wait_serving(channel, proc, log)
+        await wait_serving(channel, proc, server.log)
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         await create_model(stub, LATENCY_MODEL)
         throughput_models = [f"bench-tp-{i}" for i in range(concurrency)]
@@ -394,40 +311,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns the exit code."""
     args = parse_args(argv)
-    # SIGTERM cleans up like Ctrl-C does: the finally below stops the server and etcd.
-    signal.signal(signal.SIGTERM, _interrupt)
-    tmp = Path(tempfile.mkdtemp(prefix="modelreg-bench-", dir=os.environ.get("BENCH_TMPDIR")))
-    etcd = EmbeddedEtcd(tmp / "data")
-    proc: subprocess.Popen[bytes] | None = None
-    log = tmp / "server.log"
+    # SIGTERM cleans up like Ctrl-C does: leaving `serving` stops the server and etcd.
+    interrupt_on_sigterm()
+    tmp = make_tmpdir()
     try:
-        etcd.start()
-        listen = f"127.0.0.1:{free_port()}"
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                server_command(etcd.endpoint, listen),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us; we stop it in order
-            )
-        raw, promote = asyncio.run(measure(args, etcd, listen, proc, log))
+        with serving(tmp) as server:
+            raw, promote = asyncio.run(measure(args, server))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if proc is not None:
-            stop_server(proc)
-        etcd.stop()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_tmpdir(tmp, args.keep)
     report(raw, promote, args.concurrency)
     return 0
 

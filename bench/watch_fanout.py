@@ -41,12 +41,9 @@ import contextlib
 import json
 import os
 import resource
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -55,23 +52,32 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import grpc
+from _harness import (
+    PREFIX,
+    RPC_TIMEOUT,
+    STAGE,
+    Server,
+    create_model,
+    interrupt_on_sigterm,
+    log_tail,
+    make_tmpdir,
+    percentile,
+    remove_tmpdir,
+    serving,
+    stop_group,
+    wait_serving,
+)
 from aetcd import rpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelreg.server.embedded_etcd import EmbeddedEtcd, free_port
 from modelreg.v1 import model_service_pb2 as svc
-from modelreg.v1 import model_service_pb2_grpc, resources_pb2, watch_service_pb2_grpc
+from modelreg.v1 import model_service_pb2_grpc, watch_service_pb2_grpc
 from modelreg.v1 import watch_service_pb2 as ws
 
 if TYPE_CHECKING:
     from modelreg.v1.model_service_pb2_grpc import ModelServiceAsyncStub
     from modelreg.v1.watch_service_pb2_grpc import WatchServiceAsyncStub
 
-PREFIX = "/bench/"
-STAGE = "canary"
 MODEL = "bench-watch"
-SHA256 = "ab" * 32
-RPC_TIMEOUT = 10.0
 OPEN_BATCH = 500
 """Streams the client starts at once; it waits for their first message before the next batch."""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,15 +86,6 @@ Json = dict[str, Any]
 
 
 # -- statistics and /proc ----------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0..1) of ``samples``, nearest-rank; NaN if there are none."""
-    if not samples:
-        return float("nan")
-    ordered = sorted(samples)
-    rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 def rss_kib(pid: int) -> int:
@@ -364,62 +361,6 @@ class ClientProcess:
         stop_group(self.proc, None)
 
 
-# -- the server process ------------------------------------------------------------------------
-
-
-def server_command(etcd_endpoint: str, listen: str, bookmark_interval: float) -> list[str]:
-    """``modelreg serve`` for this etcd: the console script, or the module if it is missing."""
-    args = [
-        "serve", "--etcd", etcd_endpoint, "--listen", listen, "--metrics-listen", "",
-        "--log-level", "warning", "--prefix", PREFIX,
-        "--bookmark-interval", str(bookmark_interval),
-    ]  # fmt: skip
-    script = Path(sys.executable).parent / "modelreg"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script), *args]
-    code = "import sys; from modelreg.server.main import main; sys.exit(main(sys.argv[1:]))"
-    return [sys.executable, "-c", code, *args]
-
-
-def log_tail(path: Path, size: int = 3000) -> str:
-    """The end of a log file, for error messages."""
-    try:
-        return path.read_bytes()[-size:].decode(errors="replace")
-    except OSError as exc:
-        return f"(unreadable: {exc})"
-
-
-async def wait_serving(
-    channel: grpc.aio.Channel, proc: subprocess.Popen[bytes], log: Path, limit_s: float = 30.0
-) -> None:
-    """Polls the grpc health service until it says SERVING; fails if the server exits."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + limit_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"modelreg serve exited with {proc.returncode}:\n{log_tail(log)}")
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"modelreg serve not SERVING after {limit_s}s:\n{log_tail(log)}")
-        await asyncio.sleep(0.05)
-
-
-def stop_group(proc: subprocess.Popen[Any], sig: signal.Signals | None = signal.SIGTERM) -> None:
-    """Signals a child's process group (if given), waits 10 s, then SIGKILLs the group."""
-    if sig is not None and proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 # -- promotions --------------------------------------------------------------------------------
 
 
@@ -442,26 +383,6 @@ class Promoter:
         returned = time.monotonic()
         self._etag = resp.stage.etag
         return int(resp.stage.etag.strip('"')), returned
-
-
-async def create_model(stub: ModelServiceAsyncStub) -> None:
-    """A model declaring the canary stage, with versions 1 and 2."""
-    await stub.CreateModel(
-        svc.CreateModelRequest(
-            model_id=MODEL, model=resources_pb2.RegisteredModel(custom_stages=[STAGE])
-        ),
-        timeout=RPC_TIMEOUT,
-    )
-    for _ in range(2):
-        await stub.CreateModelVersion(
-            svc.CreateModelVersionRequest(
-                parent=f"models/{MODEL}",
-                model_version=resources_pb2.ModelVersion(
-                    artifact_uri="file:///m", sha256=SHA256, size_bytes=1
-                ),
-            ),
-            timeout=RPC_TIMEOUT,
-        )
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -504,25 +425,15 @@ class Side:
         return percentile(self.latencies_ms, q)
 
 
-@dataclass
-class Run:
-    """Processes of one N: etcd and the server; where to log."""
-
-    etcd: EmbeddedEtcd
-    server: subprocess.Popen[bytes]
-    listen: str
-    tmp: Path
-
-
-async def measure_side(args: argparse.Namespace, run: Run, side: str, n: int,
+async def measure_side(args: argparse.Namespace, run: Server, side: str, n: int,
                        promote: Promoter) -> Side:
     """Opens N streams of one side in a fresh client process, then times the promotions."""
     label = "modelreg watch" if side == "modelreg" else "raw etcd watch"
     result = Side(label, n)
     etcd_pid = run.etcd.pid
     assert etcd_pid is not None
-    watched_pid = run.server.pid if side == "modelreg" else etcd_pid
-    client = ClientProcess(run.tmp / f"client-{side}-{n}.log")
+    watched_pid = run.proc.pid if side == "modelreg" else etcd_pid
+    client = ClientProcess(run.log.parent / f"client-{side}-{n}.log")
     try:
         await asyncio.sleep(1.0)  # let the previous phase's frees settle
         result.rss_before_kib = rss_kib(watched_pid)
@@ -561,37 +472,37 @@ async def measure_side(args: argparse.Namespace, run: Run, side: str, n: int,
 
         for _ in range(args.warmup):
             await one(False)
-        cpu0 = (cpu_seconds(run.server.pid), cpu_seconds(etcd_pid),
+        cpu0 = (cpu_seconds(run.proc.pid), cpu_seconds(etcd_pid),
                 (await client.call(cmd="cpu"))["cpu_s"])
         wall0 = time.monotonic()
         for _ in range(args.promotions):
             await one(True)
         wall = time.monotonic() - wall0
-        cpu1 = (cpu_seconds(run.server.pid), cpu_seconds(etcd_pid),
+        cpu1 = (cpu_seconds(run.proc.pid), cpu_seconds(etcd_pid),
                 (await client.call(cmd="cpu"))["cpu_s"])
         result.server_cpu, result.etcd_cpu, result.client_cpu = (
             (b - a) / wall for a, b in zip(cpu0, cpu1, strict=True))
         result.rss_after_kib = rss_kib(watched_pid)
-        if run.server.poll() is not None:
-            raise RuntimeError(f"modelreg serve exited with {run.server.returncode}")
+        if run.proc.poll() is not None:
+            raise RuntimeError(f"modelreg serve exited with {run.proc.returncode}")
         await client.call(cmd="close")
         return result
     finally:
         client.stop()
 
 
-async def measure_n(args: argparse.Namespace, run: Run, n: int) -> tuple[Side, Side]:
+async def measure_n(args: argparse.Namespace, run: Server, n: int) -> tuple[Side, Side]:
     """Both phases at one N against one fresh server."""
     channel = grpc.aio.insecure_channel(run.listen)
     try:
-        await wait_serving(channel, run.server, run.tmp / "server.log")
+        await wait_serving(channel, run.proc, run.log)
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        await create_model(stub)
+        await create_model(stub, MODEL)
         promote = Promoter(stub)
         for _ in range(3):
             await promote()
         print(f"N={n}: etcd {run.etcd.endpoint} pid {run.etcd.pid}, "
-              f"server {run.listen} pid {run.server.pid}", flush=True)
+              f"server {run.listen} pid {run.proc.pid}", flush=True)
         ours = await measure_side(args, run, "modelreg", n, promote)
         raw = await measure_side(args, run, "etcd", n, promote)
         return ours, raw
@@ -603,27 +514,12 @@ def run_n(args: argparse.Namespace, n: int, root: Path) -> tuple[Side, Side]:
     """Starts etcd and a server for one N, measures, and stops both on every exit path."""
     tmp = root / f"n{n}"
     tmp.mkdir()
-    etcd = EmbeddedEtcd(tmp / "data")
-    proc: subprocess.Popen[bytes] | None = None
-    log = tmp / "server.log"
-    try:
-        etcd.start()
-        listen = f"127.0.0.1:{free_port()}"
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                server_command(etcd.endpoint, listen, args.bookmark_interval),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us; we stop it in order
-            )
+    with serving(tmp, ["--bookmark-interval", str(args.bookmark_interval)]) as run:
         try:
-            return asyncio.run(measure_n(args, Run(etcd, proc, listen, tmp), n))
+            return asyncio.run(measure_n(args, run, n))
         except Exception:
-            print(f"server log tail:\n{log_tail(log)}", file=sys.stderr)
+            print(f"server log tail:\n{log_tail(run.log)}", file=sys.stderr)
             raise
-    finally:
-        if proc is not None:
-            stop_group(proc)
-        etcd.stop()
 
 
 def report(results: list[tuple[Side, Side]], args: argparse.Namespace) -> None:
@@ -708,19 +604,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark (or, with ``--client``, the client role); returns the exit code."""
     args = parse_args(argv)
     if args.client:
         return asyncio.run(client_main())
     # SIGTERM cleans up like Ctrl-C does: the finally blocks stop clients, server and etcd.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     limit = raise_fd_limit()
-    tmp = Path(tempfile.mkdtemp(prefix="modelreg-bench-", dir=os.environ.get("BENCH_TMPDIR")))
+    tmp = make_tmpdir()
     print(f"open files limit {limit}; {os.cpu_count()} CPUs; temp dir {tmp}", flush=True)
     results: list[tuple[Side, Side]] = []
     try:
@@ -730,10 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_tmpdir(tmp, args.keep)
     report(results, args)
     return 0
 
