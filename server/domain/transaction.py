@@ -215,8 +215,8 @@ async def run_mutation(
             reader.guards() + plan.guards, writes, refresh=reader.keys()
         )
         if result.succeeded:
-            response = response_type.FromString(plan.response.SerializeToString())
-            return stamp(response, result.revision)
+            assert isinstance(plan.response, response_type)
+            return stamp(plan.response, result.revision)
         fresh, known = True, result.fresh
     raise ContentionError(
         f"gave up after {MAX_ATTEMPTS} attempts: concurrent writers kept changing what "
