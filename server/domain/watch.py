@@ -29,7 +29,7 @@ from typing import TypeAlias
 import structlog
 
 from modelreg.server.domain import keys, records
-from modelreg.server.domain.errors import UnavailableError
+from modelreg.server.domain.errors import OutOfRangeError, UnavailableError
 from modelreg.server.domain.ports import (
     Batch,
     ChangeFeed,
@@ -46,6 +46,8 @@ log = structlog.get_logger("modelreg.watch")
 STAGES_START = "stages/"
 STAGES_END = keys.prefix_end(STAGES_START)
 Message: TypeAlias = ws.WatchStagesResponse
+CATCH_UP_TIMEOUT = 10.0
+"""Seconds a stream's opening waits for the hub to apply a change etcd already committed."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class StageHub:
         self._pointers: dict[str, res.StagePointer] = {}
         self._subs: set[Subscription] = set()
         self.revision = 0
+        self._moved = asyncio.Event()
+        """Set (and replaced) whenever ``revision`` moves on."""
         self.ready = asyncio.Event()
         self.resets = 0
         """How many times the hub had to reload because etcd compacted what it needed."""
@@ -129,7 +133,7 @@ class StageHub:
     async def _load(self) -> None:
         page = await self._store.scan(STAGES_START, STAGES_END, limit=0)
         self._pointers = {e.key: _pointer(e.key, e.value, e.mod_revision) for e in page.entries}
-        self.revision = page.revision
+        self._advance(page.revision)
         self._buffer.clear()
         self._covered_from = self.revision + 1
 
@@ -150,7 +154,7 @@ class StageHub:
                              pointers=len(self._pointers))
                 async for item in self._feed.watch(STAGES_START, STAGES_END, self.revision + 1):
                     if isinstance(item, Progress):
-                        self.revision = max(self.revision, item.revision)
+                        self._advance(item.revision)
                     else:
                         self._apply(item)
                     delay = 0.1
@@ -177,7 +181,7 @@ class StageHub:
                 self._pointers[change.key] = pointer
                 changes.append((change.key, ws.StageChange(
                     stage=pointer, from_version=old.version if old else 0)))
-        self.revision = batch.revision
+        self._advance(batch.revision)
         if len(self._buffer) == self._buffer.maxlen:
             self._covered_from = self._buffer[0].revision + 1
         self._buffer.append(batch)
@@ -237,10 +241,26 @@ class StageHub:
         ``start_revision`` 0 means a snapshot. Otherwise every selected change with revision
         in ``[start_revision, sub.after]``: from the buffer if it reaches back that far, else
         from etcd's history, else (compacted) a snapshot flagged ``reset``.
+
+        A ``start_revision`` past the hub's revision but not past the store's (this server lags
+        behind a revision its client saw elsewhere) opens with nothing: changes below it are
+        never queued, and bookmarks wait until the hub has caught up. One past the store's
+        revision cannot be honoured and is refused with ``OutOfRangeError``.
         """
         if start_revision <= 0:
+            await self.catch_up()
+            self._skip_through(sub, self.revision)  # the snapshot covers what was queued
             return [self.snapshot(sub.selector)]
         if start_revision > sub.after:
+            if start_revision > sub.after + 1:
+                _, current = await self._feed.latest(STAGES_START, STAGES_END)
+                if start_revision > current + 1:
+                    raise OutOfRangeError(
+                        "start_revision",
+                        f"is past the store's current revision {current}; resume from at "
+                        f"most {current + 1} (a revision this deployment handed out, plus 1)",
+                        reason="REVISION_IN_FUTURE", revision=str(current))
+                self._skip_through(sub, start_revision - 1)
             return []
         if start_revision >= self._covered_from:
             batches: Iterable[Batch] = [b for b in self._buffer
@@ -253,6 +273,30 @@ class StageHub:
                 self._skip_through(sub, self.revision)
                 return [self.snapshot(sub.selector, reset=True)]
         return [m for b in batches if (m := self._message(sub.selector, b)) is not None]
+
+    async def catch_up(self) -> None:
+        """Waits until the hub reflects every stage change committed before this call.
+
+        A snapshot then reads its writer's own promotion (read-your-writes, as a fresh etcd
+        read would), at the cost of one small read: the last stage change ``L`` and the
+        revision ``H`` it was read at. Once the hub has applied ``L`` nothing else changed up
+        to ``H``, so the hub's revision may move on to ``H``.
+        """
+        last, current = await self._feed.latest(STAGES_START, STAGES_END)
+        try:
+            async with asyncio.timeout(CATCH_UP_TIMEOUT):
+                while self.revision < last:
+                    await self._moved.wait()
+        except TimeoutError:
+            raise UnavailableError(
+                f"the watch cache is behind etcd (at {self.revision}, etcd at {last})") from None
+        self._advance(current)
+
+    def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            self._moved.set()
+            self._moved = asyncio.Event()
 
     def _skip_through(self, sub: Subscription, revision: int) -> None:
         """Drops queued changes at or before ``revision`` and queues none from now on."""
@@ -299,8 +343,13 @@ class StageHub:
         return Message(type=ws.WATCH_MESSAGE_TYPE_CHANGES, revision=batch.revision,
                         changes=changes)
 
-    def bookmark(self) -> Message:
-        """A bookmark at the hub's revision: every change up to it has been queued."""
+    def bookmark(self, sub: Subscription) -> Message | None:
+        """A bookmark at the hub's revision: every change up to it has been queued to ``sub``.
+
+        ``None`` while the hub is still below where the stream asked to start.
+        """
+        if self.revision < sub.after:
+            return None
         return Message(type=ws.WATCH_MESSAGE_TYPE_BOOKMARK, revision=self.revision)
 
     @property

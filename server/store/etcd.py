@@ -233,6 +233,19 @@ class EtcdStore:
         resp = await self._call("Range", request)
         return Page([self._entry(kv) for kv in resp.kvs], resp.header.revision, resp.more)
 
+    async def last_change(self, start: str, end: str) -> tuple[int, int]:
+        """The highest ``mod_revision`` in ``[start, end)`` (0 if empty) and the revision read.
+
+        One sorted, keys-only Range: the evidence a watch needs to prove it has delivered
+        every change of the range up to the read revision (see ``EtcdChangeFeed``).
+        """
+        request = rpc.RangeRequest(
+            key=self._key(start), range_end=self._key(end), limit=1, keys_only=True,
+            sort_target=rpc.RangeRequest.MOD, sort_order=rpc.RangeRequest.DESCEND,
+        )
+        resp = await self._call("Range", request)
+        return (resp.kvs[0].mod_revision if resp.kvs else 0), resp.header.revision
+
     async def commit(
         self, guards: Sequence[Guard], writes: Sequence[Write], *, refresh: Sequence[str] = ()
     ) -> CommitResult:

@@ -32,7 +32,9 @@ class _WatchMessageTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Watc
     WATCH_MESSAGE_TYPE_CHANGES: _WatchMessageType.ValueType  # 2
     """`changes` holds the changes of one etcd transaction, at `revision`."""
     WATCH_MESSAGE_TYPE_BOOKMARK: _WatchMessageType.ValueType  # 3
-    """Nothing changed for this watch up to `revision`: resume from `revision` + 1."""
+    """Nothing changed for this watch up to `revision`: resume from `revision` + 1. Sent only
+    once every change at or below `revision` has been sent on this stream.
+    """
 
 class WatchMessageType(_WatchMessageType, metaclass=_WatchMessageTypeEnumTypeWrapper):
     """What a WatchStagesResponse carries."""
@@ -43,7 +45,9 @@ WATCH_MESSAGE_TYPE_SNAPSHOT: WatchMessageType.ValueType  # 1
 WATCH_MESSAGE_TYPE_CHANGES: WatchMessageType.ValueType  # 2
 """`changes` holds the changes of one etcd transaction, at `revision`."""
 WATCH_MESSAGE_TYPE_BOOKMARK: WatchMessageType.ValueType  # 3
-"""Nothing changed for this watch up to `revision`: resume from `revision` + 1."""
+"""Nothing changed for this watch up to `revision`: resume from `revision` + 1. Sent only
+once every change at or below `revision` has been sent on this stream.
+"""
 Global___WatchMessageType: _TypeAlias = WatchMessageType  # noqa: Y015
 
 @_typing.final
@@ -64,6 +68,10 @@ class WatchStagesRequest(_message.Message):
     start_revision: _builtins.int
     """0: snapshot, then changes. Otherwise: every change with revision >= start_revision, with
     no snapshot; if those changes are compacted away, a snapshot flagged `reset` instead.
+    A revision ahead of this server (it lags behind one its client saw elsewhere) waits:
+    nothing below it is sent, and bookmarks start once the server has caught up. One more
+    than 1 past the store's current revision is refused with OUT_OF_RANGE
+    (reason REVISION_IN_FUTURE).
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
