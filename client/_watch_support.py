@@ -292,8 +292,10 @@ async def follow_stream(
     Whatever ends a stream (an error status such as UNAVAILABLE or RESOURCE_EXHAUSTED, a server
     that closes it, or ``idle_timeout`` seconds without even a bookmark), it is reopened after a
     jittered backoff with ``start_revision = counters.last_revision + 1`` (0, for a snapshot,
-    until a first message arrived). ``handle`` moves ``last_revision``. The backoff restarts
-    from its smallest delay once a stream delivered a message.
+    until a first message arrived, and after OUT_OF_RANGE: a server whose etcd never reached
+    our revision, because it was replaced or restored, can only give a fresh snapshot).
+    ``handle`` moves ``last_revision``. The backoff restarts from its smallest delay once a
+    stream delivered a message.
     """
     attempt = 0
     while True:
@@ -308,6 +310,12 @@ async def follow_stream(
             why = "the server ended the stream"
         except grpc.aio.AioRpcError as err:
             why = f"{err.code().name}: {err.details()}"
+            if err.code() == grpc.StatusCode.OUT_OF_RANGE:
+                # The server has never reached our revision: its etcd was replaced or restored
+                # from a backup. What we hold may be gone: start over from a snapshot.
+                log.warning("the server's revisions are behind ours (%s); taking a snapshot",
+                            why)
+                counters.last_revision = 0
         except TimeoutError:
             why = f"nothing received for {idle_timeout:g}s"
         except Exception as err:  # a bug or a broken message: never stop watching

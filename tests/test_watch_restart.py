@@ -1,4 +1,6 @@
-"""A server restarted under connected watchers: every watcher resumes and misses nothing."""
+"""A server restarted under connected watchers: every watcher resumes and misses nothing;
+one that comes back on a replaced etcd gives its watchers a fresh snapshot.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +9,15 @@ import contextlib
 
 import grpc
 
+from modelreg.client.watcher import ThreadedModelWatcher
 from modelreg.server.embedded_etcd import free_port
 from modelreg.v1 import model_service_pb2 as svc
+from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 from modelreg.v1 import watch_service_pb2_grpc
 from tests.conftest import ActorStub, start_server
 from tests.helpers import MODEL, make_model, stage
+from tests.test_hot_swap import Toy, load_toy, register
 
 
 class Follower:
@@ -98,3 +103,50 @@ class TestServerRestart:
                     await t
             await first.stop()
             await other.stop()
+
+
+class TestReplacedEtcd:
+    async def test_watcher_takes_a_snapshot_from_a_server_behind_it(
+            self, etcd_server, etcd_prefix, own_etcd, tmp_path):
+        """A watcher whose server comes back on a fresh etcd (replaced, or restored from an old
+        backup) that never reached the watcher's revision is refused OUT_OF_RANGE on resume,
+        takes a snapshot instead and serves what the new etcd holds.
+        """
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        first = await start_server(etcd_server.endpoint, etcd_prefix, listen=target)
+        watcher: ThreadedModelWatcher[Toy] = ThreadedModelWatcher(
+            MODEL, "canary", load_toy, target=target, cache_dir=tmp_path / "cache",
+            node_id="restored-node")
+        second = None
+        try:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = ActorStub(channel, "alice")
+                await stub.CreateModel(svc.CreateModelRequest(
+                    model_id=MODEL, model=res.RegisteredModel(custom_stages=["canary"])))
+                for n in (1, 2):
+                    await register(stub, tmp_path, n)
+                for n in (1, 2) * 6:
+                    await stub.PromoteVersion(
+                        svc.PromoteVersionRequest(name=stage("canary"), version=n))
+            watcher.start()
+            await asyncio.to_thread(watcher.wait_for_version, 2, 30)
+            seen = watcher.stats.last_revision
+            await first.stop()
+            second = await start_server(own_etcd.endpoint, etcd_prefix, listen=target)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = ActorStub(channel, "alice")
+                await stub.CreateModel(svc.CreateModelRequest(
+                    model_id=MODEL, model=res.RegisteredModel(custom_stages=["canary"])))
+                await register(stub, tmp_path, 1)
+                moved = await stub.PromoteVersion(
+                    svc.PromoteVersionRequest(name=stage("canary"), version=1))
+            assert moved.revision + 1 < seen  # the watcher's resume point is past this etcd
+            loaded = await asyncio.to_thread(watcher.wait_for_version, 1, 30)
+            assert loaded.version == 1
+            assert watcher.stats.last_revision < seen
+        finally:
+            await asyncio.to_thread(watcher.stop)
+            await first.stop()
+            if second is not None:
+                await second.stop()
