@@ -27,6 +27,8 @@ class ScriptedFeed:
     def __init__(self, *scripts: list[object]) -> None:
         self.scripts = list(scripts)
         self.starts: list[int] = []
+        self.reads = 0
+        self.last = self.head = 0
 
     async def watch(self, start: str, end: str, from_revision: int
                     ) -> AsyncIterator[Batch | Progress]:
@@ -40,8 +42,11 @@ class ScriptedFeed:
         await asyncio.Event().wait()
 
     async def latest(self, start: str, end: str) -> tuple[int, int]:
+        """The scripted store's last stage change is at ``self.last``, read at ``self.head``."""
         del start, end
-        return 0, 0
+        self.reads += 1
+        await asyncio.sleep(0.01)
+        return self.last, self.head
 
 
 async def run_hub(hub: StageHub) -> asyncio.Task[None]:
@@ -115,5 +120,39 @@ class TestStageHub:
                 while hub.revision != 39:
                     await asyncio.sleep(0.01)
             assert sub.overflowed and sub.queue.qsize() <= 1
+        finally:
+            await stop(task)
+
+    async def test_snapshots_wait_for_committed_changes_and_share_reads(self):
+        """Snapshots opened after a change was committed wait until the hub has applied it,
+        and a hundred openings at once share a couple of reads of the store's latest change.
+        """
+        store = MemoryStore()
+        release = asyncio.Event()
+
+        class LateFeed(ScriptedFeed):
+            async def watch(self, start, end, from_revision):
+                await release.wait()  # the change reaches the hub only when released
+                yield Batch(5, (Change(KEY, pointer(2)),))
+                await asyncio.Event().wait()
+
+        feed = LateFeed()
+        feed.last, feed.head = 5, 7  # etcd committed the change at 5 and is at 7
+        hub = StageHub(store, feed)
+        task = await run_hub(hub)
+        try:
+            subs = [hub.subscribe(Selector()) for _ in range(100)]
+            openings = [asyncio.ensure_future(hub.opening(sub, 0)) for sub in subs]
+            await asyncio.sleep(0.1)
+            assert not any(o.done() for o in openings)  # the hub has not seen revision 5
+            release.set()
+            async with asyncio.timeout(5):
+                results = await asyncio.gather(*openings)
+            for (snapshot,) in results:
+                assert snapshot.revision == 7
+                assert [p.version for p in snapshot.snapshot] == [2]
+            assert feed.reads <= 2
+            for sub in subs:
+                assert sub.queue.empty()  # the snapshot covers the change: no duplicate
         finally:
             await stop(task)

@@ -16,6 +16,11 @@ Every per-model key ends its model part with ``/`` so one model's range never co
 (``versions/fraud/`` versus ``versions/fraud-v2/``). Zero-padded numbers keep key order equal
 to numeric order, so range reads come back sorted. ``etag``, ``revision``, ``state`` and
 ``stages`` are never stored: they are derived from the key's ``mod_revision`` and the pointers.
+
+Stage pointer keys are never deleted (a model is deleted only while no stage points at its
+versions; emptying a stage would write a pointer to version 0). Watches rely on it: the highest
+``mod_revision`` under ``stages/`` proves which changes a watch still owes
+(``modelreg.server.store.etcd_watch``).
 """
 
 from __future__ import annotations

@@ -124,6 +124,8 @@ class StageHub:
         self.revision = 0
         self._moved = asyncio.Event()
         """Set (and replaced) whenever ``revision`` moves on."""
+        self._reading: asyncio.Future[tuple[int, int]] | None = None
+        self._next_read: asyncio.Future[tuple[int, int]] | None = None
         self.ready = asyncio.Event()
         self.resets = 0
         """How many times the hub had to reload because etcd compacted what it needed."""
@@ -282,7 +284,7 @@ class StageHub:
         revision ``H`` it was read at. Once the hub has applied ``L`` nothing else changed up
         to ``H``, so the hub's revision may move on to ``H``.
         """
-        last, current = await self._feed.latest(STAGES_START, STAGES_END)
+        last, current = await self._latest_from_now()
         try:
             async with asyncio.timeout(CATCH_UP_TIMEOUT):
                 while self.revision < last:
@@ -291,6 +293,23 @@ class StageHub:
             raise UnavailableError(
                 f"the watch cache is behind etcd (at {self.revision}, etcd at {last})") from None
         self._advance(current)
+
+    async def _latest_from_now(self) -> tuple[int, int]:
+        """``feed.latest`` of the stages, read after this call began.
+
+        Shared by every caller waiting for the next read: a storm of new streams costs a few
+        reads, not one per stream.
+        """
+        if self._next_read is None:
+            self._next_read = asyncio.ensure_future(self._read_after(self._reading))
+        return await asyncio.shield(self._next_read)
+
+    async def _read_after(self, previous: asyncio.Future[tuple[int, int]] | None
+                          ) -> tuple[int, int]:
+        if previous is not None:
+            await asyncio.wait([previous])
+        self._reading, self._next_read = self._next_read, None  # later callers: next read
+        return await self._feed.latest(STAGES_START, STAGES_END)
 
     def _advance(self, revision: int) -> None:
         if revision > self.revision:
