@@ -254,13 +254,14 @@ class EmbeddedEtcd:
             proc.wait()
         self._forget()
 
-    def reap(self) -> int | None:
-        """If etcd exited on its own, forget it and return its exit status; else None."""
+    def reap(self) -> tuple[int, int] | None:
+        """If etcd exited on its own, forget it and return its pid and exit status; else None."""
         proc = self._proc
         code = proc.poll() if proc is not None else None
-        if code is not None:
-            self._forget()
-        return code
+        if proc is None or code is None:
+            return None
+        self._forget()
+        return proc.pid, code
 
     def log_tail(self) -> str:
         """The end of what etcd wrote since it was last started."""
