@@ -87,9 +87,10 @@ class TestStaleEtcd:
     def test_etcd_of_a_live_modelreg_is_left_alone(
         self, tmp_path: Path, parents: list[Parent]
     ) -> None:
-        """A second start on a data dir whose owner still runs fails, naming it, and kills nothing."""
+        """A second start on a data dir whose owner still runs fails, naming it; nothing dies."""
         parents.append(parent := Parent(tmp_path / "data", die_with_parent=True))
-        with pytest.raises(EtcdStartError, match=f"running modelreg, pid {parent.proc.pid} ") as err:
+        owner = f"running modelreg, pid {parent.proc.pid} "
+        with pytest.raises(EtcdStartError, match=owner) as err:
             EmbeddedEtcd(tmp_path / "data").start(timeout=5)
         assert f"kill {parent.proc.pid}" in str(err.value)
         assert alive(parent.etcd_pid)
