@@ -137,6 +137,7 @@ class EtcdStore:
 
     async def _call(self, method: str, request: Any) -> Any:
         client = await self._kv()
+        used, failed = self._current, self.endpoint
         try:
             return await getattr(client.kvstub, method)(
                 request, timeout=self._timeout, metadata=client.metadata
@@ -144,10 +145,11 @@ class EtcdStore:
         except grpc.aio.AioRpcError as err:
             if err.code() not in _UNAVAILABLE:
                 raise
-            failed = self.endpoint
-            if len(self.endpoints) > 1:  # fail over: the next call tries the next member
+            # Fail over: the next call tries the next member. Once per member failure: the
+            # concurrent Ranges of one read fail together and must not rotate twice.
+            if len(self.endpoints) > 1 and self._current == used:
+                self._current = (used + 1) % len(self.endpoints)  # before the await: no race
                 await self.close()
-                self._current = (self._current + 1) % len(self.endpoints)
             log.warning("etcd_unavailable", endpoint=failed, code=err.code().name)
             raise UnavailableError(
                 f"etcd at {failed} is unavailable ({err.code().name}: {err.details()})",
