@@ -175,13 +175,13 @@ class EmbeddedEtcd:
     def start(self, timeout: float = 30.0) -> None:
         """Start etcd and wait until ``/health`` reports healthy.
 
-        Args:
-            timeout: Seconds to wait for health before giving up.
-
         A leftover etcd of an earlier, crashed modelreg on this data dir is stopped first
         (:attr:`stale_stopped`). The child gets a parent-death signal only when this runs on
         the main thread, because Linux sends it when the forking *thread* exits; from other
         threads only the pid file protects the next start.
+
+        Args:
+            timeout: Seconds to wait for health before giving up.
 
         Raises:
             RuntimeError: If this instance is already running.
