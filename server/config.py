@@ -6,6 +6,7 @@ file given by ``--config`` (or ``MODELREG_CONFIG``), then the defaults below.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -30,6 +31,9 @@ class ServerConfig:
     """etcd endpoints HOST:PORT; empty means start an embedded etcd in ``data_dir``."""
     data_dir: Path = field(default_factory=default_data_dir)
     """Persistent directory of the embedded etcd."""
+    etcd_listen: str = "127.0.0.1:0"
+    """Client address HOST:PORT of the embedded etcd, loopback only (port 0 picks a free one);
+    fix it to let ``modelreg serve --etcd`` or etcdctl join the same etcd."""
     prefix: str = "/modelreg/"
     """Key prefix of this deployment in etcd: many deployments or tests can share a cluster."""
     etcd_timeout: float = 5.0
@@ -49,6 +53,7 @@ class ServerConfig:
         "listen": "MODELREG_LISTEN",
         "etcd": "MODELREG_ETCD",
         "data_dir": "MODELREG_DATA_DIR",
+        "etcd_listen": "MODELREG_ETCD_LISTEN",
         "prefix": "MODELREG_PREFIX",
         "etcd_timeout": "MODELREG_ETCD_TIMEOUT",
         "metrics_listen": "MODELREG_METRICS_LISTEN",
@@ -95,12 +100,31 @@ class ServerConfig:
                 converted[name] = str(value)
         return replace(self, **converted)
 
+    @property
+    def etcd_listen_host(self) -> str:
+        """The host of ``etcd_listen``, without IPv6 brackets."""
+        return self.etcd_listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def etcd_listen_port(self) -> int:
+        """The port of ``etcd_listen`` (0: pick a free one)."""
+        return int(self.etcd_listen.rpartition(":")[2])
+
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad setting."""
-        for name, value in (("listen", self.listen), *(("etcd", e) for e in self.etcd)):
+        for name, value in (("listen", self.listen), ("etcd_listen", self.etcd_listen),
+                            *(("etcd", e) for e in self.etcd)):
             host, _, port = value.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"{name}: {value!r} must be HOST:PORT")
+        try:
+            loopback = ipaddress.ip_address(self.etcd_listen_host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            # The embedded etcd has no TLS and no authentication: this machine only.
+            raise ValueError(f"etcd_listen: {self.etcd_listen!r} must be a loopback IP address "
+                             "(such as 127.0.0.1); use a real etcd cluster for anything else")
         if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
             raise ValueError(f"metrics_listen: {self.metrics_listen!r} must be HOST:PORT or ''")
         if not self.prefix.startswith("/") or not self.prefix.endswith("/"):

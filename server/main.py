@@ -4,6 +4,11 @@
 given); ``up`` always runs a private etcd child process on a persistent data directory. Either
 way the gRPC health service says NOT_SERVING until etcd answers, and SERVING from then on,
 following etcd's availability; shutdown drains RPCs for ``--grace`` seconds, then stops etcd.
+
+An embedded etcd is supervised: if it exits, health says NOT_SERVING at once, and it is
+restarted on the same address and data (``etcd_exited`` / ``etcd_restarted`` log lines, the
+``modelreg_etcd_restarts`` counter). It dies with this process, and a leftover of a crashed
+run is stopped at start (:mod:`modelreg.server.etcd_lifetime`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import gc
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import structlog
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
 
 from modelreg.server import logs
 from modelreg.server.api.grpc import Metrics
@@ -27,6 +33,7 @@ from modelreg.server.app import App
 from modelreg.server.config import ServerConfig
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.embedded_etcd import EmbeddedEtcd, EtcdNotFoundError, EtcdStartError
+from modelreg.server.etcd_supervisor import EtcdSupervisor
 
 log = structlog.get_logger("modelreg.server")
 
@@ -60,6 +67,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--etcd", help="etcd endpoints HOST:PORT[,HOST:PORT...]")
     parser.add_argument("--data-dir", dest="data_dir",
                         help="embedded etcd data directory (default ~/.local/share/modelreg)")
+    parser.add_argument("--etcd-listen", dest="etcd_listen",
+                        help="embedded etcd client address, loopback HOST:PORT (default "
+                             "127.0.0.1:0, a free port); `modelreg serve --etcd` and etcdctl "
+                             "can join it there")
     parser.add_argument("--prefix", help="etcd key prefix of this deployment (default /modelreg/)")
     parser.add_argument("--etcd-timeout", dest="etcd_timeout", type=float,
                         help="deadline of each etcd call in seconds (default 5)")
@@ -100,20 +111,29 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-async def _watch_health(app: App) -> None:
-    """Keeps the health status in step with etcd: SERVING while it answers."""
+async def _watch_health(
+    app: App, wake: asyncio.Event, etcd_alive: Callable[[], bool] = lambda: True
+) -> None:
+    """Keeps the health status in step with etcd: SERVING while it answers.
+
+    ``wake`` makes it look again at once (the supervisor sets it when the embedded etcd exits
+    or is back), so a crash shows as NOT_SERVING without waiting for the next ping.
+    """
     serving: bool | None = None
     while True:
-        try:
-            await app.store.read([], fresh=True)
-            ok = True
-        except UnavailableError:
-            ok = False
+        wake.clear()
+        ok = etcd_alive()
+        if ok:
+            try:
+                await app.store.read([], fresh=True)
+            except UnavailableError:
+                ok = False
         if ok != serving:
             await app.set_serving(ok)
             log.info("health", serving=ok, etcd=app.store.endpoint)
             serving = ok
-        await asyncio.sleep(HEALTH_INTERVAL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), HEALTH_INTERVAL)
 
 
 def _tune_gc() -> None:
@@ -127,23 +147,36 @@ def _tune_gc() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
+async def _start_etcd(config: ServerConfig) -> EmbeddedEtcd:
+    """Starts the embedded etcd (forking on this, the main, thread: see ``start_async``)."""
+    etcd = EmbeddedEtcd(config.data_dir, host=config.etcd_listen_host,
+                        client_port=config.etcd_listen_port)
+    log.info("etcd_starting", data_dir=str(config.data_dir))
+    await etcd.start_async()
+    if etcd.stale_stopped is not None:
+        log.warning("etcd_stale_stopped", pid=etcd.stale_stopped, data_dir=str(config.data_dir),
+                    why="left running by a modelreg that did not stop it")
+    log.info("etcd_started", endpoint=etcd.endpoint, pid=etcd.pid, log=str(etcd.log_path))
+    return etcd
+
+
 async def run(config: ServerConfig, *, embedded: bool) -> int:
     """Runs the server (and the embedded etcd, if any) until SIGINT or SIGTERM."""
     etcd: EmbeddedEtcd | None = None
     endpoints = list(config.etcd)
     if embedded:
-        etcd = EmbeddedEtcd(config.data_dir)
-        log.info("etcd_starting", data_dir=str(config.data_dir))
-        await asyncio.to_thread(etcd.start)
+        etcd = await _start_etcd(config)
         endpoints = [etcd.endpoint]
-        log.info("etcd_started", endpoint=etcd.endpoint, pid=etcd.pid, log=str(etcd.log_path))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     metrics = Metrics.create()
+    restarts = Counter("modelreg_etcd_restarts", "Restarts of the embedded etcd after it exited",
+                       registry=metrics.registry)
     metrics_server = None
     app: App | None = None
+    tasks: list[asyncio.Task[None]] = []
     try:
         if config.metrics_listen:
             host, _, port = config.metrics_listen.rpartition(":")
@@ -154,15 +187,31 @@ async def run(config: ServerConfig, *, embedded: bool) -> int:
         metrics_at = (f"{host_of(config.metrics_listen)}:{metrics_server.server_port}"
                       if metrics_server is not None else None)
         _tune_gc()
-        log.info("serving", listen=f"{host_of(config.listen)}:{app.port}",
-                 etcd=",".join(endpoints), prefix=config.prefix, metrics=metrics_at)
-        health = asyncio.create_task(_watch_health(app))
+        listen = f"{host_of(config.listen)}:{app.port}"
+        log.info("serving", listen=listen, etcd=",".join(endpoints), prefix=config.prefix,
+                 metrics=metrics_at)
+        wake = asyncio.Event()
+        if etcd is not None:
+            print(f"modelreg serving gRPC on {listen}; embedded etcd at {etcd.client_url} "
+                  f"(data in {config.data_dir})", flush=True)
+
+            async def changed(_: bool) -> None:
+                wake.set()
+
+            supervisor = EtcdSupervisor(etcd, on_change=changed, on_restart=restarts.inc)
+            tasks.append(asyncio.create_task(supervisor.run(), name="etcd-supervisor"))
+            tasks.append(asyncio.create_task(_watch_health(app, wake, lambda: supervisor.up)))
+        else:
+            print(f"modelreg serving gRPC on {listen}; etcd at {','.join(endpoints)}", flush=True)
+            tasks.append(asyncio.create_task(_watch_health(app, wake)))
         await stop.wait()
         log.info("stopping", grace=config.grace)
-        health.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await health
     finally:
+        # The supervisor goes first: it must not restart the etcd that shutdown stops.
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if app is not None:
             await app.stop(config.grace)
         if metrics_server is not None:

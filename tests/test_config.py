@@ -32,6 +32,11 @@ class TestServerConfig:
         config = ServerConfig.from_sources({}, {"MODELREG_ETCD": "a:1, b:2"})
         assert config.etcd == ("a:1", "b:2")
 
+    def test_embedded_etcd_address_from_env(self):
+        """MODELREG_ETCD_LISTEN sets the embedded etcd's loopback client address and port."""
+        config = ServerConfig.from_sources({}, {"MODELREG_ETCD_LISTEN": "[::1]:2379"})
+        assert (config.etcd_listen_host, config.etcd_listen_port) == ("::1", 2379)
+
     @pytest.mark.parametrize(
         ("flags", "message"),
         [
@@ -39,6 +44,8 @@ class TestServerConfig:
             ({"prefix": "no-slashes"}, "prefix"),
             ({"log_level": "loud"}, "log_level"),
             ({"etcd": "host-without-port"}, "etcd"),
+            ({"etcd_listen": "0.0.0.0:2379"}, "etcd_listen.*loopback"),
+            ({"etcd_listen": "localhost"}, "etcd_listen"),
         ],
     )
     def test_invalid_settings_name_themselves(self, flags, message):

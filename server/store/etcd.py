@@ -10,6 +10,14 @@ the revision they were learned at and an older answer never replaces a newer one
 aetcd's ``transaction()`` drops the response header (the commit revision) and ignores
 ``range_end`` and ``limit`` on reads, so this module builds etcd's request messages itself
 and calls ``client.kvstub``; aetcd still owns the channel, authentication and reconnects.
+
+Reads are plain ``Range`` requests, never read-only ``Txn`` requests. etcd 3.5.0-3.5.4 hands the
+caller's gRPC context to the apply step of a read-only Txn and panics when it is cancelled
+there ("unexpected error during txn", etcd issue 14110): a client's 2 ms deadline, propagated
+through this server, took the whole store down. ``Range`` checks the same context and merely
+fails the request. A caller's cancellation still reaches etcd (so etcd stops the work it no
+longer needs), just never on the Txn path. Every Txn this module sends has writes; those are
+applied by etcd's raft loop without the caller's context.
 """
 
 from __future__ import annotations
@@ -129,6 +137,7 @@ class EtcdStore:
 
     async def _call(self, method: str, request: Any) -> Any:
         client = await self._kv()
+        used, failed = self._current, self.endpoint
         try:
             return await getattr(client.kvstub, method)(
                 request, timeout=self._timeout, metadata=client.metadata
@@ -136,10 +145,11 @@ class EtcdStore:
         except grpc.aio.AioRpcError as err:
             if err.code() not in _UNAVAILABLE:
                 raise
-            failed = self.endpoint
-            if len(self.endpoints) > 1:  # fail over: the next call tries the next member
+            # Fail over: the next call tries the next member. Once per member failure: the
+            # concurrent Ranges of one read fail together and must not rotate twice.
+            if len(self.endpoints) > 1 and self._current == used:
+                self._current = (used + 1) % len(self.endpoints)  # before the await: no race
                 await self.close()
-                self._current = (self._current + 1) % len(self.endpoints)
             log.warning("etcd_unavailable", endpoint=failed, code=err.code().name)
             raise UnavailableError(
                 f"etcd at {failed} is unavailable ({err.code().name}: {err.details()})",
@@ -219,9 +229,27 @@ class EtcdStore:
             for k in keys:
                 self._cache.move_to_end(k)
             return Snapshot({k: self._cache[k].entry for k in keys}, 0, fresh=False)
-        txn = rpc.TxnRequest(success=[self._get_op(k) for k in keys])
-        resp = await self._call("Txn", txn)
-        return self._snapshot(keys, resp.responses, resp.header.revision)
+        if not keys:
+            # A liveness probe: one count-only Range still gives the current revision.
+            resp = await self._call("Range", rpc.RangeRequest(key=self._prefix_bytes,
+                                                              count_only=True))
+            return Snapshot({}, resp.header.revision, fresh=True)
+        ranges = await asyncio.gather(*(self._range(k) for k in keys))
+        revision = max(r.header.revision for r in ranges)
+        # Concurrent Ranges may land on different revisions when a write slips between them;
+        # re-read the laggards at the newest one so the snapshot is one revision, as promised.
+        behind = [i for i, r in enumerate(ranges) if r.header.revision != revision]
+        for i, resp in zip(behind, await asyncio.gather(
+                *(self._range(keys[i], revision) for i in behind)), strict=True):
+            ranges[i] = resp
+        entries: dict[str, Entry | None] = {}
+        for key, resp in zip(keys, ranges, strict=True):
+            entries[key] = self._entry(resp.kvs[0]) if resp.kvs else None
+            self._learn(key, entries[key], revision)
+        return Snapshot(entries, revision, fresh=True)
+
+    async def _range(self, key: str, revision: int = 0) -> Any:
+        return await self._call("Range", rpc.RangeRequest(key=self._key(key), revision=revision))
 
     async def scan(self, start: str, end: str, *, limit: int, reverse: bool = False) -> Page:
         """Reads part of a range in key order (or reverse), fresh."""
@@ -250,6 +278,9 @@ class EtcdStore:
         self, guards: Sequence[Guard], writes: Sequence[Write], *, refresh: Sequence[str] = ()
     ) -> CommitResult:
         """One guarded Txn; on failure, the refreshed keys come back from the same Txn."""
+        if not writes:
+            # Without writes the Txn would be read-only: the path of etcd issue 14110.
+            raise ValueError("a commit needs at least one write")
         for attempt in (1, 2):
             leases = {w.ttl: await self._lease(w.ttl) for w in writes
                       if isinstance(w, Put) and w.ttl}
