@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 from prometheus_client import Counter, start_http_server
 
-from modelreg.server import logs
+from modelreg.server import etcd_versions, logs
 from modelreg.server.api.grpc import Metrics
 from modelreg.server.app import App
 from modelreg.server.config import ServerConfig
@@ -188,8 +188,13 @@ async def run(config: ServerConfig, *, embedded: bool) -> int:
                       if metrics_server is not None else None)
         _tune_gc()
         listen = f"{host_of(config.listen)}:{app.port}"
-        log.info("serving", listen=listen, etcd=",".join(endpoints), prefix=config.prefix,
-                 metrics=metrics_at)
+        version = await app.store.server_version()
+        log.info("serving", listen=listen, etcd=",".join(endpoints), etcd_version=version,
+                 prefix=config.prefix, metrics=metrics_at)
+        bugs = etcd_versions.known_bugs(version)
+        if bugs:
+            log.warning("etcd_version_has_known_bugs", etcd_version=version, bugs=bugs,
+                        advice=etcd_versions.ADVICE)
         wake = asyncio.Event()
         if etcd is not None:
             print(f"modelreg serving gRPC on {listen}; embedded etcd at {etcd.client_url} "

@@ -130,4 +130,5 @@ class TestEtcdSupervision:
         logs = up.logs()
         assert '"exit_code": -9' in logs and '"event": "etcd_exited"' in logs
         assert '"event": "etcd_restarted"' in logs
+        assert '"etcd_version": "3.' in logs  # the release is logged, and its known bugs
         assert "modelreg_etcd_restarts_total 1.0" in await asyncio.to_thread(_get, up.metrics)

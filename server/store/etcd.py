@@ -261,6 +261,16 @@ class EtcdStore:
         resp = await self._call("Range", request)
         return Page([self._entry(kv) for kv in resp.kvs], resp.header.revision, resp.more)
 
+    async def server_version(self) -> str:
+        """The etcd release of the member in use (Maintenance.Status), "" if it is unreachable."""
+        client = await self._kv()
+        try:
+            status = await client.maintenancestub.Status(
+                rpc.StatusRequest(), timeout=self._timeout, metadata=client.metadata)
+        except grpc.aio.AioRpcError:
+            return ""
+        return str(status.version)
+
     async def last_change(self, start: str, end: str) -> tuple[int, int]:
         """The highest ``mod_revision`` in ``[start, end)`` (0 if empty) and the revision read.
 
