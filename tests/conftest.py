@@ -36,7 +36,7 @@ def etcd_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedE
 @pytest.fixture(scope="session")
 def etcd_server(etcd_default: EmbeddedEtcd) -> EmbeddedEtcd:
     """The session etcd; modules that must hold on every etcd build override this fixture
-    with ``etcd_each_build`` (see ``tests/test_watch_feed.py``).
+    by importing ``tests.helpers.on_each_etcd_build``.
     """
     return etcd_default
 

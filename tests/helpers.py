@@ -6,6 +6,7 @@ import hashlib
 from typing import Any
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -13,6 +14,12 @@ from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
 MODEL = "fraud-detector"
+
+
+@pytest.fixture(scope="session", name="etcd_server")
+def on_each_etcd_build(etcd_each_build: Any) -> Any:
+    """Imported by a test module, runs each of its tests once per etcd build (3.5, 3.4)."""
+    return etcd_each_build
 
 
 def digest(seed: str) -> str:

@@ -19,11 +19,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelreg.server.embedded_etcd import EmbeddedEtcd, free_port
+from modelreg.server.embedded_etcd import free_port
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import watch_service_pb2 as ws
 from tests.conftest import ActorStub, start_server
 from tests.helpers import make_model
+from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
 
 CLIENT = Path(__file__).with_name("watch_chaos_client.py")
 MODELREG = shutil.which("modelreg", path=str(Path(sys.executable).parent)) or "modelreg"
@@ -33,11 +34,6 @@ PROCESSES, STREAMS = 3, 30
 ITERATIONS = int(os.environ.get("MODELREG_CHAOS_ITERATIONS", "8"))
 """Kill/restart rounds; the suite runs 8 per etcd build, a long run sets more."""
 
-
-@pytest.fixture(scope="session")
-def etcd_server(etcd_each_build: EmbeddedEtcd) -> EmbeddedEtcd:
-    """Every test here runs once per etcd build."""
-    return etcd_each_build
 
 
 class ServeProcess:

@@ -15,7 +15,6 @@ import pytest
 
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch
-from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
 from modelreg.v1 import model_service_pb2 as svc
@@ -23,14 +22,10 @@ from modelreg.v1 import watch_service_pb2 as ws
 from modelreg.v1 import watch_service_pb2_grpc
 from tests.conftest import ActorStub, start_server
 from tests.helpers import MODEL, error_info, make_model, stage
+from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
 
 BOOKMARK = ws.WATCH_MESSAGE_TYPE_BOOKMARK
 
-
-@pytest.fixture(scope="session")
-def etcd_server(etcd_each_build: EmbeddedEtcd) -> EmbeddedEtcd:
-    """Every test here runs once per etcd build."""
-    return etcd_each_build
 
 
 class TestChangeFeed:
