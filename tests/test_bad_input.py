@@ -82,7 +82,7 @@ CASES = [
          artifact_uri="s3://bucket/key\n")), ["model_version.artifact_uri"]),
     ("uri with non-ASCII", "CreateModelVersion",
      svc.CreateModelVersionRequest(parent=PARENT, model_version=version_message(
-         artifact_uri="s3://bucket/\u00e9\u2028")), ["model_version.artifact_uri"]),
+         artifact_uri="s3://bucket/caf\u00e9")), ["model_version.artifact_uri"]),
     # str.isdigit and int() accept Unicode digits: superscript 2 crashed, Arabic-Indic 1 meant 1.
     ("superscript version number", "GetModelVersion",
      svc.GetModelVersionRequest(name=f"{PARENT}/versions/\u00b2"), ["name"]),

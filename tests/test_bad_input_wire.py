@@ -42,9 +42,10 @@ def _count(server: Any, method: str, code: str) -> float:
 
 
 async def _until(condition: Any) -> None:
-    """Polls until ``condition()`` holds; the test timeout bounds it, no wall-clock assertion."""
-    while not condition():
-        await asyncio.sleep(0.02)
+    """Polls until ``condition()`` holds; gives up (fails) after a generous 10 s."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.02)
 
 
 class TestUndecodableRequests:
