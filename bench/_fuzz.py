@@ -15,9 +15,11 @@ a real channel, and three invariants are checked:
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aetcd
 import grpc
@@ -40,6 +42,7 @@ RPC_TIMEOUT = 10.0
 SERVER_MAX_RECEIVE = 4 * 1024 * 1024
 """grpc's default limit on a request: above it RESOURCE_EXHAUSTED is the transport's answer."""
 MAX_DEPTH = 3
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -368,3 +371,25 @@ class Fuzzer:
             return f"server not SERVING: {reply.status}"
         return None
 
+
+class LoopThread:
+    """An event loop in a thread, for the fuzzer (and an in-process server).
+
+    Hypothesis drives synchronous functions only: it generates cases in the caller's thread
+    while the asyncio work runs here.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs ``coro`` in the loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        """Stops the loop and joins the thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()

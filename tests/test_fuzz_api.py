@@ -5,42 +5,17 @@ The long run is ``python bench/fuzz_api.py --cases 100000``; both share ``bench/
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import uuid
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from bench._fuzz import Case, Fuzzer, cases
+from bench._fuzz import Case, Fuzzer, LoopThread, cases
 from modelreg.server.app import App
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 
 CASES = 2000
-T = TypeVar("T")
-
-
-class LoopThread:
-    """An event loop in a thread: the server and the fuzzer run there while hypothesis, which
-    drives synchronous tests only, generates cases in the test's thread.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Runs ``coro`` in the loop and waits for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        """Stops the loop and joins the thread."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
 
 
 @pytest.fixture
