@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from bench._fuzz import Case, Fuzzer, LoopThread, cases
+from bench._fuzz import MODEL, Case, Fuzzer, LoopThread, cases
+from modelreg.client import cli
 from modelreg.server.app import App
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 
@@ -55,3 +56,25 @@ class TestFuzzApi:
         check()
         assert loop.run(fuzz.check_serving()) is None
         assert fuzz.codes["OK"] > 0 and fuzz.codes["INVALID_ARGUMENT"] > 0, fuzz.codes
+
+    def test_cli_renders_what_the_fuzzer_stored(
+        self, fuzzer: tuple[LoopThread, Fuzzer], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Every listing command prints, as text and JSON, whatever 300 fuzz cases stored."""
+        loop, fuzz = fuzzer
+
+        @settings(max_examples=300, derandomize=True, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(cases())
+        def send(case: Case) -> None:
+            loop.run(fuzz.run(case))
+
+        send()
+        loop.run(fuzz.prepare())
+        for command in (["models", "list"], ["versions", "list", MODEL], ["stages", "list", MODEL],
+                        ["history", MODEL, "staging"], ["audit", "--limit", "0"], ["nodes"],
+                        ["rollout", MODEL, "staging"]):
+            for fmt in ([], ["--json"]):
+                code = cli.main(["--target", fuzz.target, *fmt, *command])
+                err = capsys.readouterr().err
+                assert code == 0 and "Traceback" not in err, (command, err)

@@ -187,6 +187,8 @@ class _Outcome:
                 self.metrics.etcd_errors.inc()
             return errors.to_status(err)
         if not isinstance(err, Exception) or isinstance(err, grpc.aio.AbortError):
+            # KeyboardInterrupt and the like, or a handler that aborted by itself (none does:
+            # handlers raise and this maps): grpc ends the call; its code is not known here.
             self.code = grpc.StatusCode.UNKNOWN
             return None
         internal = InternalError(uuid.uuid4().hex[:16])
