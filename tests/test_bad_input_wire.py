@@ -152,6 +152,20 @@ class TestHugeValues:
         assert await _keys_and_values(etcd_server, etcd_prefix) == {}
 
 
+    async def test_node_swap_time_out_of_range(self, server, etcd_server, etcd_prefix):
+        """A served stage's swap time beyond year 9999 is INVALID_ARGUMENT, nothing stored."""
+        served = fs.ServedStage(stage=f"models/{MODEL}/stages/production",
+                                swap_time={"seconds": 10**12})
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            fleet = fleet_service_pb2_grpc.FleetServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await fleet.ReportNode(fs.ReportNodeRequest(
+                    node=fs.Node(node_id="node-1", stages=[served])))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value)[2] == ["node.stages[0].swap_time.seconds"]
+        assert await _keys_and_values(etcd_server, etcd_prefix) == {}
+
+
 class TestCallOutcome:
     async def test_cancelled_unary_call_is_logged_cancelled(self, stub, server, monkeypatch):
         """A unary call the client cancels mid-handler is logged and counted CANCELLED, not OK."""
