@@ -75,6 +75,18 @@ MEANINGFUL = [
     "node-1", "eu-west-1", SHA, "file:///models/m.bin", "s3://bucket/key", '"1"', '"0"',
     "description", "tags", "sunset_time", "custom_stages", "bW9kZWxzL2Z1eno=", "req-1",
 ]
+NAMES = [f"models/{MODEL}", f"models/{MODEL}/versions/1", f"models/{MODEL}/versions/2",
+         f"models/{MODEL}/stages/staging", f"models/{MODEL}/stages/production",
+         f"models/{MODEL}/stages/canary", "models/m-new"]
+TAME = {
+    "name": NAMES, "parent": NAMES, "stage": NAMES, "model_id": [MODEL, "m-new"],
+    "model": [MODEL, ""], "models": [MODEL], "stages": ["staging", "production", "canary"],
+    "custom_stages": ["canary", "shadow"], "sha256": [SHA], "dataset_sha256": ["", SHA],
+    "artifact_uri": ["file:///models/m.bin"], "etag": [""], "page_token": [""],
+    "request_id": ["", "req-1", "req-2"], "node_id": ["node-1", "node-2"],
+    "region": ["", "eu-west-1"], "reason": ["", "because"], "model_prefix": ["", "fuzz"],
+}
+"""Valid values by field name, for tame requests; other string fields get ``MEANINGFUL``."""
 HOSTILE = [
     lambda s: s + "\n", lambda s: s + "\r\n", lambda s: "\n" + s, lambda s: s + "\x00",
     lambda s: s + "\u0661", lambda s: s + "\u00b2", lambda s: s.upper(), lambda s: s + " ",
@@ -118,58 +130,67 @@ def _ints(kind: int) -> st.SearchStrategy[int]:
     return st.one_of(st.sampled_from(edges), st.integers(lo, hi), st.integers(0, 20))
 
 
-def timestamps() -> st.SearchStrategy[timestamp_pb2.Timestamp]:
-    """Valid instants and every kind of out-of-range pair."""
-    return st.builds(
-        lambda s, n: timestamp_pb2.Timestamp(seconds=s, nanos=n),
-        st.one_of(st.sampled_from(TIME_EDGES), st.integers(-(2**63), 2**63 - 1)),
-        st.one_of(st.sampled_from(NANO_EDGES), st.integers(-(2**31), 2**31 - 1)),
-    )
+def timestamps(tame: bool) -> st.SearchStrategy[timestamp_pb2.Timestamp]:
+    """Valid instants and (unless ``tame``) every kind of out-of-range pair."""
+    seconds, nanos = st.integers(0, 2_000_000_000), st.integers(0, 999_999_999)
+    if not tame:
+        seconds = st.one_of(st.sampled_from(TIME_EDGES), st.integers(-(2**63), 2**63 - 1))
+        nanos = st.one_of(st.sampled_from(NANO_EDGES), st.integers(-(2**31), 2**31 - 1))
+    return st.builds(lambda s, n: timestamp_pb2.Timestamp(seconds=s, nanos=n), seconds, nanos)
 
 
-def _scalar(f: descriptor.FieldDescriptor) -> st.SearchStrategy[Any]:
+def _scalar(f: descriptor.FieldDescriptor, tame: bool) -> st.SearchStrategy[Any]:
     t = f.type
     if t == f.TYPE_STRING:
-        return strings()
+        return st.sampled_from(TAME.get(f.name, MEANINGFUL)) if tame else strings()
     if t == f.TYPE_BYTES:
         return st.binary(max_size=64)
     if t == f.TYPE_BOOL:
         return st.booleans()
     if t in (f.TYPE_DOUBLE, f.TYPE_FLOAT):
+        if tame:
+            return st.floats(0, 1)
         return st.floats(allow_nan=True, allow_infinity=True, width=64 if t == f.TYPE_DOUBLE
                          else 32)
     if t == f.TYPE_ENUM:
-        known = [v.number for v in f.enum_type.values]
-        return st.one_of(st.sampled_from(known), st.integers(-(2**31), 2**31 - 1))
-    return _ints(t)
+        known = st.sampled_from([v.number for v in f.enum_type.values])
+        return known if tame else st.one_of(known, st.integers(-(2**31), 2**31 - 1))
+    return st.integers(0, 3) if tame else _ints(t)
 
 
-def messages(d: descriptor.Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
-    """Messages of type ``d`` with any subset of fields set to generated values."""
+def messages(
+    d: descriptor.Descriptor, *, tame: bool = False, depth: int = 0
+) -> st.SearchStrategy[Message]:
+    """Messages of type ``d`` with any subset of fields set to generated values.
+
+    ``tame`` messages take only meaningful names and small, in-range values, so that many of
+    them pass validation and reach the lifecycle rules and etcd; the others are hostile.
+    """
     if d.full_name == "google.protobuf.Timestamp":
-        return timestamps()
+        return timestamps(tame)
     if d.full_name == "google.protobuf.FieldMask":
-        fields = st.lists(strings(), max_size=4)
-        return fields.map(lambda paths: _new(d, paths=paths))
+        masks = ["description", "tags", "sunset_time", "custom_stages"]
+        paths = st.lists(st.sampled_from(masks) if tame else strings(), max_size=4)
+        return paths.map(lambda p: _new(d, paths=p))
     optional: dict[str, st.SearchStrategy[Any]] = {}
     for f in d.fields:
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
             key, value = (f.message_type.fields_by_name[n] for n in ("key", "value"))
-            optional[f.name] = st.one_of(
-                st.dictionaries(_scalar(key), _value(value, depth), max_size=3),
-                st.dictionaries(_scalar(key), _value(value, depth), min_size=60, max_size=70),
-            )
+            few = st.dictionaries(_scalar(key, tame), _value(value, tame, depth), max_size=3)
+            many = st.dictionaries(_scalar(key, tame), _value(value, tame, depth),
+                                   min_size=60, max_size=70)
+            optional[f.name] = few if tame else st.one_of(few, many)
         elif f.is_repeated:
-            optional[f.name] = st.lists(_value(f, depth), max_size=4)
+            optional[f.name] = st.lists(_value(f, tame, depth), max_size=2 if tame else 4)
         elif f.message_type is None or depth < MAX_DEPTH:
-            optional[f.name] = _value(f, depth)
+            optional[f.name] = _value(f, tame, depth)
     return st.fixed_dictionaries({}, optional=optional).map(lambda values: _build(d, values))
 
 
-def _value(f: descriptor.FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+def _value(f: descriptor.FieldDescriptor, tame: bool, depth: int) -> st.SearchStrategy[Any]:
     if f.message_type is not None:
-        return messages(f.message_type, depth + 1)
-    return _scalar(f)
+        return messages(f.message_type, tame=tame, depth=depth + 1)
+    return _scalar(f, tame)
 
 
 def _new(d: descriptor.Descriptor, **fields: Any) -> Message:
@@ -235,7 +256,8 @@ class Case:
 def cases() -> st.SearchStrategy[Case]:
     """Any RPC with a generated request (mostly) or raw bytes."""
     def for_method(m: Method) -> st.SearchStrategy[Case]:
-        generated = messages(m.request).map(lambda msg: msg.SerializeToString())
+        generated = st.one_of(messages(m.request, tame=True), messages(m.request)).map(
+            lambda msg: msg.SerializeToString())
         raw = st.one_of(
             st.binary(max_size=48),
             st.builds(_corrupt, generated, st.integers(0, 3), st.integers(0, 2**16)),
