@@ -33,6 +33,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--cases", type=int, default=100_000, help="requests to send")
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (random)")
+    parser.add_argument("--first-message-timeout", type=float, default=1.0,
+                        help="seconds to wait for a watch stream's first message (1)")
     parser.add_argument("--keep", action="store_true", help="keep etcd data and the log")
     return parser.parse_args(argv)
 
@@ -65,9 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupt_on_sigterm()
     tmp = make_tmpdir()
     loop = LoopThread()
+    interrupted = False
+    fuzzer: Fuzzer | None = None
     try:
         with serving(tmp) as server:
-            fuzzer = Fuzzer(server.listen, server.etcd.host, server.etcd.client_port, PREFIX)
+            fuzzer = Fuzzer(server.listen, server.etcd.host, server.etcd.client_port, PREFIX,
+                            first_message_timeout=args.first_message_timeout)
 
             async def start() -> None:
                 async with grpc.aio.insecure_channel(server.listen) as channel:
@@ -83,19 +88,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 loop.run(fuzzer.close())
     except KeyboardInterrupt:
+        # SIGTERM or Ctrl-C: still report what ran, so a long run cut short counts.
         print("interrupted", file=sys.stderr)
-        return 130
+        interrupted = True
     finally:
         loop.close()
         remove_tmpdir(tmp, args.keep)
-    print(f"seed {run_seed}")
+    print(f"seed {run_seed}{' (interrupted)' if interrupted else ''}")
+    if fuzzer is None:
+        return 130
     print(f"cases {fuzzer.sent}")
     for code, count in fuzzer.codes.most_common():
         print(f"code {code} {count}")
     print(f"findings {len(fuzzer.findings)}")
     for finding in fuzzer.findings:
         print(f"finding {finding}")
-    return 1 if fuzzer.findings else 0
+    return 130 if interrupted else 1 if fuzzer.findings else 0
 
 
 if __name__ == "__main__":
