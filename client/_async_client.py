@@ -337,7 +337,10 @@ class AsyncRegistryClient(AsyncTransport):
         page_token: str = "",
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.ListAuditEventsResponse:
-        """Read one page of audit events, newest first, filtered by model, actor and time."""
+        """Read one page of audit events, newest first, filtered by model, actor and time.
+
+        ``model`` is a model id or ``models/{model}``; it is sent as the request's ``parent``.
+        """
         req = rq.list_audit_events(
             model=model,
             actor=actor,

@@ -7,11 +7,11 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
-from google.protobuf.message import Message
+from google.protobuf import timestamp_pb2
 
+from modelreg.client._json import to_json as to_json  # re-exported: the commands' JSON
+from modelreg.client._json import valid_time
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
@@ -56,13 +56,6 @@ def file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def to_json(message: Message) -> dict[str, Any]:
-    """Convert a message to a JSON-ready dict, with proto field names and every field present."""
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """Render rows as left-aligned columns under upper-case headers, two spaces apart."""
     cells = [[str(h).upper() for h in headers]] + [[str(c) for c in row] for row in rows]
@@ -95,6 +88,8 @@ def when(ts: timestamp_pb2.Timestamp) -> str:
     """Format a Timestamp as ISO 8601 UTC to the second; ``-`` when unset."""
     if ts.seconds == 0 and ts.nanos == 0:
         return "-"
+    if not valid_time(ts):
+        return f"invalid time (seconds={ts.seconds}, nanos={ts.nanos})"
     return ts.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

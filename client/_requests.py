@@ -233,9 +233,9 @@ def list_audit_events(
     page_size: int,
     page_token: str,
 ) -> pb.ListAuditEventsRequest:
-    """Build a ListAuditEventsRequest; ``model`` may be an id or a full model name."""
+    """Build a ListAuditEventsRequest; ``model`` (an id or a full name) becomes its ``parent``."""
     req = pb.ListAuditEventsRequest(
-        model=model_id(model) if model else "",
+        parent=model_name(model) if model else "",
         actor=actor or "",
         page_size=page_size,
         page_token=page_token,

@@ -336,7 +336,10 @@ class RegistryClient(SyncTransport):
         page_token: str = "",
         timeout: float | None = None,
     ) -> pb.ListAuditEventsResponse:
-        """Read one page of audit events, newest first, filtered by model, actor and time."""
+        """Read one page of audit events, newest first, filtered by model, actor and time.
+
+        ``model`` is a model id or ``models/{model}``; it is sent as the request's ``parent``.
+        """
         req = rq.list_audit_events(
             model=model,
             actor=actor,

@@ -14,6 +14,7 @@ from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
 MODEL = "fraud-detector"
+PARENT = f"models/{MODEL}"
 
 
 @pytest.fixture(scope="session", name="etcd_server")

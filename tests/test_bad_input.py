@@ -65,6 +65,51 @@ CASES = [
     ("audit window reversed", "ListAuditEvents",
      svc.ListAuditEventsRequest(start_time={"seconds": 20}, end_time={"seconds": 10}),
      ["end_time"]),
+    # Python's `$` matches before a trailing newline: these were accepted and written.
+    ("model id with trailing newline", "CreateModel",
+     svc.CreateModelRequest(model_id="m1\n"), ["model_id"]),
+    ("tag key with trailing newline", "CreateModel",
+     svc.CreateModelRequest(model_id="m1", model=res.RegisteredModel(tags={"team\n": "x"})),
+     ["model.tags['team\\n']"]),
+    ("custom stage with trailing newline", "CreateModel",
+     svc.CreateModelRequest(model_id="m1", model=res.RegisteredModel(
+         custom_stages=["canary\n"])), ["model.custom_stages[0]"]),
+    ("digest with trailing newline", "CreateModelVersion",
+     svc.CreateModelVersionRequest(parent=PARENT, model_version=version_message(
+         sha256="a" * 64 + "\n")), ["model_version.sha256"]),
+    ("uri with trailing newline", "CreateModelVersion",
+     svc.CreateModelVersionRequest(parent=PARENT, model_version=version_message(
+         artifact_uri="s3://bucket/key\n")), ["model_version.artifact_uri"]),
+    ("uri with non-ASCII", "CreateModelVersion",
+     svc.CreateModelVersionRequest(parent=PARENT, model_version=version_message(
+         artifact_uri="s3://bucket/caf\u00e9")), ["model_version.artifact_uri"]),
+    # str.isdigit and int() accept Unicode digits: superscript 2 crashed, Arabic-Indic 1 meant 1.
+    ("superscript version number", "GetModelVersion",
+     svc.GetModelVersionRequest(name=f"{PARENT}/versions/\u00b2"), ["name"]),
+    ("Arabic-Indic version number", "UpdateModelVersion",
+     svc.UpdateModelVersionRequest(
+         model_version=res.ModelVersion(name=f"{PARENT}/versions/\u0661", description="d"),
+         update_mask={"paths": ["description"]}), ["model_version.name"]),
+    # Out-of-range timestamps were stored (and broke every reader) or failed as UNKNOWN.
+    ("sunset after year 9999", "UpdateModelVersion",
+     svc.UpdateModelVersionRequest(
+         model_version=res.ModelVersion(name=f"{PARENT}/versions/1",
+                                        sunset_time={"seconds": 253_402_300_800}),
+         update_mask={"paths": ["sunset_time"]}), ["model_version.sunset_time.seconds"]),
+    ("sunset with negative nanos", "UpdateModelVersion",
+     svc.UpdateModelVersionRequest(
+         model_version=res.ModelVersion(name=f"{PARENT}/versions/1",
+                                        sunset_time={"seconds": 1, "nanos": -1}),
+         update_mask={"paths": ["sunset_time"]}), ["model_version.sunset_time.nanos"]),
+    ("audit start after year 9999", "ListAuditEvents",
+     svc.ListAuditEventsRequest(start_time={"seconds": 10**12}), ["start_time.seconds"]),
+    ("audit end with negative nanos", "ListAuditEvents",
+     svc.ListAuditEventsRequest(end_time={"seconds": 10, "nanos": -5}), ["end_time.nanos"]),
+    # ListAuditEvents names its model like every other request: a resource name in parent.
+    ("audit parent not a model name", "ListAuditEvents",
+     svc.ListAuditEventsRequest(parent=MODEL), ["parent"]),
+    ("audit by the replaced model field", "ListAuditEvents",
+     svc.ListAuditEventsRequest(model=MODEL), ["model"]),
 ]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-from tests.helpers import MODEL, error_info, make_model, stage
+from tests.helpers import MODEL, PARENT, error_info, make_model, stage
 
 
 async def _promote(stub, version: int, etag: str = "") -> object:
@@ -29,7 +29,7 @@ class TestCompareAndSwap:
         """16 concurrent promotions with the same etag: exactly one wins, 15 are ABORTED."""
         await make_model(stub, versions=16)
         current = await stub.GetStage(svc.GetStageRequest(name=stage("production")))
-        before = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL))
+        before = await stub.ListAuditEvents(svc.ListAuditEventsRequest(parent=PARENT))
         results = await asyncio.gather(
             *(_promote(stub, v, current.stage.etag) for v in range(1, 17)))
         wins = [r for r in results if isinstance(r, svc.PromoteVersionResponse)]
@@ -42,7 +42,7 @@ class TestCompareAndSwap:
             assert metadata["current_etag"] == wins[0].stage.etag
         final = await stub.GetStage(svc.GetStageRequest(name=stage("production")))
         assert final.stage.version == wins[0].stage.version
-        after = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL))
+        after = await stub.ListAuditEvents(svc.ListAuditEventsRequest(parent=PARENT))
         assert len(after.audit_events) - len(before.audit_events) == 1
 
     async def test_interleavings_leave_one_production_version(self, stub, server):
@@ -69,7 +69,8 @@ class TestCompareAndSwap:
                                             grpc.StatusCode.FAILED_PRECONDITION), r
                     else:
                         successes += 1
-        events = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL, page_size=1000))
+        events = await stub.ListAuditEvents(
+            svc.ListAuditEventsRequest(parent=PARENT, page_size=1000))
         promotes = [e for e in events.audit_events if e.action == res.AUDIT_ACTION_PROMOTE]
         assert len(promotes) == successes
         history = await stub.ListStageHistory(

@@ -937,12 +937,12 @@ class TestAudit:
         await env.setup(2)
         await env.create_model("churn")
         await env.create_version("churn")
-        churn = await env.audit(model="churn")
+        churn = await env.audit(parent="models/churn")
         assert [e.action for e in churn] == [
             res.AUDIT_ACTION_CREATE_VERSION, res.AUDIT_ACTION_CREATE_MODEL
         ]
         assert all(e.model == "churn" for e in churn)
-        assert len(await env.audit(model=MODEL)) == 3
+        assert len(await env.audit(parent=f"models/{MODEL}")) == 3
 
     async def test_filter_by_actor(self, env: Env) -> None:
         """Filtering by actor returns only the events that principal caused."""

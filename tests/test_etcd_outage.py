@@ -9,7 +9,7 @@ import pytest
 
 from modelreg.v1 import model_service_pb2 as svc
 from tests.conftest import ActorStub, start_server
-from tests.helpers import MODEL, error_info, make_model, stage
+from tests.helpers import MODEL, PARENT, error_info, make_model, stage
 
 
 async def _until_ok(call, timeout: float = 20.0):
@@ -62,7 +62,7 @@ class TestEtcdOutage:
                 versions = await stub.ListModelVersions(
                     svc.ListModelVersionsRequest(parent=f"models/{MODEL}"))
                 assert [v.version for v in versions.model_versions] == [1, 2]
-                events = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL))
+                events = await stub.ListAuditEvents(svc.ListAuditEventsRequest(parent=PARENT))
                 assert len(events.audit_events) == 5  # create model, 2 versions, 2 promotions
         finally:
             await running.stop()

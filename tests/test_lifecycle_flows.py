@@ -7,7 +7,7 @@ import pytest
 
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-from tests.helpers import MODEL, error_info, make_model, stage
+from tests.helpers import MODEL, PARENT, error_info, make_model, stage
 
 VS = res.VersionState
 
@@ -53,13 +53,13 @@ class TestSeedFlow:
     async def test_skipping_staging_is_refused_and_writes_nothing(self, stub):
         """Promoting a registered version straight to production is FAILED_PRECONDITION."""
         await make_model(stub, versions=1)
-        before = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL))
+        before = await stub.ListAuditEvents(svc.ListAuditEventsRequest(parent=PARENT))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.PromoteVersion(
                 svc.PromoteVersionRequest(name=stage("production"), version=1))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_info(caught.value)[0] == "STAGING_REQUIRED"
-        after = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL))
+        after = await stub.ListAuditEvents(svc.ListAuditEventsRequest(parent=PARENT))
         assert len(after.audit_events) == len(before.audit_events)
         got = await stub.GetStage(svc.GetStageRequest(name=stage("production")))
         assert got.stage.version == 0
@@ -76,7 +76,7 @@ class TestSeedFlow:
         fixed = await stub.PromoteVersion(svc.PromoteVersionRequest(
             name=stage("production"), version=2, hotfix=True, reason="CVE-2026-1 in v1 featurizer"))
         assert fixed.stage.hotfix and fixed.stage.backfill_required
-        events = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model=MODEL, page_size=1))
+        events = await stub.ListAuditEvents(svc.ListAuditEventsRequest(parent=PARENT, page_size=1))
         event = events.audit_events[0]
         assert event.hotfix and event.reason == "CVE-2026-1 in v1 featurizer"
         assert event.revision == fixed.revision
@@ -192,7 +192,7 @@ class TestAudit:
 
             bob = ActorStub(channel, "bob")
             await make_model(bob, "b-model", versions=1)
-        by_model = await stub.ListAuditEvents(svc.ListAuditEventsRequest(model="b-model"))
+        by_model = await stub.ListAuditEvents(svc.ListAuditEventsRequest(parent="models/b-model"))
         assert {e.actor for e in by_model.audit_events} == {"bob"}
         assert len(by_model.audit_events) == 2
         by_actor = await stub.ListAuditEvents(svc.ListAuditEventsRequest(actor="alice"))

@@ -2,7 +2,8 @@
 
 Each error goes out as a ``google.rpc.Status`` carrying ``ErrorInfo`` (reason, domain,
 metadata: AIP-193) and, for bad requests, ``BadRequest`` with one violation per field.
-Anything that is not a ``ModelregError`` is a server bug and leaves as ``INTERNAL``.
+Anything that is not a ``ModelregError`` is a server bug: the interceptor turns it into an
+``InternalError`` (``INTERNAL``, a generic message and an error id).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from modelreg.server.domain.errors import (
     AbortedError,
     AlreadyExistsError,
     FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     ModelregError,
     NotFoundError,
@@ -34,6 +36,7 @@ STATUS_BY_ERROR: dict[type[ModelregError], grpc.StatusCode] = {
     AbortedError: grpc.StatusCode.ABORTED,
     SlowConsumerError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    InternalError: grpc.StatusCode.INTERNAL,
 }
 
 

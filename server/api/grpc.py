@@ -1,14 +1,18 @@
 """Server wiring: the ModelService, health, reflection, and one interceptor for every RPC.
 
-The interceptor is where cross-cutting work happens once: domain errors become rich statuses
-(``errors.to_status``), every call is logged as one structlog JSON line carrying method,
-request id, model, stage, code and revision, and counted in Prometheus metrics.
+The interceptor is where cross-cutting work happens once, for unary and streaming RPCs alike:
+undecodable requests and domain errors become rich statuses (``errors.to_status``), any other
+exception becomes INTERNAL with an error id that finds its traceback in the log, and every call
+is logged as one structlog JSON line carrying method, request id, model, stage, revision and
+the code its caller got (CANCELLED or DEADLINE_EXCEEDED too), and counted in Prometheus.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +26,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from modelreg.server.api import errors
 from modelreg.server.api.servicer import SERVICE, ModelServicer
 from modelreg.server.api.watch_servicer import FleetServicer, WatchServicer
-from modelreg.server.domain.errors import ModelregError, UnavailableError
+from modelreg.server.domain.errors import (
+    FieldViolation,
+    InternalError,
+    InvalidArgumentError,
+    ModelregError,
+    UnavailableError,
+)
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.watch import StageHub
@@ -38,7 +48,7 @@ from modelreg.v1 import (
 log = structlog.get_logger("modelreg.rpc")
 
 API_PREFIX = "/modelreg.v1."
-"""Unary methods of every modelreg service go through the interceptor."""
+"""Every method of every modelreg service goes through the interceptor."""
 
 SERVER_OPTIONS = [
     # Watch streams sit idle for long: keepalive finds dead peers and frees their streams.
@@ -81,26 +91,124 @@ class Metrics:
         )
 
 
-def _context_fields(request: Message) -> dict[str, Any]:
-    """Request id, model and stage named by a request, for the log line."""
+LOGGED_CHARS = 64
+"""Characters of a request value (model, stage, request id) put in a log line."""
+
+
+def _bounded(value: str) -> str:
+    return value if len(value) <= LOGGED_CHARS else value[:LOGGED_CHARS] + "..."
+
+
+def _context_fields(request: object) -> dict[str, Any]:
+    """Request id, model and stage named by a request, for the log line (bounded)."""
     fields: dict[str, Any] = {}
     if getattr(request, "request_id", ""):
-        fields["request_id"] = request.request_id  # type: ignore[attr-defined]
+        fields["request_id"] = _bounded(request.request_id)  # type: ignore[attr-defined]
     for attr in ("name", "parent", "model"):
         value = getattr(request, attr, None)
         if isinstance(value, Message):
             value = getattr(value, "name", "")
         if isinstance(value, str) and value.startswith("models/"):
-            parts = value.split("/")
-            fields["model"] = parts[1]
+            parts = value.split("/", 4)
+            fields["model"] = _bounded(parts[1])
             if len(parts) >= 4 and parts[2] == "stages":
-                fields["stage"] = parts[3]
+                fields["stage"] = _bounded(parts[3])
             break
     return fields
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it.
+
+    grpc.aio parses a request before any handler or interceptor code runs and answers a parse
+    error with UNKNOWN and protobuf's exception text; a deserializer that returns this instead
+    of raising lets the wrapped handler answer INVALID_ARGUMENT with a rich status.
+    """
+
+    method: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        if deserializer is None:
+            return raw
+        try:
+            return deserializer(raw)
+        except Exception:  # DecodeError for bad UTF-8, truncated or corrupt wire bytes
+            return Undecodable(method)
+
+    return parse
+
+
+def _decoded(request: object) -> Any:
+    if isinstance(request, Undecodable):
+        raise InvalidArgumentError(
+            [FieldViolation("request", f"is not a valid {request.method}Request protobuf "
+                            "message (truncated or corrupt bytes, or a string that is not UTF-8)")],
+            reason="UNDECODABLE_REQUEST",
+        )
+    return request
+
+
+def _deadline_passed(context: Any) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+class _Outcome:
+    """What one call's caller got, logged as one line and counted once when the call ends."""
+
+    def __init__(self, metrics: Metrics, method: str, request: object) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.fields = _context_fields(request)
+        self.code = grpc.StatusCode.OK
+        self.started = time.perf_counter()
+
+    def succeeded(self, context: Any, response: object = None) -> None:
+        """The handler finished; past the deadline the caller has DEADLINE_EXCEEDED already."""
+        if _deadline_passed(context):
+            self.code = grpc.StatusCode.DEADLINE_EXCEEDED
+        if getattr(response, "revision", 0):
+            self.fields["revision"] = response.revision  # type: ignore[attr-defined]
+
+    def failed(self, err: BaseException, context: Any) -> grpc.Status | None:
+        """The status to abort with, or None when ``err`` must propagate as it is."""
+        if isinstance(err, asyncio.CancelledError | GeneratorExit):
+            # grpc cancels the handler when the client cancels or the deadline passes.
+            self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context)
+                         else grpc.StatusCode.CANCELLED)
+            return None
+        if isinstance(err, ModelregError):
+            self.code = errors.status_code(err)
+            self.fields.update(reason=err.reason, error=err.message)
+            if isinstance(err, UnavailableError):
+                self.metrics.etcd_errors.inc()
+            return errors.to_status(err)
+        if not isinstance(err, Exception) or isinstance(err, grpc.aio.AbortError):
+            # KeyboardInterrupt and the like, or a handler that aborted by itself (none does:
+            # handlers raise and this maps): grpc ends the call; its code is not known here.
+            self.code = grpc.StatusCode.UNKNOWN
+            return None
+        internal = InternalError(uuid.uuid4().hex[:16])
+        self.code = grpc.StatusCode.INTERNAL
+        self.fields.update(reason=internal.reason, error_id=internal.error_id)
+        log.error("rpc_failed", method=self.method, exc_info=err, **self.fields)
+        return errors.to_status(internal)
+
+    def done(self) -> None:
+        """Counts and logs the call with the code its caller got."""
+        elapsed = time.perf_counter() - self.started
+        self.metrics.rpcs.labels(self.method, self.code.name).inc()
+        self.metrics.latency.labels(self.method).observe(elapsed)
+        level = log.info if self.code == grpc.StatusCode.OK else log.warning
+        level("rpc", method=self.method, code=self.code.name,
+              duration_ms=round(elapsed * 1000, 3), **self.fields)
+
+
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to statuses, logs and measures every unary call."""
+    """One path for every modelreg RPC, unary and streaming: decode, map errors, log, measure."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -113,56 +221,69 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Wraps unary-unary handlers of the model service (once per method); passes the rest."""
+        """Wraps the handlers of the modelreg services (once per method); passes the rest."""
         method = handler_call_details.method
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not method.startswith(API_PREFIX):
+        if handler is None or not method.startswith(API_PREFIX):
             return handler
-        self._wrapped[method] = self._wrap(handler, method.rsplit("/", 1)[-1])
+        short = method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            self._wrapped[method] = self._wrap_unary(handler, handler.unary_unary, short)
+        elif handler.unary_stream is not None:
+            self._wrapped[method] = self._wrap_stream(handler, handler.unary_stream, short)
+        else:  # no client-streaming RPCs in the API (buf's advice); fail loudly if one appears
+            raise TypeError(f"{method}: client-streaming RPCs are not wired")
         return self._wrapped[method]
 
-    def _wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], short: str
+    def _wrap_unary(
+        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, short: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        inner = handler.unary_unary
-        assert inner is not None
         metrics = self._metrics
 
-        async def wrapped(request: Message, context: Any) -> Any:
-            started = time.perf_counter()
-            fields = _context_fields(request)
-            code = grpc.StatusCode.OK
-            response = None
+        async def wrapped(request: object, context: Any) -> Any:
+            outcome = _Outcome(metrics, short, request)
             try:
-                response = await inner(request, context)
+                response = await inner(_decoded(request), context)
+                outcome.succeeded(context, response)
                 return response
-            except ModelregError as err:
-                code = errors.status_code(err)
-                fields.update(reason=err.reason, error=err.message)
-                if isinstance(err, UnavailableError):
-                    metrics.etcd_errors.inc()
-                await context.abort_with_status(errors.to_status(err))
-            except Exception as err:
-                if isinstance(err, grpc.aio.AbortError):
+            except BaseException as err:
+                status = outcome.failed(err, context)
+                if status is None:
                     raise
-                code = grpc.StatusCode.INTERNAL
-                log.exception("rpc_failed", method=short, **fields)
-                raise
+                await context.abort_with_status(status)
             finally:
-                elapsed = time.perf_counter() - started
-                metrics.rpcs.labels(short, code.name).inc()
-                metrics.latency.labels(short).observe(elapsed)
-                if response is not None and getattr(response, "revision", None):
-                    fields["revision"] = response.revision
-                level = log.info if code == grpc.StatusCode.OK else log.warning
-                level("rpc", method=short, code=code.name,
-                      duration_ms=round(elapsed * 1000, 3), **fields)
+                outcome.done()
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer, short),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_stream(
+        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, short: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        metrics = self._metrics
+
+        async def wrapped(request: object, context: Any) -> AsyncIterator[Any]:
+            outcome = _Outcome(metrics, short, request)
+            try:
+                async for message in inner(_decoded(request), context):
+                    yield message
+                outcome.succeeded(context)
+            except BaseException as err:
+                status = outcome.failed(err, context)
+                if status is None:
+                    raise
+                await context.abort_with_status(status)
+            finally:
+                outcome.done()
+
+        return grpc.unary_stream_rpc_method_handler(
+            wrapped,
+            request_deserializer=_tolerant(handler.request_deserializer, short),
             response_serializer=handler.response_serializer,
         )
 

@@ -3,7 +3,8 @@
 A WatchStages handler validates the selection, subscribes to the hub, writes the opening
 (snapshot or missed changes), then every queued message; when nothing arrives for a bookmark
 interval it writes a bookmark. A stream that overflowed its queue ends RESOURCE_EXHAUSTED.
-Cancellation (the client went away, the server is stopping) is never swallowed.
+Errors become statuses in the server's one interceptor (``modelreg.server.api.grpc``), as for
+unary RPCs. Cancellation (the client went away, the server is stopping) is never swallowed.
 """
 
 from __future__ import annotations
@@ -12,14 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from modelreg.server.api import errors
 from modelreg.server.domain import validation
-from modelreg.server.domain.errors import (
-    FieldViolation,
-    ModelregError,
-    SlowConsumerError,
-    UnavailableError,
-)
+from modelreg.server.domain.errors import FieldViolation, SlowConsumerError, UnavailableError
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.watch import OverflowError_, Selector, StageHub
 from modelreg.v1 import fleet_service_pb2 as fs
@@ -36,7 +31,7 @@ def selector_of(req: ws.WatchStagesRequest) -> Selector:
     for i, model in enumerate(req.models):
         validation.model_id(v, f"models[{i}]", model)
     if req.model_prefix:
-        v.check(bool(validation.NODE_ID_RE.match(req.model_prefix.rstrip("-"))) and
+        v.check(bool(validation.NODE_ID_RE.fullmatch(req.model_prefix.rstrip("-"))) and
                 len(req.model_prefix) <= 63, "model_prefix", "must be the start of a model id")
     for i, stage in enumerate(req.stages):
         validation.stage_id(v, f"stages[{i}]", stage)
@@ -59,36 +54,33 @@ class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
     async def WatchStages(  # noqa: D102
         self, request: ws.WatchStagesRequest, context: Any
     ) -> AsyncIterator[ws.WatchStagesResponse]:
+        selector = selector_of(request)
         try:
-            selector = selector_of(request)
-            try:
-                await asyncio.wait_for(self._hub.ready.wait(), READY_TIMEOUT)
-            except TimeoutError:
-                raise UnavailableError("the watch cache has not loaded from etcd yet") from None
-            sub = self._hub.subscribe(selector)
-            try:
-                for message in await self._hub.opening(sub, request.start_revision):
-                    yield message
-                while True:
-                    try:
-                        # asyncio.timeout, not wait_for: no extra task per message.
-                        async with asyncio.timeout(self._bookmark_interval):
-                            message = await sub.get()
-                    except TimeoutError:
-                        bookmark = self._hub.bookmark(sub)
-                        if bookmark is None:
-                            continue
-                        message = bookmark
-                    yield message
-            except OverflowError_:
-                raise SlowConsumerError(
-                    f"this stream fell more than {sub.queue.maxsize} messages behind; "
-                    f"resume with start_revision = your last revision + 1"
-                ) from None
-            finally:
-                self._hub.unsubscribe(sub)
-        except ModelregError as err:
-            await context.abort_with_status(errors.to_status(err))
+            await asyncio.wait_for(self._hub.ready.wait(), READY_TIMEOUT)
+        except TimeoutError:
+            raise UnavailableError("the watch cache has not loaded from etcd yet") from None
+        sub = self._hub.subscribe(selector)
+        try:
+            for message in await self._hub.opening(sub, request.start_revision):
+                yield message
+            while True:
+                try:
+                    # asyncio.timeout, not wait_for: no extra task per message.
+                    async with asyncio.timeout(self._bookmark_interval):
+                        message = await sub.get()
+                except TimeoutError:
+                    bookmark = self._hub.bookmark(sub)
+                    if bookmark is None:
+                        continue
+                    message = bookmark
+                yield message
+        except OverflowError_:
+            raise SlowConsumerError(
+                f"this stream fell more than {sub.queue.maxsize} messages behind; "
+                f"resume with start_revision = your last revision + 1"
+            ) from None
+        finally:
+            self._hub.unsubscribe(sub)
 
 
 class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from modelreg.server.domain import keys, records, validation
+from modelreg.server.domain import keys, names, records, validation
+from modelreg.server.domain.errors import InvalidArgumentError
 from modelreg.server.domain.ports import Entry, ModelStore
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
@@ -15,12 +16,20 @@ class AuditLog:
         self._store = store
 
     async def list(self, req: svc.ListAuditEventsRequest) -> svc.ListAuditEventsResponse:
-        """Events newest first, by model, actor and ``[start_time, end_time)``."""
+        """Events newest first, by model (``parent``), actor and ``[start_time, end_time)``."""
+        if any(f.name == "model" for f, _ in req.ListFields()):
+            raise InvalidArgumentError.field(
+                "model", "is replaced by parent: give models/{model} in parent",
+                reason="FIELD_REPLACED",
+            )
+        model_id = names.parse_model("parent", req.parent) if req.parent else ""
         v = validation.Violations()
         size = validation.page_size(v, req.page_size)
-        if req.model:
-            validation.model_id(v, "model", req.model)
         validation.text(v, "actor", req.actor, validation.MAX_ACTOR)
+        for field in ("start_time", "end_time"):
+            if req.HasField(field):
+                validation.timestamp(v, field, getattr(req, field))
+        v.raise_if_any()
         start_ns = req.start_time.ToNanoseconds() if req.HasField("start_time") else 0
         end_ns = req.end_time.ToNanoseconds() if req.HasField("end_time") else 0
         v.check(start_ns >= 0, "start_time", "must not be before 1970")
@@ -36,13 +45,13 @@ class AuditLog:
 
         def accept(e: Entry) -> bool:
             event = decoded(e)
-            return (not req.model or event.model == req.model) and (
+            return (not model_id or event.model == model_id) and (
                 not req.actor or event.actor == req.actor
             )
 
         page = await records.list_page(
             self._store, start, end, page_size=size, token=req.page_token, reverse=True,
-            accept=accept if (req.model or req.actor) else None,
+            accept=accept if (model_id or req.actor) else None,
         )
         return svc.ListAuditEventsResponse(
             audit_events=[decoded(e) for e in page.entries],

@@ -14,7 +14,12 @@ status code in a single table (``modelreg.server.api.errors``) and sends ``reaso
     │   ├── EtagMismatchError       the caller's etag is stale
     │   └── ContentionError         retried against fresh state, gave up
     ├── SlowConsumerError           a watch stream fell too far behind  → RESOURCE_EXHAUSTED
-    └── UnavailableError            etcd cannot be reached              → UNAVAILABLE
+    ├── UnavailableError            etcd cannot be reached              → UNAVAILABLE
+    └── InternalError               a server bug, found by its error id → INTERNAL
+
+Everything an error carries goes back to the caller in the status trailers (message, metadata,
+field violations), where gRPC clients refuse more than 8 KiB in all: a bad value is only ever
+echoed as a short prefix (``echo``), and the constructors bound whatever else they are given.
 """
 
 from __future__ import annotations
@@ -24,6 +29,29 @@ from dataclasses import dataclass
 
 ERROR_DOMAIN = "modelreg.dev"
 """``google.rpc.ErrorInfo.domain`` of every error modelreg sends."""
+
+ECHO_CHARS = 40
+"""Characters of a caller's value echoed back in an error (and logged)."""
+MAX_MESSAGE = 1024
+MAX_METADATA_VALUE = 256
+MAX_VIOLATIONS = 8
+MAX_FIELD = 128
+MAX_DESCRIPTION = 256
+
+
+def echo(value: str) -> str:
+    """A caller's value for an error message: quoted, ASCII-escaped, at most a short prefix.
+
+    ASCII so the status message needs no percent-encoding on the wire (which would multiply
+    its size); a prefix so a 2 MiB id cannot make a 2 MiB status, trailer or log line.
+    """
+    if len(value) <= ECHO_CHARS:
+        return ascii(value)
+    return f"{value[:ECHO_CHARS]!a}... ({len(value)} characters)"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -35,6 +63,11 @@ class FieldViolation:
     description: str
     """What is wrong and what would be right."""
 
+    def __post_init__(self) -> None:
+        # Map keys become part of field paths: bound them here, whoever built the violation.
+        object.__setattr__(self, "field", _clip(self.field, MAX_FIELD))
+        object.__setattr__(self, "description", _clip(self.description, MAX_DESCRIPTION))
+
 
 class ModelregError(Exception):
     """Root of every domain error: a stable ``reason`` plus string metadata for clients."""
@@ -44,11 +77,14 @@ class ModelregError(Exception):
     def __init__(
         self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
     ) -> None:
+        message = _clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
-        self.metadata: dict[str, str] = dict(metadata or {})
+        self.metadata: dict[str, str] = {
+            k: _clip(v, MAX_METADATA_VALUE) for k, v in (metadata or {}).items()
+        }
 
 
 class InvalidArgumentError(ModelregError):
@@ -57,8 +93,11 @@ class InvalidArgumentError(ModelregError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
-        self.violations = tuple(violations)
+        # The first few name the problem; hundreds (one per bad tag) would overflow the trailers.
+        self.violations = tuple(violations)[:MAX_VIOLATIONS]
         text = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        if len(violations) > MAX_VIOLATIONS:
+            text += f"; and {len(violations) - MAX_VIOLATIONS} more"
         super().__init__(
             f"invalid request: {text}",
             reason=reason,
@@ -66,9 +105,11 @@ class InvalidArgumentError(ModelregError):
         )
 
     @classmethod
-    def field(cls, field: str, description: str) -> InvalidArgumentError:
+    def field(
+        cls, field: str, description: str, *, reason: str | None = None
+    ) -> InvalidArgumentError:
         """Shorthand for a single bad field."""
-        return cls([FieldViolation(field, description)])
+        return cls([FieldViolation(field, description)], reason=reason)
 
 
 class OutOfRangeError(InvalidArgumentError):
@@ -125,7 +166,8 @@ class EtagMismatchError(AbortedError):
 
     def __init__(self, resource: str, given_etag: str, current_etag: str) -> None:
         super().__init__(
-            f"{resource} changed: etag {given_etag} is stale, current etag is {current_etag}",
+            f"{resource} changed: etag {echo(given_etag)} is stale, "
+            f"current etag is {current_etag}",
             metadata={"resource": resource, "current_etag": current_etag},
         )
         self.resource = resource
@@ -148,3 +190,20 @@ class UnavailableError(ModelregError):
     """etcd could not be reached or did not answer in time; the request may be retried."""
 
     reason = "STORE_UNAVAILABLE"
+
+
+class InternalError(ModelregError):
+    """A server bug: the caller gets a generic message and an id that finds the log entry.
+
+    Raised only by the gRPC layer when a handler fails unexpectedly; the exception's own text
+    may hold internals and is logged with its traceback, never sent.
+    """
+
+    reason = "INTERNAL"
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(
+            f"internal error {error_id}; the server log has the details under this error_id",
+            metadata={"error_id": error_id},
+        )
+        self.error_id = error_id

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from modelreg.server.domain import keys, names, records, validation
-from modelreg.server.domain.errors import NotFoundError
+from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
 from modelreg.server.domain.ports import Entry, ModelStore
 from modelreg.server.domain.transaction import now_timestamp
 from modelreg.v1 import fleet_service_pb2 as fs
@@ -35,9 +35,11 @@ def _check_node(v: validation.Violations, node: fs.Node) -> None:
     for i, served in enumerate(node.stages):
         try:
             names.parse_stage(f"node.stages[{i}].stage", served.stage)
-        except Exception as err:  # InvalidArgumentError: collect it with the rest
-            v.items.extend(getattr(err, "violations", ()))
+        except InvalidArgumentError as err:  # collect it with the rest
+            v.items.extend(err.violations)
         validation.text(v, f"node.stages[{i}].error", served.error, MAX_ERROR)
+        if served.HasField("swap_time"):
+            validation.timestamp(v, f"node.stages[{i}].swap_time", served.swap_time)
 
 
 class Fleet:

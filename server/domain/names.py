@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from modelreg.server.domain import validation
-from modelreg.server.domain.errors import InvalidArgumentError
+from modelreg.server.domain.errors import InvalidArgumentError, echo
 
 
 def model_name(model_id: str) -> str:
@@ -27,7 +27,9 @@ def _parts(field: str, name: str, collection: str | None, shape: str) -> list[st
     if len(parts) != expected or parts[0] != "models" or (
         collection is not None and parts[2] != collection
     ):
-        raise InvalidArgumentError.field(field, f"{name!r} is not a resource name of form {shape}")
+        raise InvalidArgumentError.field(
+            field, f"{echo(name)} is not a resource name of form {shape}"
+        )
     return parts
 
 
@@ -45,8 +47,8 @@ def parse_version(field: str, name: str) -> tuple[str, int]:
     parts = _parts(field, name, "versions", "models/{model}/versions/{version}")
     v = validation.Violations()
     validation.model_id(v, field, parts[1])
-    number = int(parts[3]) if parts[3].isdigit() and len(parts[3]) <= 12 else 0
-    v.check(number > 0, field, f"version {parts[3]!r} must be a positive integer")
+    number = validation.number(parts[3])
+    v.check(number > 0, field, f"version {echo(parts[3])} must be a positive integer")
     v.raise_if_any()
     return parts[1], number
 

@@ -11,16 +11,27 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from modelreg.server.domain.errors import FieldViolation, InvalidArgumentError
+from google.protobuf import timestamp_pb2
+
+from modelreg.server.domain.errors import FieldViolation, InvalidArgumentError, echo
 from modelreg.v1 import resources_pb2
 
-MODEL_ID_RE = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
-STAGE_ID_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$")
-TAG_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
-NODE_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Patterns are used with ``fullmatch`` only: ``$`` also matches before a trailing newline,
+# which let "model\n" through to etcd. ``\S`` and ``\d`` would accept Unicode: spelled out.
+MODEL_ID_RE = re.compile(r"[a-z][a-z0-9-]{0,61}[a-z0-9]")
+STAGE_ID_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?")
+TAG_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+NODE_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 """Node ids and regions: DNS-label-like, so host names fit."""
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+URI_RE = re.compile(r"[a-z][a-z0-9+.-]*://[\x21-\x7e]+")
+"""Scheme, ``://`` and printable ASCII without spaces (percent-encode anything else)."""
+NUMBER_RE = re.compile(r"[0-9]{1,12}")
+"""A decimal number in a resource name: ASCII digits only (``str.isdigit`` accepts ``²``)."""
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+"""0001-01-01T00:00:00Z, the first instant a ``google.protobuf.Timestamp`` may hold."""
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+"""9999-12-31T23:59:59Z, the last; beyond it JSON, ``datetime`` and the CLI cannot render it."""
 
 BUILTIN_STAGES = ("staging", "production")
 RESERVED_STAGES = frozenset({"latest"})
@@ -69,28 +80,30 @@ class Violations:
 def model_id(v: Violations, field: str, value: str) -> None:
     """A model id is a lowercase slug of 2-63 characters."""
     v.check(
-        bool(MODEL_ID_RE.match(value)),
+        bool(MODEL_ID_RE.fullmatch(value)),
         field,
-        f"model id {value!r} must be 2-63 characters of a-z, 0-9 and '-', "
+        f"model id {echo(value)} must be 2-63 characters of a-z, 0-9 and '-', "
         "starting with a letter and not ending with '-'",
     )
 
 
 def label(v: Violations, field: str, value: str) -> None:
     """A node id or region: 1-63 characters of a-z, 0-9 and '-', like a DNS label."""
-    v.check(bool(NODE_ID_RE.match(value)), field,
-            f"{value[:80]!r} must be 1-63 characters of a-z, 0-9 and '-' (like a host name)")
+    v.check(bool(NODE_ID_RE.fullmatch(value)), field,
+            f"{echo(value)} must be 1-63 characters of a-z, 0-9 and '-' (like a host name)")
 
 
 def stage_id(v: Violations, field: str, value: str) -> None:
     """A stage id is a lowercase slug of 1-32 characters and never ``latest``."""
     if value in RESERVED_STAGES:
-        v.add(field, f"stage {value!r} is reserved: serve a named stage, never a moving 'latest'")
+        v.add(field,
+              f"stage {echo(value)} is reserved: serve a named stage, never a moving 'latest'")
     else:
         v.check(
-            bool(STAGE_ID_RE.match(value)),
+            bool(STAGE_ID_RE.fullmatch(value)),
             field,
-            f"stage {value!r} must be 1-32 characters of a-z, 0-9 and '-', starting with a letter",
+            f"stage {echo(value)} must be 1-32 characters of a-z, 0-9 and '-', "
+            "starting with a letter",
         )
 
 
@@ -105,11 +118,11 @@ def tags(v: Violations, field: str, value: Mapping[str, str]) -> None:
     v.check(len(value) <= MAX_TAGS, field, f"has {len(value)} tags; at most {MAX_TAGS} allowed")
     for key, val in value.items():
         v.check(
-            bool(TAG_KEY_RE.match(key)),
-            f"{field}[{key!r}]",
+            bool(TAG_KEY_RE.fullmatch(key)),
+            f"{field}[{echo(key)}]",
             "tag keys are 1-63 characters of letters, digits, '.', '_', '/', '-'",
         )
-        text(v, f"{field}[{key!r}]", val, MAX_TAG_VALUE)
+        text(v, f"{field}[{echo(key)}]", val, MAX_TAG_VALUE)
 
 
 def custom_stages(v: Violations, field: str, value: Iterable[str]) -> None:
@@ -119,7 +132,7 @@ def custom_stages(v: Violations, field: str, value: Iterable[str]) -> None:
     v.check(len(set(stages)) == len(stages), field, "lists a stage twice")
     for i, name in enumerate(stages):
         if name in BUILTIN_STAGES:
-            v.add(f"{field}[{i}]", f"{name!r} is built in; declare only custom stages")
+            v.add(f"{field}[{i}]", f"{echo(name)} is built in; declare only custom stages")
         else:
             stage_id(v, f"{field}[{i}]", name)
 
@@ -129,9 +142,9 @@ def sha256(v: Violations, field: str, value: str, *, required: bool) -> None:
     if not value and not required:
         return
     v.check(
-        bool(SHA256_RE.match(value)),
+        bool(SHA256_RE.fullmatch(value)),
         field,
-        f"digest {value[:80]!r} must be 64 lowercase hex characters (sha256)",
+        f"digest {echo(value)} must be 64 lowercase hex characters (sha256)",
     )
 
 
@@ -157,7 +170,7 @@ def model_version(v: Violations, field: str, mv: resources_pb2.ModelVersion) -> 
     else:
         text(v, f"{field}.artifact_uri", mv.artifact_uri, MAX_URI)
         v.check(
-            bool(URI_RE.match(mv.artifact_uri)),
+            bool(URI_RE.fullmatch(mv.artifact_uri)),
             f"{field}.artifact_uri",
             "must be a URI with a scheme, e.g. file:///models/m.bin or s3://bucket/key",
         )
@@ -171,17 +184,33 @@ def model_version(v: Violations, field: str, mv: resources_pb2.ModelVersion) -> 
     for name, entries in (("metrics", len(mv.metrics)), ("params", len(mv.params))):
         v.check(entries <= MAX_MAP_ENTRIES, f"{field}.{name}", f"at most {MAX_MAP_ENTRIES} entries")
     for key, metric in mv.metrics.items():
-        text(v, f"{field}.metrics[{key!r}]", key, MAX_MAP_KEY)
-        v.check(math.isfinite(metric), f"{field}.metrics[{key!r}]", "must be a finite number")
+        text(v, f"{field}.metrics[{echo(key)}]", key, MAX_MAP_KEY)
+        v.check(math.isfinite(metric), f"{field}.metrics[{echo(key)}]", "must be a finite number")
     for key, param in mv.params.items():
-        text(v, f"{field}.params[{key!r}]", key, MAX_MAP_KEY)
-        text(v, f"{field}.params[{key!r}]", param, MAX_PARAM_VALUE)
+        text(v, f"{field}.params[{echo(key)}]", key, MAX_MAP_KEY)
+        text(v, f"{field}.params[{echo(key)}]", param, MAX_PARAM_VALUE)
     lineage = mv.lineage
     for name in ("training_run", "code_commit", "dataset_version"):
         text(v, f"{field}.lineage.{name}", getattr(lineage, name), MAX_LINEAGE_FIELD)
     sha256(v, f"{field}.lineage.dataset_sha256", lineage.dataset_sha256, required=False)
     if mv.version or mv.state or mv.stages:
         v.add(field, "version, state and stages are assigned by the server; leave them unset")
+
+
+def timestamp(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> None:
+    """A Timestamp in its documented range: years 1-9999, nanos 0-999,999,999.
+
+    Protobuf stores any pair of numbers; one outside the range breaks every reader that turns
+    it into a date (``ToDatetime``, JSON), so it never gets into etcd or a range query.
+    """
+    v.check(MIN_TIMESTAMP_SECONDS <= ts.seconds <= MAX_TIMESTAMP_SECONDS, f"{field}.seconds",
+            "must be within years 0001-9999 (-62135596800 to 253402300799)")
+    v.check(0 <= ts.nanos <= 999_999_999, f"{field}.nanos", "must be 0-999999999")
+
+
+def number(value: str) -> int:
+    """A positive decimal number of ASCII digits, else 0."""
+    return int(value) if NUMBER_RE.fullmatch(value) else 0
 
 
 def version_state(value: int) -> resources_pb2.VersionState.ValueType:

@@ -144,6 +144,8 @@ class Versions(Operations):
         validation.text(v, "model_version.description", mv_in.description,
                         validation.MAX_DESCRIPTION)
         validation.tags(v, "model_version.tags", mv_in.tags)
+        if "sunset_time" in paths and mv_in.HasField("sunset_time"):
+            validation.timestamp(v, "model_version.sunset_time", mv_in.sunset_time)
         validation.request_id(v, req.request_id)
         v.raise_if_any()
         key = keys.version(model_id, number)

@@ -23,6 +23,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -805,14 +810,29 @@ class ListAuditEventsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PARENT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    model: _builtins.str
-    """Only events of this model id (not a resource name), if set."""
+    parent: _builtins.str
+    """Only events of this model, `models/{model}`, if set (empty: every model)."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def model(self) -> _builtins.str:
+        """Replaced by `parent`, which takes a resource name like every other request; a request that
+        sets it is refused with INVALID_ARGUMENT (reason FIELD_REPLACED) rather than misread.
+        """
+
+    @model.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def model(self, value: _builtins.str) -> None:
+        """Replaced by `parent`, which takes a resource name like every other request; a request that
+        sets it is refused with INVALID_ARGUMENT (reason FIELD_REPLACED) rather than misread.
+        """
+
     actor: _builtins.str
     """Only events by this principal, if set."""
     page_size: _builtins.int
@@ -828,6 +848,7 @@ class ListAuditEventsRequest(_message.Message):
     def __init__(
         self,
         *,
+        parent: _builtins.str = ...,
         model: _builtins.str = ...,
         actor: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
@@ -837,7 +858,7 @@ class ListAuditEventsRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "end_time", b"end_time", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "end_time", b"end_time", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
