@@ -156,3 +156,24 @@ class TestStageHub:
                 assert sub.queue.empty()  # the snapshot covers the change: no duplicate
         finally:
             await stop(task)
+
+    async def test_no_bookmark_while_a_change_waits_in_the_queue(self):
+        """A stream whose read timed out just as a change arrived gets no bookmark until it
+        has taken that change: the bookmark would claim a revision whose change is unsent.
+        """
+        store = MemoryStore()
+        feed = ScriptedFeed([Batch(2, (Change(KEY, pointer(1)),))])
+        hub = StageHub(store, feed)
+        sub = hub.subscribe(Selector())
+        task = await run_hub(hub)
+        try:
+            async with asyncio.timeout(5):
+                while hub.revision != 2:
+                    await asyncio.sleep(0.01)
+            assert hub.bookmark(sub) is None  # the change at 2 is still queued
+            change = await sub.get()
+            assert change.revision == 2
+            bookmark = hub.bookmark(sub)
+            assert bookmark is not None and bookmark.revision == 2
+        finally:
+            await stop(task)

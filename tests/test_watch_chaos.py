@@ -101,14 +101,15 @@ def _check(stream: dict[str, Any], committed: list[tuple[int, str, int]]) -> Non
     seen: list[tuple[int, str, int]] = []
     state: dict[str, int] = {}
     base = 0
-    for kind, revision, reset, items in messages:
-        assert revision >= previous, f"revision went back from {previous} to {revision}"
+    for i, (kind, revision, reset, items, _) in enumerate(messages):
+        context = f"messages {max(0, i - 3)}..{i}: {messages[max(0, i - 3):i + 1]}"
+        assert revision >= previous, f"revision went back from {previous}; {context}"
         if kind == SNAPSHOT:
             assert reset or previous == 0, "a snapshot in the middle of a stream without reset"
             state, base, seen = dict(items), revision, []
             assert state == state_at(revision)
         elif kind == CHANGES:
-            assert revision > previous, f"change at {revision} after {previous}"
+            assert revision > previous, f"change at {revision} after {previous}; {context}"
             state.update(items)
             seen.extend((revision, name, version) for name, version in items)
         previous = revision

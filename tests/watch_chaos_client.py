@@ -4,7 +4,8 @@ disconnect from its last revision + 1 and records every message it received.
 Usage: python tests/watch_chaos_client.py TARGET STREAMS OUT_JSON
 Stream ``i`` selects ``SELECTIONS[i % 3]``. A line ``REVISION`` on stdin says the test is
 done: once every stream has reached that revision, the record goes to OUT_JSON as
-``[{"selection": ..., "messages": [[type, revision, reset, [[name, version], ...]], ...],
+``[{"selection": ..., "messages": [[type, revision, reset, [[name, version], ...], resumes],
+...],
 "resumes": N, "error": ...}, ...]`` and the process exits.
 """
 
@@ -50,7 +51,7 @@ class Stream:
                 async for m in stub.WatchStages(request):
                     items = [[p.name, p.version] for p in m.snapshot] + [
                         [c.stage.name, c.stage.version] for c in m.changes]
-                    self.messages.append([m.type, m.revision, m.reset, items])
+                    self.messages.append([m.type, m.revision, m.reset, items, self.resumes])
                     self.last = m.revision
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:

@@ -363,11 +363,14 @@ class StageHub:
                         changes=changes)
 
     def bookmark(self, sub: Subscription) -> Message | None:
-        """A bookmark at the hub's revision: every change up to it has been queued to ``sub``.
+        """A bookmark at the hub's revision, if ``sub`` has taken every change up to it.
 
-        ``None`` while the hub is still below where the stream asked to start.
+        ``None`` while the hub is still below where the stream asked to start, or while a
+        change waits in the queue: a read that timed out just as a change arrived leaves it
+        there (asyncio's timeout cancels the get after the put woke it), and a bookmark sent
+        then would precede the change at its own revision.
         """
-        if self.revision < sub.after:
+        if self.revision < sub.after or not sub.queue.empty():
             return None
         return Message(type=ws.WATCH_MESSAGE_TYPE_BOOKMARK, revision=self.revision)
 
