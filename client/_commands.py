@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,7 +31,8 @@ class Output:
 
     data: Any
     text: str
-    stream: Iterable[Output] | None = None
+    stream: Generator[Output, None, None] | None = None
+    """A generator, so the CLI can close it (and cancel its call) however printing ends."""
 
 
 Handler = Callable[[RegistryClient, argparse.Namespace], Output]
@@ -201,7 +202,7 @@ def watch(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 def _watch_output(
     messages: Iterable[ws.WatchStagesResponse], *, bookmarks: bool
-) -> Iterator[Output]:
+) -> Generator[Output, None, None]:
     for msg in messages:
         if msg.type == ws.WATCH_MESSAGE_TYPE_BOOKMARK and not bookmarks:
             continue

@@ -8,6 +8,7 @@ unavailable, or the deadline passed); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -284,9 +285,12 @@ def run(args: argparse.Namespace) -> int:
         with RegistryClient(args.target, actor=args.actor, timeout=args.timeout) as client:
             out = handler(client, args)
             if out.stream is not None:
-                # Printed as it arrives, while the client (and its stream) is open.
-                for item in out.stream:
-                    _print_line(item, json_lines=args.json)
+                # Printed as it arrives, while the client (and its stream) is open. Closing the
+                # stream first cancels its call, whatever ended the loop (Ctrl-C included),
+                # before the channel goes: no call is left for the channel's teardown.
+                with contextlib.closing(out.stream) as stream:
+                    for item in stream:
+                        _print_line(item, json_lines=args.json)
                 return EXIT_OK
     except BrokenPipeError:  # e.g. `modelreg watch m | head`: the reader has had enough
         _silence_stdout()

@@ -328,8 +328,14 @@ class TestCommandsEndToEnd:
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(30):
-            code = await proc.wait()
+        try:
+            async with asyncio.timeout(30):
+                code = await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            _, err = await proc.communicate()
+            raise AssertionError(f"`modelreg watch` ignored Ctrl-C for 30 s: {err.decode()}"
+                                 ) from None
         prod = stage("production")
         assert lines == [
             f"{revisions[0]}  {prod}  - -> v1  (promote)  by alice  ship 1",
