@@ -69,9 +69,9 @@ class WatchStagesRequest(_message.Message):
     """0: snapshot, then changes. Otherwise: every change with revision >= start_revision, with
     no snapshot; if those changes are compacted away, a snapshot flagged `reset` instead.
     A revision ahead of this server (it lags behind one its client saw elsewhere) waits:
-    nothing below it is sent, and bookmarks start once the server has caught up. One more
-    than 1 past the store's current revision is refused with OUT_OF_RANGE
-    (reason REVISION_IN_FUTURE).
+    nothing below it is sent, and bookmarks start once the server has caught up. A revision
+    more than one past the store's current revision is refused with OUT_OF_RANGE (reason
+    REVISION_IN_FUTURE): the store was replaced or restored; start over with 0.
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
