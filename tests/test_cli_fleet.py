@@ -302,6 +302,16 @@ async def _promote(stub: Any, stage_id: str, version: int) -> svc.PromoteVersion
         svc.PromoteVersionRequest(name=stage(stage_id), version=version, reason=f"ship {version}"))
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the child before exec: SIGINT back to its default, as a terminal's foreground job has.
+
+    A suite started in the background of a non-interactive shell (as CI runners may) inherits
+    SIGINT ignored, and so would the CLI: Ctrl-C would do nothing. One system call, so safe
+    between fork and exec even with gRPC threads in this process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class TestCommandsEndToEnd:
     async def test_watch_follows_a_stage(self, server: Any, stub: Any) -> None:
         """`modelreg watch` prints the snapshot, then each promotion as it commits; Ctrl-C
@@ -313,6 +323,7 @@ class TestCommandsEndToEnd:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_ctrl_c_as_at_a_terminal,
         )
         assert proc.stdout is not None and proc.stderr is not None
         try:
