@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelreg.server.embedded_etcd import free_port
 from modelreg.v1 import model_service_pb2 as svc
@@ -25,6 +24,7 @@ from modelreg.v1 import watch_service_pb2 as ws
 from tests.conftest import ActorStub, start_server
 from tests.helpers import make_model
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
+from tests.up_process import wait_serving
 
 CLIENT = Path(__file__).with_name("watch_chaos_client.py")
 MODELREG = shutil.which("modelreg", path=str(Path(sys.executable).parent)) or "modelreg"
@@ -59,18 +59,7 @@ class ServeProcess:
         """Spawns the server and waits until its health says SERVING."""
         self.spawn()
         assert self.proc is not None
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            async with asyncio.timeout(30):
-                while True:
-                    assert self.proc.poll() is None, self.log.read_text()[-2000:]
-                    try:
-                        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            return
-                    except grpc.aio.AioRpcError:
-                        pass
-                    await asyncio.sleep(0.05)
+        await wait_serving(self.target, self.proc, lambda: self.log.read_text()[-2000:])
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

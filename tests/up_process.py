@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -49,6 +50,27 @@ async def wait_for(condition: object, timeout: float = 30.0, what: str = "condit
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what} not reached within {timeout:g}s"
+        await asyncio.sleep(0.05)
+
+
+async def health(target: str) -> int | None:
+    """The gRPC health status of the server at ``target``, or None if it does not answer."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            return None
+    return int(reply.status)
+
+
+async def wait_serving(target: str, proc: subprocess.Popen[bytes], logs: Callable[[], str],
+                       timeout: float = 30.0) -> None:
+    """Waits until ``proc``'s health says SERVING; fails with its log if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while await health(target) != health_pb2.HealthCheckResponse.SERVING:
+        assert proc.poll() is None, f"{proc.args} exited:\n{logs()}"
+        assert time.monotonic() < deadline, f"not SERVING in {timeout:g}s:\n{logs()}"
         await asyncio.sleep(0.05)
 
 
@@ -90,21 +112,11 @@ class UpProcess:
 
     async def health(self) -> int | None:
         """The gRPC health status, or None if the server does not answer."""
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.aio.AioRpcError:
-                return None
-        return int(reply.status)
+        return await health(self.target)
 
     async def wait_serving(self, timeout: float = 30.0) -> None:
         """Waits until health says SERVING; fails with its log if it exits or never does."""
-        deadline = time.monotonic() + timeout
-        while await self.health() != health_pb2.HealthCheckResponse.SERVING:
-            assert self.proc.poll() is None, f"modelreg up exited:\n{self.logs()}"
-            assert time.monotonic() < deadline, f"not SERVING in {timeout:g}s:\n{self.logs()}"
-            await asyncio.sleep(0.1)
+        await wait_serving(self.target, self.proc, self.logs, timeout)
         self.etcd_pid()
 
     def kill(self) -> None:
