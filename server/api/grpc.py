@@ -32,6 +32,7 @@ from modelreg.server.domain.errors import (
     InvalidArgumentError,
     ModelregError,
     UnavailableError,
+    clip,
 )
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.registry import Registry
@@ -95,24 +96,20 @@ LOGGED_CHARS = 64
 """Characters of a request value (model, stage, request id) put in a log line."""
 
 
-def _bounded(value: str) -> str:
-    return value if len(value) <= LOGGED_CHARS else value[:LOGGED_CHARS] + "..."
-
-
 def _context_fields(request: object) -> dict[str, Any]:
     """Request id, model and stage named by a request, for the log line (bounded)."""
     fields: dict[str, Any] = {}
     if getattr(request, "request_id", ""):
-        fields["request_id"] = _bounded(request.request_id)  # type: ignore[attr-defined]
+        fields["request_id"] = clip(request.request_id, LOGGED_CHARS)  # type: ignore[attr-defined]
     for attr in ("name", "parent", "model"):
         value = getattr(request, attr, None)
         if isinstance(value, Message):
             value = getattr(value, "name", "")
         if isinstance(value, str) and value.startswith("models/"):
             parts = value.split("/", 4)
-            fields["model"] = _bounded(parts[1])
+            fields["model"] = clip(parts[1], LOGGED_CHARS)
             if len(parts) >= 4 and parts[2] == "stages":
-                fields["stage"] = _bounded(parts[3])
+                fields["stage"] = clip(parts[3], LOGGED_CHARS)
             break
     return fields
 

@@ -50,7 +50,8 @@ def echo(value: str) -> str:
     return f"{value[:ECHO_CHARS]!a}... ({len(value)} characters)"
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, marked with "..." when cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -65,8 +66,8 @@ class FieldViolation:
 
     def __post_init__(self) -> None:
         # Map keys become part of field paths: bound them here, whoever built the violation.
-        object.__setattr__(self, "field", _clip(self.field, MAX_FIELD))
-        object.__setattr__(self, "description", _clip(self.description, MAX_DESCRIPTION))
+        object.__setattr__(self, "field", clip(self.field, MAX_FIELD))
+        object.__setattr__(self, "description", clip(self.description, MAX_DESCRIPTION))
 
 
 class ModelregError(Exception):
@@ -77,13 +78,13 @@ class ModelregError(Exception):
     def __init__(
         self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
     ) -> None:
-        message = _clip(message, MAX_MESSAGE)
+        message = clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
         self.metadata: dict[str, str] = {
-            k: _clip(v, MAX_METADATA_VALUE) for k, v in (metadata or {}).items()
+            k: clip(v, MAX_METADATA_VALUE) for k, v in (metadata or {}).items()
         }
 
 
