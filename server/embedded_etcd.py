@@ -360,25 +360,20 @@ class EmbeddedEtcd:
             client, peer = free_ports(self._host, 2)
             self._client_port = self._requested_ports[0] or client
             self._peer_port = self._requested_ports[1] or peer
-        # A preexec_fn in a threaded process (gRPC's threads) is the hazard subprocess warns
-        # of: the child could deadlock before exec. Ours only makes two system calls, through
-        # a function resolved in the parent; and a child that never got healthy is killed by
-        # the health wait and started again.
-        preexec = None
-        if self._die_with_parent and threading.current_thread() is threading.main_thread():
-            preexec = etcd_lifetime.die_with_parent()
         command = self._command(binary)
+        spawned = command
+        if self._die_with_parent and threading.current_thread() is threading.main_thread():
+            spawned = etcd_lifetime.die_with_parent(command)
         with self._log_path.open("ab") as log:
             self._log_start = log.tell()
             # The child keeps its own copy of the log descriptor; ours closes with the block.
             self._proc = subprocess.Popen(
-                command,
+                spawned,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=preexec,
             )
         etcd_lifetime.record(self._data_dir, self._proc.pid, command)
         # A crashed or SIGKILLed parent cannot clean up, but a normal interpreter exit can.

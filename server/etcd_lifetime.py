@@ -5,7 +5,8 @@ lock on its data dir, and the next ``modelreg up`` on the same dir waits for the
 silence. Three measures keep that from happening, each covering what the one before cannot:
 
 1. **Parent-death signal** (Linux): the child asks the kernel for SIGKILL when its parent dies
-   (:func:`die_with_parent`), so in the common case nothing is left behind at all.
+   (:func:`die_with_parent`, a trampoline that asks and then execs etcd), so in the common
+   case nothing is left behind at all.
 2. **Pid file**: the data dir records the etcd's pid and command line and the pid and command
    line of the modelreg process that started it (:func:`record`). A start that finds the etcd
    named there still running, with its parent gone, knows the etcd is its own leftover and stops
@@ -19,14 +20,12 @@ silence. Three measures keep that from happening, each covering what the one bef
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from modelreg.server.etcd_ports import pids_with, port_in_use, who_listens
@@ -48,27 +47,36 @@ PID_FILE = "etcd.pid"
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent dies, or None.
+# Runs in a fresh interpreter between our fork and etcd's exec: the parent-death signal
+# survives exec (it is dropped only for set-user-ID programs), and a disposition set here is
+# etcd's from its first instruction. argv: parent pid, then etcd's command.
+_TRAMPOLINE = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(70)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def die_with_parent(command: list[str]) -> list[str]:
+    """``command`` wrapped so that the child receives SIGKILL when its parent dies.
 
     Linux delivers the signal when the *thread* that forked exits, not the process: the caller
     must fork from a thread that lives as long as the process (see
     :meth:`~modelreg.server.embedded_etcd.EmbeddedEtcd.start`). Off Linux there is no such
-    call and the pid file alone covers a crashed parent.
+    call and the pid file alone covers a crashed parent; the command is returned unchanged.
+
+    Why a trampoline interpreter and not a ``preexec_fn``: a ``preexec_fn`` runs Python code in
+    the child between fork and exec, and in a process with gRPC's threads that child can crash
+    or deadlock on a lock another thread held at the fork (seen on CI). The trampoline costs
+    about 20 ms per start and runs no code of ours in a forked copy of a threaded process. It
+    checks the parent after asking for the signal: if the parent died in between, no signal
+    would ever come, so it exits instead of starting an orphan.
     """
     if not sys.platform.startswith("linux"):
-        return None
-    # Resolved here, in the parent: the child should do as little as possible before exec.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        # The parent may have died between fork and prctl; then no signal will ever come.
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
+        return command
+    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), *command]
 
 
 def _cmdline(pid: int) -> list[str] | None:

@@ -302,14 +302,16 @@ async def _promote(stub: Any, stage_id: str, version: int) -> svc.PromoteVersion
         svc.PromoteVersionRequest(name=stage(stage_id), version=version, reason=f"ship {version}"))
 
 
-def _ctrl_c_as_at_a_terminal() -> None:
-    """In the child before exec: SIGINT back to its default, as a terminal's foreground job has.
-
-    A suite started in the background of a non-interactive shell (as CI runners may) inherits
-    SIGINT ignored, and so would the CLI: Ctrl-C would do nothing. One system call, so safe
-    between fork and exec even with gRPC threads in this process.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs the CLI with SIGINT at its default, as a terminal's foreground job has. A suite started
+# in the background of a non-interactive shell (as CI runners may) inherits SIGINT ignored, and
+# so would the CLI: Ctrl-C would do nothing. A disposition set to SIG_DFL survives exec. This
+# is a trampoline process rather than `preexec_fn`, which runs Python between fork and exec and
+# crashed the child when gRPC threads in the test process held locks at the fork.
+_AS_AT_A_TERMINAL = (
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+)
 
 
 class TestCommandsEndToEnd:
@@ -319,11 +321,10 @@ class TestCommandsEndToEnd:
         """
         await make_model(stub, versions=2)
         proc = await asyncio.create_subprocess_exec(
-            MODELREG, "--target", server.target, "watch", MODEL, "production",
+            *_AS_AT_A_TERMINAL, MODELREG, "--target", server.target, "watch", MODEL, "production",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_ctrl_c_as_at_a_terminal,
         )
         assert proc.stdout is not None and proc.stderr is not None
         try:
