@@ -1,4 +1,4 @@
-"""The API fuzzer shared by ``tests/test_fuzz_api.py`` (bounded) and ``bench/fuzz_api.py`` (long).
+"""The API fuzzer shared by ``tests/server/test_fuzz_api.py`` and ``bench/fuzz_api.py`` (long).
 
 Requests are generated from the ``modelreg.v1`` service descriptors, so a new RPC or field is
 fuzzed without touching this file: every field gets valid, boundary and hostile values (huge,

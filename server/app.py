@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from modelreg.server.api.grpc import Metrics, ServerParts, build_server, set_serving
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.registry import Registry
-from modelreg.server.domain.watch import StageHub
+from modelreg.server.domain.stage_hub import StageHub
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
 

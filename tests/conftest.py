@@ -7,15 +7,14 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import aetcd
 import grpc
 import pytest
 
-from modelreg.server.app import App
 from modelreg.server.embedded_etcd import EmbeddedEtcd, find_etcd_binary
 from modelreg.v1 import model_service_pb2_grpc
+from tests.helpers import ActorStub, RunningServer, start_server
 
 # --------------------------------------------------------------------------------------------
 # etcd
@@ -109,31 +108,6 @@ def own_etcd(tmp_path: Path) -> Iterator[EmbeddedEtcd]:
 # --------------------------------------------------------------------------------------------
 
 
-class RunningServer:
-    """A started modelreg server and what tests need to talk to it."""
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.store = app.store
-        self.hub = app.hub
-        self.target = f"127.0.0.1:{app.port}"
-
-    async def stop(self) -> None:
-        """Stop serving, the stage hub and the etcd connection."""
-        await self.app.stop()
-
-
-async def start_server(
-    endpoint: str, prefix: str, *, etcd_timeout: float = 2.0, listen: str = "127.0.0.1:0",
-    bookmark_interval: float = 10.0, watch_queue: int = 256,
-) -> RunningServer:
-    """Start a modelreg server over etcd at ``endpoint`` under ``prefix``."""
-    app = await App.start([endpoint], prefix, listen, etcd_timeout=etcd_timeout,
-                          bookmark_interval=bookmark_interval, watch_queue=watch_queue)
-    await app.set_serving(True)
-    return RunningServer(app)
-
-
 @pytest.fixture
 async def server(etcd_server: EmbeddedEtcd, etcd_prefix: str) -> AsyncIterator[RunningServer]:
     """A modelreg server on the session etcd, under the test's own prefix."""
@@ -149,23 +123,3 @@ async def stub(server: RunningServer) -> AsyncIterator[model_service_pb2_grpc.Mo
     """A raw generated stub on the server, acting as ``alice``."""
     async with grpc.aio.insecure_channel(server.target) as channel:
         yield ActorStub(channel, "alice")
-
-
-class ActorStub(model_service_pb2_grpc.ModelServiceStub):
-    """The generated stub with the actor header on every call."""
-
-    def __init__(self, channel: grpc.aio.Channel, actor: str) -> None:
-        super().__init__(channel)
-        for name in dir(self):
-            method = getattr(self, name)
-            if not name.startswith("_") and callable(method):
-                setattr(self, name, _with_actor(method, actor))
-
-
-def _with_actor(method: Any, actor: str) -> Any:
-    def call(request: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("metadata", (("x-modelreg-actor", actor),))
-        kwargs.setdefault("timeout", 10)
-        return method(request, **kwargs)
-
-    return call

@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from modelreg.server.api import errors
-from modelreg.server.api.servicer import SERVICE, ModelServicer
-from modelreg.server.api.watch_servicer import FleetServicer, WatchServicer
+from modelreg.server.api.fleet_service import FleetServicer
+from modelreg.server.api.model_service import SERVICE, ModelServicer
+from modelreg.server.api.watch_service import WatchServicer
 from modelreg.server.domain.errors import (
     FieldViolation,
     InternalError,
@@ -36,7 +37,7 @@ from modelreg.server.domain.errors import (
 )
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.registry import Registry
-from modelreg.server.domain.watch import StageHub
+from modelreg.server.domain.stage_hub import StageHub
 from modelreg.v1 import (
     fleet_service_pb2,
     fleet_service_pb2_grpc,

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-from tests.conftest import ActorStub
+from tests.helpers import ActorStub
 from tests.up_process import UpProcess, alive, wait_for
 
 pytestmark = [

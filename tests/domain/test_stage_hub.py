@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch, Change, CompactedError, Progress, Put
-from modelreg.server.domain.watch import Selector, StageHub
+from modelreg.server.domain.stage_hub import Selector, StageHub
 from modelreg.server.store.memory import MemoryStore
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws

@@ -8,8 +8,7 @@ import grpc
 import pytest
 
 from modelreg.v1 import model_service_pb2 as svc
-from tests.conftest import ActorStub, start_server
-from tests.helpers import MODEL, PARENT, error_info, make_model, stage
+from tests.helpers import MODEL, PARENT, ActorStub, error_info, make_model, stage, start_server
 
 
 async def _until_ok(call, timeout: float = 20.0):

@@ -17,7 +17,7 @@ from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 from tests.helpers import MODEL, stage
 
-NODE = Path(__file__).with_name("node_process.py")
+NODE = Path(__file__).parents[1] / "node_process.py"
 
 
 async def _register(stub, directory: Path, n: int) -> None:

@@ -15,10 +15,8 @@ from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 from modelreg.v1 import watch_service_pb2_grpc
-from tests.conftest import ActorStub, start_server
-from tests.helpers import MODEL, make_model, stage
+from tests.helpers import MODEL, ActorStub, Toy, load_toy, make_model, register, stage, start_server
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
-from tests.test_hot_swap import Toy, load_toy, register
 
 
 class Follower:

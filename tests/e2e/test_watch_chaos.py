@@ -21,12 +21,11 @@ import pytest
 from modelreg.server.embedded_etcd import free_port
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import watch_service_pb2 as ws
-from tests.conftest import ActorStub, start_server
-from tests.helpers import make_model
+from tests.helpers import ActorStub, make_model, start_server
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
 from tests.up_process import wait_serving
 
-CLIENT = Path(__file__).with_name("watch_chaos_client.py")
+CLIENT = Path(__file__).parents[1] / "watch_chaos_client.py"
 MODELREG = shutil.which("modelreg", path=str(Path(sys.executable).parent)) or "modelreg"
 POINTERS = [("chaos-a", "canary"), ("chaos-a", "staging"), ("chaos-b", "canary")]
 SNAPSHOT, CHANGES = ws.WATCH_MESSAGE_TYPE_SNAPSHOT, ws.WATCH_MESSAGE_TYPE_CHANGES

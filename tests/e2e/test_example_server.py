@@ -25,9 +25,9 @@ import pytest
 
 from modelreg.client import RegistryClient
 from modelreg.server.embedded_etcd import free_port
-from tests.test_cli_end_to_end import Up
+from tests.up_process import Up
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "example"
 POLL_TIMEOUT = 30.0
 X = "1.0,2.0"

@@ -14,8 +14,7 @@ import pytest
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import watch_service_pb2 as ws
 from modelreg.v1 import watch_service_pb2_grpc
-from tests.conftest import ActorStub, start_server
-from tests.helpers import MODEL, error_info, make_model, stage
+from tests.helpers import MODEL, ActorStub, error_info, make_model, stage, start_server
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
 
 SNAPSHOT, CHANGES, BOOKMARK = (ws.WATCH_MESSAGE_TYPE_SNAPSHOT, ws.WATCH_MESSAGE_TYPE_CHANGES,

@@ -1,4 +1,4 @@
-"""``modelreg.v1.WatchService`` and ``FleetService``: thin faces of the hub and the fleet.
+"""``modelreg.v1.WatchService``: the thin face of the stage hub.
 
 A WatchStages handler validates the selection, subscribes to the hub, writes the opening
 (snapshot or missed changes), then every queued message; when nothing arrives for a bookmark
@@ -15,11 +15,9 @@ from typing import Any
 
 from modelreg.server.domain import validation
 from modelreg.server.domain.errors import FieldViolation, SlowConsumerError, UnavailableError
-from modelreg.server.domain.fleet import Fleet
-from modelreg.server.domain.watch import OverflowError_, Selector, StageHub
-from modelreg.v1 import fleet_service_pb2 as fs
-from modelreg.v1 import fleet_service_pb2_grpc, watch_service_pb2_grpc
+from modelreg.server.domain.stage_hub import OverflowError_, Selector, StageHub
 from modelreg.v1 import watch_service_pb2 as ws
+from modelreg.v1 import watch_service_pb2_grpc
 
 READY_TIMEOUT = 10.0
 """Seconds a new stream waits for the hub's first load before UNAVAILABLE."""
@@ -81,26 +79,3 @@ class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
             ) from None
         finally:
             self._hub.unsubscribe(sub)
-
-
-class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):
-    """Node reports and the fleet view."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self._fleet = fleet
-
-    async def ReportNode(  # noqa: D102
-        self, request: fs.ReportNodeRequest, context: Any
-    ) -> fs.ReportNodeResponse:
-        return await self._fleet.report(request)
-
-    async def ListNodes(  # noqa: D102
-        self, request: fs.ListNodesRequest, context: Any
-    ) -> fs.ListNodesResponse:
-        return await self._fleet.list(request)
-
-    async def GetRolloutStatus(  # noqa: D102
-        self, request: fs.GetRolloutStatusRequest, context: Any
-    ) -> fs.GetRolloutStatusResponse:
-        return await self._fleet.rollout(request)
-

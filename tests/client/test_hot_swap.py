@@ -5,11 +5,8 @@ committed models; a corrupted artifact never replaces the serving one.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import threading
-import time
-from pathlib import Path
 
 import grpc
 
@@ -18,42 +15,7 @@ from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import fleet_service_pb2_grpc
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-from tests.helpers import MODEL, stage
-
-
-class Toy:
-    """A model that is built in steps, so a half-loaded one would be visible."""
-
-    def __init__(self) -> None:
-        self.complete = False
-        self.version = 0
-        self.weights: list[int] = []
-
-
-def load_toy(path: Path) -> Toy:
-    """Parse ``version:N`` plus padding, slowly, filling the object step by step."""
-    toy = Toy()
-    text = path.read_text()
-    toy.version = int(text.split("\n", 1)[0].split(":")[1])
-    for i in range(50):
-        toy.weights.append(toy.version * i)
-        if i % 10 == 0:
-            time.sleep(0.001)
-    toy.complete = True
-    return toy
-
-
-async def register(stub, directory: Path, n: int) -> Path:
-    """Write artifact n and register it as version n."""
-    path = directory / f"toy-{n}.txt"
-    path.write_text(f"version:{n}\n" + "#" * 1000)
-    data = path.read_bytes()
-    created = await stub.CreateModelVersion(svc.CreateModelVersionRequest(
-        parent=f"models/{MODEL}", model_version=res.ModelVersion(
-            artifact_uri=path.as_uri(), sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data))))
-    assert created.model_version.version == n
-    return path
+from tests.helpers import MODEL, Toy, load_toy, register, stage
 
 
 class Reader(threading.Thread):

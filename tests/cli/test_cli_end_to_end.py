@@ -5,82 +5,18 @@ in others, exactly as an operator runs them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modelreg.server.embedded_etcd import free_port
-
-MODELREG = shutil.which("modelreg", path=str(Path(sys.executable).parent)) or "modelreg"
-
-
-class Up:
-    """A running ``modelreg up`` child process."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.target = f"127.0.0.1:{free_port()}"
-        self.metrics = f"127.0.0.1:{free_port()}"
-        self.log = data_dir.parent / f"{data_dir.name}-up.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start it and wait until the gRPC health service says SERVING."""
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [MODELREG, "up", "--data-dir", str(self.data_dir), "--listen", self.target,
-                 "--metrics-listen", self.metrics, "--grace", "1"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert self.proc.poll() is None, self.log.read_text()
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, self.log.read_text()
-                time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Signal it and wait for it to exit; returns the exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-                raise
-        return self.proc.returncode
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``modelreg --target ... ARGS`` as user ``ops``."""
-        done = subprocess.run(
-            [MODELREG, "--target", self.target, "--actor", "ops", *args],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    def cli_json(self, *args: str) -> object:
-        """Run the CLI with ``--json`` and parse its output."""
-        return json.loads(self.cli("--json", *args).stdout)
+from tests.up_process import MODELREG, Up
 
 
 def _etcd_pids(data_dir: Path) -> list[int]:

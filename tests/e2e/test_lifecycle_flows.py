@@ -188,7 +188,7 @@ class TestAudit:
         """Audit events filter by model and by actor; each names the revision of its change."""
         await make_model(stub, "a-model", versions=1)
         async with grpc.aio.insecure_channel(server.target) as channel:
-            from tests.conftest import ActorStub
+            from tests.helpers import ActorStub
 
             bob = ActorStub(channel, "bob")
             await make_model(bob, "b-model", versions=1)

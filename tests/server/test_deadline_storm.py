@@ -21,8 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from modelreg.v1 import model_service_pb2 as svc
-from tests.conftest import ActorStub
-from tests.helpers import MODEL, make_model, stage
+from tests.helpers import MODEL, ActorStub, make_model, stage
 from tests.up_process import UpProcess, alive
 
 pytestmark = [

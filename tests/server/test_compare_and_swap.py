@@ -53,7 +53,7 @@ class TestCompareAndSwap:
         rng = random.Random(7)
         successes = 0
         async with grpc.aio.insecure_channel(server.target) as other:
-            from tests.conftest import ActorStub
+            from tests.helpers import ActorStub
 
             stubs = [stub, ActorStub(other, "bob")]
             for _ in range(6):

@@ -1,0 +1,36 @@
+"""``modelreg.v1.FleetService``: the thin face of the fleet (node reports and the views).
+
+Validation and rules live in ``modelreg.server.domain.fleet``; errors become statuses in the
+server's one interceptor (``modelreg.server.api.grpc``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelreg.server.domain.fleet import Fleet
+from modelreg.v1 import fleet_service_pb2 as fs
+from modelreg.v1 import fleet_service_pb2_grpc
+
+
+class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):
+    """Node reports and the fleet view."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    async def ReportNode(  # noqa: D102
+        self, request: fs.ReportNodeRequest, context: Any
+    ) -> fs.ReportNodeResponse:
+        return await self._fleet.report(request)
+
+    async def ListNodes(  # noqa: D102
+        self, request: fs.ListNodesRequest, context: Any
+    ) -> fs.ListNodesResponse:
+        return await self._fleet.list(request)
+
+    async def GetRolloutStatus(  # noqa: D102
+        self, request: fs.GetRolloutStatusRequest, context: Any
+    ) -> fs.GetRolloutStatusResponse:
+        return await self._fleet.rollout(request)
+
