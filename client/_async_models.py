@@ -6,7 +6,7 @@ The asyncio source of a blocking twin (edit here, then run
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from modelreg.client import _paging
@@ -62,14 +62,7 @@ class AsyncModelsAndVersions(AsyncTransport):
         req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
         return await self._call(lambda s: s.models.ListModels, req, timeout)
 
-    def iter_models(
-        self, *, page_size: int = 0, timeout: float | None = None
-    ) -> AsyncIterator[res.RegisteredModel]:
-        """Iterate over every model, fetching pages as needed (``timeout`` is per page)."""
-        return _paging.apages(
-            lambda t: self.list_models(page_size=page_size, page_token=t, timeout=timeout),
-            lambda page: page.models,
-        )
+    iter_models = _paging.apaged(list_models, lambda page: page.models)
 
     async def update_model(
         self,
@@ -181,21 +174,7 @@ class AsyncModelsAndVersions(AsyncTransport):
         )
         return await self._call(lambda s: s.models.ListModelVersions, req, timeout)
 
-    def iter_versions(
-        self,
-        model: str,
-        *,
-        state: res.VersionState.ValueType | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> AsyncIterator[res.ModelVersion]:
-        """Iterate over every version of a model (``timeout`` is per page)."""
-        return _paging.apages(
-            lambda t: self.list_versions(
-                model, state=state, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.model_versions,
-        )
+    iter_versions = _paging.apaged(list_versions, lambda page: page.model_versions)
 
     async def update_version(
         self,

@@ -86,9 +86,10 @@ class AsyncModelWatcher(Generic[T]):
         retry_backoff: Delays between attempts to prepare a version that failed.
         idle_timeout: Reconnect when the stream sends nothing (not even a bookmark) this long.
         call_timeout: Deadline of each unary call, in seconds.
-        **channel: ``actor`` (sent as ``x-modelreg-actor``; default ``$MODELREG_ACTOR`` or the
+        **channel: Passed on to :meth:`~modelreg.client.ClientConfig.create`, as every tool
+            does: ``actor`` (sent as ``x-modelreg-actor``; default ``$MODELREG_ACTOR`` or the
             OS user), ``credentials`` (TLS; plaintext when ``None``), ``options`` (gRPC channel
-            options): what every tool takes to reach the server.
+            options).
 
     """
 

@@ -132,7 +132,10 @@ class ClientConfig:
         Args:
             target: ``host:port``; ``None`` or empty: ``$MODELREG_TARGET``, else
                 ``127.0.0.1:50051``.
-            **settings: See :class:`ConnectOptions`.
+            **settings: The keys of :class:`ConnectOptions`: ``actor`` (default
+                ``$MODELREG_ACTOR``, else the OS user), ``credentials`` (TLS; plaintext when
+                ``None``), ``options`` (gRPC channel options), ``timeout`` (seconds per call,
+                retries included; 10), ``retries`` (3, or a :class:`RetryPolicy`).
 
         Raises:
             TypeError: An unknown setting.

@@ -15,7 +15,6 @@ from modelreg.client import _requests as rq
 from modelreg.client._sync_models import ModelsAndVersions
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
-from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 
 
@@ -37,10 +36,11 @@ class RegistryClient(ModelsAndVersions):
     Args:
         target: ``host:port`` of the server; default ``$MODELREG_TARGET``, else
             ``127.0.0.1:50051``.
-        **connection: ``actor`` (for the audit trail; default ``$MODELREG_ACTOR`` or the OS
-            user), ``timeout`` (default per-call deadline in seconds, retries included; 10),
-            ``retries`` (on UNAVAILABLE; 3, or a full :class:`RetryPolicy`), ``options`` (gRPC
-            channel options), ``credentials`` (TLS channel credentials; plaintext if ``None``).
+        **connection: Passed on to :meth:`ClientConfig.create`: ``actor`` (for the audit trail;
+            default ``$MODELREG_ACTOR`` or the OS user), ``timeout`` (default per-call deadline
+            in seconds, retries included; 10), ``retries`` (on UNAVAILABLE; 3, or a full
+            :class:`RetryPolicy`), ``options`` (gRPC channel options), ``credentials`` (TLS
+            channel credentials; plaintext if ``None``).
 
     Example::
 
@@ -134,16 +134,7 @@ class RegistryClient(ModelsAndVersions):
         )
         return self._call(lambda s: s.models.ListStageHistory, req, timeout)
 
-    def iter_stage_history(
-        self, model: str, stage: str, *, page_size: int = 0, timeout: float | None = None
-    ) -> Iterator[res.PointerHistoryEntry]:
-        """Iterate over a stage pointer's moves, newest first (``timeout`` is per page)."""
-        return _paging.pages(
-            lambda t: self.stage_history(
-                model, stage, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.entries,
-        )
+    iter_stage_history = _paging.paged(stage_history, lambda page: page.entries)
 
     def list_audit_events(
         self,
@@ -170,29 +161,7 @@ class RegistryClient(ModelsAndVersions):
         )
         return self._call(lambda s: s.models.ListAuditEvents, req, timeout)
 
-    def iter_audit_events(
-        self,
-        *,
-        model: str | None = None,
-        actor: str | None = None,
-        start_time: datetime | None = None,
-        end_time: datetime | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> Iterator[res.AuditEvent]:
-        """Iterate over matching audit events, newest first (``timeout`` is per page)."""
-        return _paging.pages(
-            lambda t: self.list_audit_events(
-                model=model,
-                actor=actor,
-                start_time=start_time,
-                end_time=end_time,
-                page_size=page_size,
-                page_token=t,
-                timeout=timeout,
-            ),
-            lambda page: page.audit_events,
-        )
+    iter_audit_events = _paging.paged(list_audit_events, lambda page: page.audit_events)
 
     def list_nodes(
         self,
@@ -212,21 +181,7 @@ class RegistryClient(ModelsAndVersions):
         )
         return self._call(lambda s: s.fleet.ListNodes, req, timeout)
 
-    def iter_nodes(
-        self,
-        *,
-        region: str | None = None,
-        model: str | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> Iterator[fs.Node]:
-        """Iterate over every live node that matches (``timeout`` is per page)."""
-        return _paging.pages(
-            lambda t: self.list_nodes(
-                region=region, model=model, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.nodes,
-        )
+    iter_nodes = _paging.paged(list_nodes, lambda page: page.nodes)
 
     def rollout_status(
         self,

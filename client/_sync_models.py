@@ -7,7 +7,7 @@ Generated from an asyncio twin (edit that one, then run
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from modelreg.client import _paging
@@ -63,14 +63,7 @@ class ModelsAndVersions(Transport):
         req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
         return self._call(lambda s: s.models.ListModels, req, timeout)
 
-    def iter_models(
-        self, *, page_size: int = 0, timeout: float | None = None
-    ) -> Iterator[res.RegisteredModel]:
-        """Iterate over every model, fetching pages as needed (``timeout`` is per page)."""
-        return _paging.pages(
-            lambda t: self.list_models(page_size=page_size, page_token=t, timeout=timeout),
-            lambda page: page.models,
-        )
+    iter_models = _paging.paged(list_models, lambda page: page.models)
 
     def update_model(
         self,
@@ -182,21 +175,7 @@ class ModelsAndVersions(Transport):
         )
         return self._call(lambda s: s.models.ListModelVersions, req, timeout)
 
-    def iter_versions(
-        self,
-        model: str,
-        *,
-        state: res.VersionState.ValueType | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> Iterator[res.ModelVersion]:
-        """Iterate over every version of a model (``timeout`` is per page)."""
-        return _paging.pages(
-            lambda t: self.list_versions(
-                model, state=state, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.model_versions,
-        )
+    iter_versions = _paging.paged(list_versions, lambda page: page.model_versions)
 
     def update_version(
         self,

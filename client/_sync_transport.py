@@ -56,12 +56,9 @@ class Stubs:
 class Transport:
     """Base of the client: a lazily created channel and retrying calls.
 
-    Args:
-        target: ``host:port`` of the server; default ``$MODELREG_TARGET``, else
-            ``127.0.0.1:50051``.
-        **connection: ``actor``, ``timeout``, ``retries``, ``options``, ``credentials``: see
-            :class:`~modelreg.client._config.ConnectOptions`.
-
+    Its constructor takes ``target`` (default ``$MODELREG_TARGET``, else ``127.0.0.1:50051``)
+    and passes every other keyword, unnamed, to the config
+    (:class:`~modelreg.client._config.ConnectOptions`): a new connection setting is added there.
     """
 
     def __init__(self, target: str | None = None, **connection: Unpack[ConnectOptions]) -> None:

@@ -26,8 +26,10 @@ FILES = ("_async_transport.py", "_async_models.py", "_async_client.py")
 
 SUBS: Sequence[tuple[str, str]] = (
     # Imports that change name and would leave the sorted order ruff's isort checks.
-    (r"^from collections\.abc import AsyncIterator, Callable$",
-     "from collections.abc import Callable, Iterator"),
+    (
+        r"^from collections\.abc import AsyncIterator, Callable$",
+        "from collections.abc import Callable, Iterator",
+    ),
     (r"^import asyncio$", "import threading"),
     (r"^from grpc import aio$", ""),
     (r"\basyncio\.Lock\b", "threading.Lock"),
@@ -42,13 +44,15 @@ SUBS: Sequence[tuple[str, str]] = (
     (r"^(\s*)async for (\w+) in (\w+):$", r"\1for \2 in \3:  # noqa: UP028 (from an async for)"),
     (r"\bawait ", ""),
     (r"\baclose\b", "close"),
-    (r"\bapages\b", "pages"),
+    (r"\bapaged\b", "paged"),
     (r"\b__aenter__\b", "__enter__"),
     (r"\b__aexit__\b", "__exit__"),
     (r"  # noqa: ASYNC109$", ""),
     # Prose.
-    (r"^The asyncio source of a blocking twin \(edit here, then run$",
-     "Generated from an asyncio twin (edit that one, then run"),
+    (
+        r"^The asyncio source of a blocking twin \(edit here, then run$",
+        "Generated from an asyncio twin (edit that one, then run",
+    ),
     (r"\basyncio client\b", "blocking client"),
     (r"\bbetween tasks\b", "between threads"),
     (r"\bfor asyncio\b", "for threads"),
@@ -57,9 +61,7 @@ SUBS: Sequence[tuple[str, str]] = (
 
 _COMPILED = [(re.compile(regex), repl) for regex, repl in SUBS]
 
-HEADER = (
-    "# Generated from client/{source} by `python -m modelreg.client._unasync`: do not edit.\n"
-)
+HEADER = "# Generated from client/{source} by `python -m modelreg.client._unasync`: do not edit.\n"
 
 
 def target_name(source: str) -> str:

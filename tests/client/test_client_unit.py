@@ -307,6 +307,16 @@ class TestAsyncClient:
         names = [m.name async for m in client.iter_models(page_size=2)]
         assert names == [f"models/m{i}" for i in range(5)]
 
+    async def test_iteration_takes_the_page_methods_parameters(
+        self, client: AsyncRegistryClient, service: tuple[FakeService, str]
+    ) -> None:
+        """iter_models starts at page_token and sends the page size with every page it reads."""
+        names = [m.name async for m in client.iter_models(page_size=2, page_token="2")]
+        assert names == ["models/m2", "models/m3", "models/m4"]
+        assert [(c[1].page_size, c[1].page_token) for c in service[0].calls] == [(2, "2"), (2, "4")]
+        iterate, page = AsyncRegistryClient.iter_audit_events, AsyncRegistryClient.list_audit_events
+        assert inspect.signature(iterate).parameters == inspect.signature(page).parameters
+
     async def test_lifecycle(self, service: tuple[FakeService, str]) -> None:
         """A client opens lazily, closes once, and refuses calls and re-entry once closed."""
         c = AsyncRegistryClient(service[1])

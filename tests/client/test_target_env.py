@@ -30,8 +30,9 @@ async def canary_v1(
     server: RunningServer, stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> RunningServer:
     """The server, with the model's canary stage at v1 and MODELREG_TARGET naming it."""
-    await stub.CreateModel(svc.CreateModelRequest(
-        model_id=MODEL, model=res.RegisteredModel(custom_stages=["canary"])))
+    await stub.CreateModel(
+        svc.CreateModelRequest(model_id=MODEL, model=res.RegisteredModel(custom_stages=["canary"]))
+    )
     await register(stub, tmp_path, 1)
     await stub.PromoteVersion(svc.PromoteVersionRequest(name=stage("canary"), version=1))
     monkeypatch.setenv("MODELREG_TARGET", server.target)
