@@ -4,13 +4,14 @@ Example::
 
     from modelreg.client import RegistryClient
 
-    with RegistryClient("127.0.0.1:50051") as client:
+    with RegistryClient() as client:  # $MODELREG_TARGET, else 127.0.0.1:50051
         v = client.create_version("fraud-detector", artifact_uri=uri, sha256=digest, size_bytes=n)
         client.promote("fraud-detector", "staging", v.model_version.version, reason="nightly")
 """
 
 from modelreg.client._async_client import AsyncRegistryClient
-from modelreg.client._common import DEFAULT_TARGET, ClientConfig, ClientState, RetryPolicy
+from modelreg.client._channel import ClientState
+from modelreg.client._config import DEFAULT_TARGET, ClientConfig, RetryPolicy
 from modelreg.client._sync_client import RegistryClient
 from modelreg.client.artifacts import ArtifactError, DigestMismatchError
 from modelreg.client.errors import (

@@ -1,21 +1,24 @@
-"""The asyncio client: ``AsyncRegistryClient``."""
+"""The asyncio client, ``AsyncRegistryClient``: stage pointers, audit, fleet and watch.
+
+The asyncio source of a blocking twin (edit here, then run
+``python -m modelreg.client._unasync``). Models and versions come from ``_async_models``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
-from modelreg.client import _common as cm
+from modelreg.client import _paging
 from modelreg.client import _requests as rq
-from modelreg.client._transport import AsyncTransport
+from modelreg.client._async_models import AsyncModelsAndVersions
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
-from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 
 
-class AsyncRegistryClient(AsyncTransport):
-    """Typed asyncio client of the modelreg services.
+class AsyncRegistryClient(AsyncModelsAndVersions):
+    """Typed asyncio client of the modelreg services; safe to share between tasks.
 
     It speaks ``ModelService`` (models, versions, stage pointers, audit), ``FleetService``
     (serving nodes, rollout status) and ``WatchService`` (live stage pointers), on one channel.
@@ -23,222 +26,28 @@ class AsyncRegistryClient(AsyncTransport):
     The channel is created on first use (behind a lock) and closed by :meth:`aclose` or at the
     end of ``async with``. Model arguments take an id (``fraud-detector``) or a full name
     (``models/fraud-detector``). Every method takes ``timeout``: the call's deadline in seconds,
-    retries included, defaulting to the client's. Mutations take ``request_id``, an idempotency
-    key; when ``None`` a uuid4 is generated so the client's own retries are applied once, and
-    ``""`` sends none and disables retrying. Failures raise :class:`~modelreg.client.RegistryError`
-    subclasses, never raw gRPC errors. (``timeout`` is a gRPC deadline that the server sees too,
-    so it stays a parameter rather than an ``asyncio.timeout`` scope.)
+    retries included, defaulting to the client's (a gRPC deadline the server sees too, hence a
+    parameter). Mutations take ``request_id``, an idempotency key; when ``None`` a uuid4 is
+    generated so the client's own retries are applied once, and ``""`` sends none and disables
+    retrying. Failures raise :class:`~modelreg.client.RegistryError` subclasses, never raw gRPC
+    errors.
 
     Args:
-        target: ``host:port`` of the server.
-        actor: Who is calling, for the audit trail; default ``$MODELREG_ACTOR`` or the OS user.
-        timeout: Default per-call deadline in seconds, retries included.
-        retries: Retries on UNAVAILABLE, or a full :class:`RetryPolicy`.
-        options: gRPC channel options.
-        credentials: TLS channel credentials; plaintext when ``None``.
+        target: ``host:port`` of the server; default ``$MODELREG_TARGET``, else
+            ``127.0.0.1:50051``.
+        **connection: Passed on to :meth:`ClientConfig.create`: ``actor`` (for the audit trail;
+            default ``$MODELREG_ACTOR`` or the OS user), ``timeout`` (default per-call deadline
+            in seconds, retries included; 10), ``retries`` (on UNAVAILABLE; 3, or a full
+            :class:`RetryPolicy`), ``options`` (gRPC channel options), ``credentials`` (TLS
+            channel credentials; plaintext if ``None``).
 
     Example::
 
-        async with AsyncRegistryClient("127.0.0.1:50051") as client:
-            stage = (await client.get_stage("fraud-detector", "production")).stage
+        async with AsyncRegistryClient() as client:  # $MODELREG_TARGET or 127.0.0.1:50051
+            response = await client.get_stage("fraud-detector", "production")
+            print(response.stage.version)
 
     """
-
-    async def create_model(
-        self,
-        model_id: str,
-        *,
-        description: str = "",
-        tags: Mapping[str, str] | None = None,
-        custom_stages: Sequence[str] | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.CreateModelResponse:
-        """Register a model id; ``custom_stages`` declares stages besides staging/production."""
-        req = rq.create_model(
-            model_id,
-            description=description,
-            tags=tags,
-            custom_stages=custom_stages,
-            request_id=request_id,
-        )
-        return await self._call(
-            lambda s: s.models.CreateModel, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    async def get_model(
-        self,
-        model: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.GetModelResponse:
-        """Read one model."""
-        req = pb.GetModelRequest(name=rq.model_name(model))
-        return await self._call(lambda s: s.models.GetModel, req, timeout)
-
-    async def list_models(
-        self,
-        *,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.ListModelsResponse:
-        """Read one page of models in name order (``page_size`` 0: the server's default)."""
-        req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
-        return await self._call(lambda s: s.models.ListModels, req, timeout)
-
-    def iter_models(
-        self, *, page_size: int = 0, timeout: float | None = None
-    ) -> AsyncIterator[res.RegisteredModel]:
-        """Iterate over every model, fetching pages as needed (``timeout`` is per page)."""
-        return cm.apages(
-            lambda t: self.list_models(page_size=page_size, page_token=t, timeout=timeout),
-            lambda page: page.models,
-        )
-
-    async def update_model(
-        self,
-        model: str,
-        *,
-        description: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        custom_stages: Sequence[str] | None = None,
-        etag: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.UpdateModelResponse:
-        """Replace the fields given (not None); with ``etag``, only if it is still current."""
-        req = rq.update_model(
-            model,
-            description=description,
-            tags=tags,
-            custom_stages=custom_stages,
-            etag=etag,
-            request_id=request_id,
-        )
-        return await self._call(
-            lambda s: s.models.UpdateModel, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    async def delete_model(
-        self,
-        model: str,
-        *,
-        etag: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.DeleteModelResponse:
-        """Delete a model and its versions; refused while a stage names one of them."""
-        req = rq.delete_model(model, etag=etag, request_id=request_id)
-        return await self._call(
-            lambda s: s.models.DeleteModel, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    async def create_version(
-        self,
-        model: str,
-        *,
-        artifact_uri: str,
-        sha256: str,
-        size_bytes: int,
-        framework: str = "",
-        signature: str = "",
-        metrics: Mapping[str, float] | None = None,
-        params: Mapping[str, str] | None = None,
-        lineage: res.Lineage | Mapping[str, str] | None = None,
-        model_card: str = "",
-        description: str = "",
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.CreateModelVersionResponse:
-        """Register the next immutable version of a model; the server assigns its number."""
-        req = rq.create_version(
-            model,
-            artifact_uri=artifact_uri,
-            sha256=sha256,
-            size_bytes=size_bytes,
-            framework=framework,
-            signature=signature,
-            metrics=metrics,
-            params=params,
-            lineage=lineage,
-            model_card=model_card,
-            description=description,
-            tags=tags,
-            request_id=request_id,
-        )
-        return await self._call(
-            lambda s: s.models.CreateModelVersion, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    async def get_version(
-        self,
-        model: str,
-        version: int,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.GetModelVersionResponse:
-        """Read one version with its derived state and stages."""
-        req = pb.GetModelVersionRequest(name=rq.version_name(model, version))
-        return await self._call(lambda s: s.models.GetModelVersion, req, timeout)
-
-    async def list_versions(
-        self,
-        model: str,
-        *,
-        state: res.VersionState.ValueType | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.ListModelVersionsResponse:
-        """Read one page of a model's versions in number order, optionally in one state only."""
-        req = rq.list_versions(model, state=state, page_size=page_size, page_token=page_token)
-        return await self._call(lambda s: s.models.ListModelVersions, req, timeout)
-
-    def iter_versions(
-        self,
-        model: str,
-        *,
-        state: res.VersionState.ValueType | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> AsyncIterator[res.ModelVersion]:
-        """Iterate over every version of a model (``timeout`` is per page)."""
-        return cm.apages(
-            lambda t: self.list_versions(
-                model, state=state, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.model_versions,
-        )
-
-    async def update_version(
-        self,
-        model: str,
-        version: int,
-        *,
-        description: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        sunset_time: datetime | None = None,
-        clear_sunset_time: bool = False,
-        etag: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> pb.UpdateModelVersionResponse:
-        """Replace a version's annotations given (not None); a sunset time deprecates it."""
-        req = rq.update_version(
-            model,
-            version,
-            description=description,
-            tags=tags,
-            sunset_time=sunset_time,
-            clear_sunset_time=clear_sunset_time,
-            etag=etag,
-            request_id=request_id,
-        )
-        return await self._call(
-            lambda s: s.models.UpdateModelVersion, req, timeout, idempotent=bool(req.request_id)
-        )
 
     async def get_stage(
         self,
@@ -274,8 +83,13 @@ class AsyncRegistryClient(AsyncTransport):
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.PromoteVersionResponse:
         """Point ``stage`` at ``version`` under the lifecycle rules; hotfix needs a reason."""
-        req = rq.promote(
-            model, stage, version, etag=etag, reason=reason, hotfix=hotfix, request_id=request_id
+        req = pb.PromoteVersionRequest(
+            name=rq.stage_name(model, stage),
+            version=int(version),
+            etag=etag or "",
+            reason=reason,
+            hotfix=hotfix,
+            request_id=rq.new_request_id(request_id),
         )
         return await self._call(
             lambda s: s.models.PromoteVersion, req, timeout, idempotent=bool(req.request_id)
@@ -293,8 +107,12 @@ class AsyncRegistryClient(AsyncTransport):
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.RollbackStageResponse:
         """Move ``stage`` back to its last known-good version, or to former ``to_version``."""
-        req = rq.rollback(
-            model, stage, to_version=to_version, etag=etag, reason=reason, request_id=request_id
+        req = pb.RollbackStageRequest(
+            name=rq.stage_name(model, stage),
+            to_version=int(to_version),
+            etag=etag or "",
+            reason=reason,
+            request_id=rq.new_request_id(request_id),
         )
         return await self._call(
             lambda s: s.models.RollbackStage, req, timeout, idempotent=bool(req.request_id)
@@ -315,16 +133,7 @@ class AsyncRegistryClient(AsyncTransport):
         )
         return await self._call(lambda s: s.models.ListStageHistory, req, timeout)
 
-    def iter_stage_history(
-        self, model: str, stage: str, *, page_size: int = 0, timeout: float | None = None
-    ) -> AsyncIterator[res.PointerHistoryEntry]:
-        """Iterate over a stage pointer's moves, newest first (``timeout`` is per page)."""
-        return cm.apages(
-            lambda t: self.stage_history(
-                model, stage, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.entries,
-        )
+    iter_stage_history = _paging.apaged(stage_history, lambda page: page.entries)
 
     async def list_audit_events(
         self,
@@ -341,39 +150,17 @@ class AsyncRegistryClient(AsyncTransport):
 
         ``model`` is a model id or ``models/{model}``; it is sent as the request's ``parent``.
         """
-        req = rq.list_audit_events(
-            model=model,
-            actor=actor,
-            start_time=start_time,
-            end_time=end_time,
+        req = pb.ListAuditEventsRequest(
+            parent=rq.model_name(model) if model else "",
+            actor=actor or "",
+            start_time=rq.timestamp(start_time) if start_time is not None else None,
+            end_time=rq.timestamp(end_time) if end_time is not None else None,
             page_size=page_size,
             page_token=page_token,
         )
         return await self._call(lambda s: s.models.ListAuditEvents, req, timeout)
 
-    def iter_audit_events(
-        self,
-        *,
-        model: str | None = None,
-        actor: str | None = None,
-        start_time: datetime | None = None,
-        end_time: datetime | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> AsyncIterator[res.AuditEvent]:
-        """Iterate over matching audit events, newest first (``timeout`` is per page)."""
-        return cm.apages(
-            lambda t: self.list_audit_events(
-                model=model,
-                actor=actor,
-                start_time=start_time,
-                end_time=end_time,
-                page_size=page_size,
-                page_token=t,
-                timeout=timeout,
-            ),
-            lambda page: page.audit_events,
-        )
+    iter_audit_events = _paging.apaged(list_audit_events, lambda page: page.audit_events)
 
     async def list_nodes(
         self,
@@ -385,24 +172,15 @@ class AsyncRegistryClient(AsyncTransport):
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> fs.ListNodesResponse:
         """Read one page of live serving nodes in id order, optionally of a region or model."""
-        req = rq.list_nodes(region=region, model=model, page_size=page_size, page_token=page_token)
+        req = fs.ListNodesRequest(
+            region=region or "",
+            model=rq.model_id(model) if model else "",
+            page_size=page_size,
+            page_token=page_token,
+        )
         return await self._call(lambda s: s.fleet.ListNodes, req, timeout)
 
-    def iter_nodes(
-        self,
-        *,
-        region: str | None = None,
-        model: str | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> AsyncIterator[fs.Node]:
-        """Iterate over every live node that matches (``timeout`` is per page)."""
-        return cm.apages(
-            lambda t: self.list_nodes(
-                region=region, model=model, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.nodes,
-        )
+    iter_nodes = _paging.apaged(list_nodes, lambda page: page.nodes)
 
     async def rollout_status(
         self,
@@ -413,7 +191,7 @@ class AsyncRegistryClient(AsyncTransport):
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> fs.GetRolloutStatusResponse:
         """Read a stage's committed version and how many live nodes serve which version."""
-        req = rq.rollout_status(model, stage, region=region)
+        req = fs.GetRolloutStatusRequest(name=rq.stage_name(model, stage), region=region or "")
         return await self._call(lambda s: s.fleet.GetRolloutStatus, req, timeout)
 
     def watch_stages(
@@ -429,8 +207,8 @@ class AsyncRegistryClient(AsyncTransport):
         With ``start_revision`` 0 the first message is a SNAPSHOT of the selected pointers,
         then CHANGES (one message per etcd transaction) and, while idle, BOOKMARKs; otherwise
         every change from ``start_revision`` on (or a snapshot flagged ``reset`` if those were
-        compacted away). Empty selectors select everything; give ``models`` or
-        ``model_prefix``, not both.
+        compacted away). Empty selectors select everything; give ``models`` (ids or names) or
+        ``model_prefix``, not both; ``stages`` takes ids or full stage names.
 
         The stream opens on the first iteration and has no deadline; closing the iterator (or
         the client) cancels it. It is not retried nor resumed: when the server ends it or it
@@ -438,7 +216,10 @@ class AsyncRegistryClient(AsyncTransport):
         RESOURCE_EXHAUSTED for a reader that fell too far behind). To resume from the last
         revision + 1 across failures, use the watchers of :mod:`modelreg.client.watcher`.
         """
-        req = rq.watch_stages(
-            models=models, model_prefix=model_prefix, stages=stages, start_revision=start_revision
+        req = ws.WatchStagesRequest(
+            models=rq.model_ids(models),
+            model_prefix=model_prefix,
+            stages=rq.stage_ids(stages),
+            start_revision=int(start_revision),
         )
         return self._stream(lambda s: s.watch.WatchStages, req)

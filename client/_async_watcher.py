@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar, Unpack
 
-import grpc
 from grpc import aio
 
 from modelreg.client import _requests as rq
-from modelreg.client._common import DEFAULT_TARGET, ClientConfig, ClientState, Options
+from modelreg.client._channel import ClientState, async_channel
+from modelreg.client._config import ChannelOptions, ClientConfig
 from modelreg.client._watch_support import (
     Backoff,
     Counters,
@@ -69,10 +69,8 @@ class AsyncModelWatcher(Generic[T]):
         model: Model id or ``models/{id}``.
         stage: Stage id (``production``) or full stage name.
         loader: ``loader(path) -> model``; blocking, run in a worker thread.
-        target: ``host:port`` of a modelreg server.
-        actor: Sent as ``x-modelreg-actor``; default ``$MODELREG_ACTOR`` or the OS user.
-        credentials: TLS channel credentials; plaintext when ``None``.
-        options: gRPC channel options.
+        target: ``host:port`` of a modelreg server; default ``$MODELREG_TARGET``, else
+            ``127.0.0.1:50051``.
         node_id: This node's id in fleet reports; default ``{hostname}-{pid}``.
         region: Region of this node (lowercase slug), sent with the watch and the reports.
         labels: Labels reported with the node.
@@ -88,6 +86,10 @@ class AsyncModelWatcher(Generic[T]):
         retry_backoff: Delays between attempts to prepare a version that failed.
         idle_timeout: Reconnect when the stream sends nothing (not even a bookmark) this long.
         call_timeout: Deadline of each unary call, in seconds.
+        **channel: Passed on to :meth:`~modelreg.client.ClientConfig.create`, as every tool
+            does: ``actor`` (sent as ``x-modelreg-actor``; default ``$MODELREG_ACTOR`` or the
+            OS user), ``credentials`` (TLS; plaintext when ``None``), ``options`` (gRPC channel
+            options).
 
     """
 
@@ -97,10 +99,7 @@ class AsyncModelWatcher(Generic[T]):
         stage: str,
         loader: Callable[[Path], T],
         *,
-        target: str = DEFAULT_TARGET,
-        actor: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options | None = None,
+        target: str | None = None,
         node_id: str | None = None,
         region: str = "",
         labels: Mapping[str, str] | None = None,
@@ -114,15 +113,10 @@ class AsyncModelWatcher(Generic[T]):
         retry_backoff: Backoff = Backoff(0.5, 30.0),  # noqa: B008 (frozen)
         idle_timeout: float = 60.0,
         call_timeout: float = 10.0,
+        **channel: Unpack[ChannelOptions],
     ) -> None:
-        self._config = ClientConfig.create(
-            target,
-            actor=actor,
-            timeout=call_timeout,
-            retries=0,
-            options=options,
-            credentials=credentials,
-        )
+        # Retries are the watcher's own (reconnect and retry backoffs), not the client's.
+        self._config = ClientConfig.create(target, timeout=call_timeout, retries=0, **channel)
         self.model_id = rq.model_id(model)
         self.stage_name = rq.stage_name(model, stage)
         self.stage_id = self.stage_name.rsplit("/", 1)[-1]
@@ -193,11 +187,7 @@ class AsyncModelWatcher(Generic[T]):
         self._state = ClientState.OPENED
         if self._cache_dir is None:
             self._cache_dir = Path(tempfile.mkdtemp(prefix="modelreg-artifacts-"))
-        cfg = self._config
-        if cfg.credentials is None:
-            self._channel = aio.insecure_channel(cfg.target, options=cfg.options)
-        else:
-            self._channel = aio.secure_channel(cfg.target, cfg.credentials, cfg.options)
+        self._channel = async_channel(self._config)
         self._watch_stub = ws_grpc.WatchServiceStub(self._channel)
         self._model_stub = ms_grpc.ModelServiceStub(self._channel)
         self._fleet_stub = fs_grpc.FleetServiceStub(self._channel)

@@ -1,20 +1,24 @@
-"""The blocking client: ``RegistryClient``, over a plain ``grpc`` channel."""
+# Generated from client/_async_client.py by `python -m modelreg.client._unasync`: do not edit.
+"""The blocking client, ``RegistryClient``: stage pointers, audit, fleet and watch.
+
+Generated from an asyncio twin (edit that one, then run
+``python -m modelreg.client._unasync``). Models and versions come from ``_sync_models``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-from modelreg.client import _common as cm
+from modelreg.client import _paging
 from modelreg.client import _requests as rq
-from modelreg.client._transport import SyncTransport
+from modelreg.client._sync_models import ModelsAndVersions
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
-from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 
 
-class RegistryClient(SyncTransport):
+class RegistryClient(ModelsAndVersions):
     """Typed blocking client of the modelreg services; safe to share between threads.
 
     It speaks ``ModelService`` (models, versions, stage pointers, audit), ``FleetService``
@@ -23,221 +27,28 @@ class RegistryClient(SyncTransport):
     The channel is created on first use (behind a lock) and closed by :meth:`close` or at the
     end of ``with``. Model arguments take an id (``fraud-detector``) or a full name
     (``models/fraud-detector``). Every method takes ``timeout``: the call's deadline in seconds,
-    retries included, defaulting to the client's. Mutations take ``request_id``, an idempotency
-    key; when ``None`` a uuid4 is generated so the client's own retries are applied once, and
-    ``""`` sends none and disables retrying. Failures raise :class:`~modelreg.client.RegistryError`
-    subclasses, never raw gRPC errors.
+    retries included, defaulting to the client's (a gRPC deadline the server sees too, hence a
+    parameter). Mutations take ``request_id``, an idempotency key; when ``None`` a uuid4 is
+    generated so the client's own retries are applied once, and ``""`` sends none and disables
+    retrying. Failures raise :class:`~modelreg.client.RegistryError` subclasses, never raw gRPC
+    errors.
 
     Args:
-        target: ``host:port`` of the server.
-        actor: Who is calling, for the audit trail; default ``$MODELREG_ACTOR`` or the OS user.
-        timeout: Default per-call deadline in seconds, retries included.
-        retries: Retries on UNAVAILABLE, or a full :class:`RetryPolicy`.
-        options: gRPC channel options.
-        credentials: TLS channel credentials; plaintext when ``None``.
+        target: ``host:port`` of the server; default ``$MODELREG_TARGET``, else
+            ``127.0.0.1:50051``.
+        **connection: Passed on to :meth:`ClientConfig.create`: ``actor`` (for the audit trail;
+            default ``$MODELREG_ACTOR`` or the OS user), ``timeout`` (default per-call deadline
+            in seconds, retries included; 10), ``retries`` (on UNAVAILABLE; 3, or a full
+            :class:`RetryPolicy`), ``options`` (gRPC channel options), ``credentials`` (TLS
+            channel credentials; plaintext if ``None``).
 
     Example::
 
-        with RegistryClient("127.0.0.1:50051") as client:
-            stage = client.get_stage("fraud-detector", "production").stage
+        with RegistryClient() as client:  # $MODELREG_TARGET or 127.0.0.1:50051
+            response = client.get_stage("fraud-detector", "production")
+            print(response.stage.version)
 
     """
-
-    def create_model(
-        self,
-        model_id: str,
-        *,
-        description: str = "",
-        tags: Mapping[str, str] | None = None,
-        custom_stages: Sequence[str] | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> pb.CreateModelResponse:
-        """Register a model id; ``custom_stages`` declares stages besides staging/production."""
-        req = rq.create_model(
-            model_id,
-            description=description,
-            tags=tags,
-            custom_stages=custom_stages,
-            request_id=request_id,
-        )
-        return self._call(
-            lambda s: s.models.CreateModel, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    def get_model(
-        self,
-        model: str,
-        *,
-        timeout: float | None = None,
-    ) -> pb.GetModelResponse:
-        """Read one model."""
-        req = pb.GetModelRequest(name=rq.model_name(model))
-        return self._call(lambda s: s.models.GetModel, req, timeout)
-
-    def list_models(
-        self,
-        *,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: float | None = None,
-    ) -> pb.ListModelsResponse:
-        """Read one page of models in name order (``page_size`` 0: the server's default)."""
-        req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
-        return self._call(lambda s: s.models.ListModels, req, timeout)
-
-    def iter_models(
-        self, *, page_size: int = 0, timeout: float | None = None
-    ) -> Iterator[res.RegisteredModel]:
-        """Iterate over every model, fetching pages as needed (``timeout`` is per page)."""
-        return cm.pages(
-            lambda t: self.list_models(page_size=page_size, page_token=t, timeout=timeout),
-            lambda page: page.models,
-        )
-
-    def update_model(
-        self,
-        model: str,
-        *,
-        description: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        custom_stages: Sequence[str] | None = None,
-        etag: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> pb.UpdateModelResponse:
-        """Replace the fields given (not None); with ``etag``, only if it is still current."""
-        req = rq.update_model(
-            model,
-            description=description,
-            tags=tags,
-            custom_stages=custom_stages,
-            etag=etag,
-            request_id=request_id,
-        )
-        return self._call(
-            lambda s: s.models.UpdateModel, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    def delete_model(
-        self,
-        model: str,
-        *,
-        etag: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> pb.DeleteModelResponse:
-        """Delete a model and its versions; refused while a stage names one of them."""
-        req = rq.delete_model(model, etag=etag, request_id=request_id)
-        return self._call(
-            lambda s: s.models.DeleteModel, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    def create_version(
-        self,
-        model: str,
-        *,
-        artifact_uri: str,
-        sha256: str,
-        size_bytes: int,
-        framework: str = "",
-        signature: str = "",
-        metrics: Mapping[str, float] | None = None,
-        params: Mapping[str, str] | None = None,
-        lineage: res.Lineage | Mapping[str, str] | None = None,
-        model_card: str = "",
-        description: str = "",
-        tags: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> pb.CreateModelVersionResponse:
-        """Register the next immutable version of a model; the server assigns its number."""
-        req = rq.create_version(
-            model,
-            artifact_uri=artifact_uri,
-            sha256=sha256,
-            size_bytes=size_bytes,
-            framework=framework,
-            signature=signature,
-            metrics=metrics,
-            params=params,
-            lineage=lineage,
-            model_card=model_card,
-            description=description,
-            tags=tags,
-            request_id=request_id,
-        )
-        return self._call(
-            lambda s: s.models.CreateModelVersion, req, timeout, idempotent=bool(req.request_id)
-        )
-
-    def get_version(
-        self,
-        model: str,
-        version: int,
-        *,
-        timeout: float | None = None,
-    ) -> pb.GetModelVersionResponse:
-        """Read one version with its derived state and stages."""
-        req = pb.GetModelVersionRequest(name=rq.version_name(model, version))
-        return self._call(lambda s: s.models.GetModelVersion, req, timeout)
-
-    def list_versions(
-        self,
-        model: str,
-        *,
-        state: res.VersionState.ValueType | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-        timeout: float | None = None,
-    ) -> pb.ListModelVersionsResponse:
-        """Read one page of a model's versions in number order, optionally in one state only."""
-        req = rq.list_versions(model, state=state, page_size=page_size, page_token=page_token)
-        return self._call(lambda s: s.models.ListModelVersions, req, timeout)
-
-    def iter_versions(
-        self,
-        model: str,
-        *,
-        state: res.VersionState.ValueType | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> Iterator[res.ModelVersion]:
-        """Iterate over every version of a model (``timeout`` is per page)."""
-        return cm.pages(
-            lambda t: self.list_versions(
-                model, state=state, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.model_versions,
-        )
-
-    def update_version(
-        self,
-        model: str,
-        version: int,
-        *,
-        description: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        sunset_time: datetime | None = None,
-        clear_sunset_time: bool = False,
-        etag: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> pb.UpdateModelVersionResponse:
-        """Replace a version's annotations given (not None); a sunset time deprecates it."""
-        req = rq.update_version(
-            model,
-            version,
-            description=description,
-            tags=tags,
-            sunset_time=sunset_time,
-            clear_sunset_time=clear_sunset_time,
-            etag=etag,
-            request_id=request_id,
-        )
-        return self._call(
-            lambda s: s.models.UpdateModelVersion, req, timeout, idempotent=bool(req.request_id)
-        )
 
     def get_stage(
         self,
@@ -273,8 +84,13 @@ class RegistryClient(SyncTransport):
         timeout: float | None = None,
     ) -> pb.PromoteVersionResponse:
         """Point ``stage`` at ``version`` under the lifecycle rules; hotfix needs a reason."""
-        req = rq.promote(
-            model, stage, version, etag=etag, reason=reason, hotfix=hotfix, request_id=request_id
+        req = pb.PromoteVersionRequest(
+            name=rq.stage_name(model, stage),
+            version=int(version),
+            etag=etag or "",
+            reason=reason,
+            hotfix=hotfix,
+            request_id=rq.new_request_id(request_id),
         )
         return self._call(
             lambda s: s.models.PromoteVersion, req, timeout, idempotent=bool(req.request_id)
@@ -292,8 +108,12 @@ class RegistryClient(SyncTransport):
         timeout: float | None = None,
     ) -> pb.RollbackStageResponse:
         """Move ``stage`` back to its last known-good version, or to former ``to_version``."""
-        req = rq.rollback(
-            model, stage, to_version=to_version, etag=etag, reason=reason, request_id=request_id
+        req = pb.RollbackStageRequest(
+            name=rq.stage_name(model, stage),
+            to_version=int(to_version),
+            etag=etag or "",
+            reason=reason,
+            request_id=rq.new_request_id(request_id),
         )
         return self._call(
             lambda s: s.models.RollbackStage, req, timeout, idempotent=bool(req.request_id)
@@ -314,16 +134,7 @@ class RegistryClient(SyncTransport):
         )
         return self._call(lambda s: s.models.ListStageHistory, req, timeout)
 
-    def iter_stage_history(
-        self, model: str, stage: str, *, page_size: int = 0, timeout: float | None = None
-    ) -> Iterator[res.PointerHistoryEntry]:
-        """Iterate over a stage pointer's moves, newest first (``timeout`` is per page)."""
-        return cm.pages(
-            lambda t: self.stage_history(
-                model, stage, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.entries,
-        )
+    iter_stage_history = _paging.paged(stage_history, lambda page: page.entries)
 
     def list_audit_events(
         self,
@@ -340,39 +151,17 @@ class RegistryClient(SyncTransport):
 
         ``model`` is a model id or ``models/{model}``; it is sent as the request's ``parent``.
         """
-        req = rq.list_audit_events(
-            model=model,
-            actor=actor,
-            start_time=start_time,
-            end_time=end_time,
+        req = pb.ListAuditEventsRequest(
+            parent=rq.model_name(model) if model else "",
+            actor=actor or "",
+            start_time=rq.timestamp(start_time) if start_time is not None else None,
+            end_time=rq.timestamp(end_time) if end_time is not None else None,
             page_size=page_size,
             page_token=page_token,
         )
         return self._call(lambda s: s.models.ListAuditEvents, req, timeout)
 
-    def iter_audit_events(
-        self,
-        *,
-        model: str | None = None,
-        actor: str | None = None,
-        start_time: datetime | None = None,
-        end_time: datetime | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> Iterator[res.AuditEvent]:
-        """Iterate over matching audit events, newest first (``timeout`` is per page)."""
-        return cm.pages(
-            lambda t: self.list_audit_events(
-                model=model,
-                actor=actor,
-                start_time=start_time,
-                end_time=end_time,
-                page_size=page_size,
-                page_token=t,
-                timeout=timeout,
-            ),
-            lambda page: page.audit_events,
-        )
+    iter_audit_events = _paging.paged(list_audit_events, lambda page: page.audit_events)
 
     def list_nodes(
         self,
@@ -384,24 +173,15 @@ class RegistryClient(SyncTransport):
         timeout: float | None = None,
     ) -> fs.ListNodesResponse:
         """Read one page of live serving nodes in id order, optionally of a region or model."""
-        req = rq.list_nodes(region=region, model=model, page_size=page_size, page_token=page_token)
+        req = fs.ListNodesRequest(
+            region=region or "",
+            model=rq.model_id(model) if model else "",
+            page_size=page_size,
+            page_token=page_token,
+        )
         return self._call(lambda s: s.fleet.ListNodes, req, timeout)
 
-    def iter_nodes(
-        self,
-        *,
-        region: str | None = None,
-        model: str | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-    ) -> Iterator[fs.Node]:
-        """Iterate over every live node that matches (``timeout`` is per page)."""
-        return cm.pages(
-            lambda t: self.list_nodes(
-                region=region, model=model, page_size=page_size, page_token=t, timeout=timeout
-            ),
-            lambda page: page.nodes,
-        )
+    iter_nodes = _paging.paged(list_nodes, lambda page: page.nodes)
 
     def rollout_status(
         self,
@@ -412,7 +192,7 @@ class RegistryClient(SyncTransport):
         timeout: float | None = None,
     ) -> fs.GetRolloutStatusResponse:
         """Read a stage's committed version and how many live nodes serve which version."""
-        req = rq.rollout_status(model, stage, region=region)
+        req = fs.GetRolloutStatusRequest(name=rq.stage_name(model, stage), region=region or "")
         return self._call(lambda s: s.fleet.GetRolloutStatus, req, timeout)
 
     def watch_stages(
@@ -428,8 +208,8 @@ class RegistryClient(SyncTransport):
         With ``start_revision`` 0 the first message is a SNAPSHOT of the selected pointers,
         then CHANGES (one message per etcd transaction) and, while idle, BOOKMARKs; otherwise
         every change from ``start_revision`` on (or a snapshot flagged ``reset`` if those were
-        compacted away). Empty selectors select everything; give ``models`` or
-        ``model_prefix``, not both.
+        compacted away). Empty selectors select everything; give ``models`` (ids or names) or
+        ``model_prefix``, not both; ``stages`` takes ids or full stage names.
 
         The stream opens on the first iteration and has no deadline; closing the iterator (or
         the client) cancels it. It is not retried nor resumed: when the server ends it or it
@@ -437,7 +217,10 @@ class RegistryClient(SyncTransport):
         RESOURCE_EXHAUSTED for a reader that fell too far behind). To resume from the last
         revision + 1 across failures, use the watchers of :mod:`modelreg.client.watcher`.
         """
-        req = rq.watch_stages(
-            models=models, model_prefix=model_prefix, stages=stages, start_revision=start_revision
+        req = ws.WatchStagesRequest(
+            models=rq.model_ids(models),
+            model_prefix=model_prefix,
+            stages=rq.stage_ids(stages),
+            start_revision=int(start_revision),
         )
         return self._stream(lambda s: s.watch.WatchStages, req)

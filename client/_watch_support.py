@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from modelreg.client._common import ClientConfig
+from modelreg.client._config import ClientConfig
 from modelreg.client.artifacts import ArtifactError, Fetcher, fetch_artifact
 from modelreg.client.errors import RegistryError, from_rpc_error
 from modelreg.v1 import fleet_service_pb2 as fs

@@ -19,7 +19,7 @@ from typing import Any
 
 from modelreg.client import _commands as cmd
 from modelreg.client import _render as r
-from modelreg.client._common import DEFAULT_TARGET
+from modelreg.client._config import DEFAULT_TARGET, TARGET_ENV
 from modelreg.client._sync_client import RegistryClient
 from modelreg.client.errors import DeadlineExceededError, RegistryError, UnavailableError
 
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    target = os.environ.get("MODELREG_TARGET") or DEFAULT_TARGET
-    parser.add_argument("--target", default=target, help=f"server host:port (default {target})")
+    # No default here: the client's config resolves $MODELREG_TARGET, as for every other tool.
+    target = f"${TARGET_ENV}, else {DEFAULT_TARGET}"
+    parser.add_argument("--target", help=f"server host:port (default {target})")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (10)")
     parser.add_argument("--actor", help="who you are (default $MODELREG_ACTOR or OS user)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")

@@ -34,6 +34,7 @@ Threads (Flask, Django, gunicorn sync workers: start it in each worker, after th
 
     from modelreg.client.watcher import ThreadedModelWatcher
 
+    # target: $MODELREG_TARGET, else 127.0.0.1:50051
     watcher = ThreadedModelWatcher("fraud-detector", "production", load_model)
     watcher.start()
     watcher.wait_for_version(timeout=60)
@@ -47,16 +48,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, Self, TypedDict, TypeVar, Unpack
-
-import grpc
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
 
 from modelreg.client._async_watcher import AsyncModelWatcher
-from modelreg.client._common import ClientState, Options
+from modelreg.client._channel import ClientState
 from modelreg.client._watch_support import (
     Backoff,
     ErrorCallback,
@@ -65,7 +65,6 @@ from modelreg.client._watch_support import (
     WatcherStats,
     default_node_id,
 )
-from modelreg.client.artifacts import Fetcher
 
 __all__ = [
     "AsyncModelWatcher",
@@ -74,34 +73,34 @@ __all__ = [
     "LoadedModel",
     "SwapCallback",
     "ThreadedModelWatcher",
-    "WatcherOptions",
     "WatcherStats",
     "default_node_id",
 ]
 
 T = TypeVar("T")
+_L = TypeVar("_L")
+_S = TypeVar("_S")
+_P = ParamSpec("_P")
+
+_Init = Callable[Concatenate[_S, str, str, Callable[[Path], _L], _P], None]
+_AnyInit = Callable[Concatenate[_S, str, str, Callable[[Path], _L], ...], None]
 
 
-class WatcherOptions(TypedDict, Generic[T], total=False):
-    """The keyword arguments of :class:`AsyncModelWatcher`, for :class:`ThreadedModelWatcher`."""
+def _options_of(
+    source: Callable[Concatenate[str, str, Callable[[Path], Any], _P], object],
+) -> Callable[[_AnyInit[_S, _L]], _Init[_S, _L, _P]]:
+    """Give ``__init__(self, model, stage, loader, **options)`` the options of ``source``.
 
-    target: str
-    actor: str | None
-    credentials: grpc.ChannelCredentials | None
-    options: Options | None
-    node_id: str | None
-    region: str
-    labels: Mapping[str, str] | None
-    on_swap: SwapCallback[T] | None
-    on_error: ErrorCallback | None
-    cache_dir: str | Path | None
-    fetchers: Mapping[str, Fetcher] | None
-    ttl_seconds: int
-    report: bool
-    reconnect_backoff: Backoff
-    retry_backoff: Backoff
-    idle_timeout: float
-    call_timeout: float
+    For type checkers and ``help()`` alike: the options are listed once, by ``source``.
+    """
+
+    def decorate(init: _AnyInit[_S, _L]) -> _Init[_S, _L, _P]:
+        own = list(inspect.signature(init).parameters.values())[:4]  # self, model, stage, loader
+        theirs = list(inspect.signature(source).parameters.values())[3:]
+        init.__signature__ = inspect.Signature([*own, *theirs])  # type: ignore[attr-defined]
+        return init
+
+    return decorate
 
 
 class ThreadedModelWatcher(Generic[T]):
@@ -109,7 +108,7 @@ class ThreadedModelWatcher(Generic[T]):
 
     For synchronous servers: :attr:`current` can be read from any thread (one attribute read);
     ``loader``, ``on_swap`` and ``on_error`` run in the watcher's threads. Takes the same
-    arguments as :class:`AsyncModelWatcher`.
+    arguments as :class:`AsyncModelWatcher` (its constructor is their one definition).
 
     Example::
 
@@ -119,13 +118,8 @@ class ThreadedModelWatcher(Generic[T]):
 
     """
 
-    def __init__(
-        self,
-        model: str,
-        stage: str,
-        loader: Callable[[Path], T],
-        **options: Unpack[WatcherOptions[T]],
-    ) -> None:
+    @_options_of(AsyncModelWatcher)
+    def __init__(self, model: str, stage: str, loader: Callable[[Path], T], **options: Any) -> None:
         # Built here, so bad arguments raise in the caller's thread; no loop is needed yet.
         self._watcher: AsyncModelWatcher[T] = AsyncModelWatcher(model, stage, loader, **options)
         self._thread: threading.Thread | None = None

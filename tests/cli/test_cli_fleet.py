@@ -27,7 +27,6 @@ from modelreg.client import (
 )
 from modelreg.client import _commands as cmd
 from modelreg.client import _render as render
-from modelreg.client import _requests as rq
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import fleet_service_pb2_grpc, watch_service_pb2_grpc
 from modelreg.v1 import model_service_pb2 as svc
@@ -142,18 +141,7 @@ class TestRendering:
 
 
 class TestRequestsAndArguments:
-    def test_requests(self) -> None:
-        """Model names become ids, stage names become ids, unset filters stay empty."""
-        req = rq.watch_stages(models=["models/m"], model_prefix="", stages=[PROD, "canary"],
-                              start_revision=4)
-        assert (list(req.models), list(req.stages), req.start_revision) == (
-            ["m"], ["production", "canary"], 4)
-        with pytest.raises(TypeError):
-            rq.watch_stages(models="m", model_prefix="", stages=None, start_revision=0)
-        assert rq.list_nodes(region=None, model="models/m", page_size=0, page_token="").model == "m"
-        assert rq.rollout_status("m", "production", region="eu") == fs.GetRolloutStatusRequest(
-            name=PROD, region="eu")
-
+    # The request shapes are tested with the client (tests/client/test_client_unit.py).
     def test_parser(self) -> None:
         """nodes, rollout and watch take their documented arguments."""
         p = cli.build_parser()

@@ -37,6 +37,8 @@ from modelreg.client import (
 from modelreg.client import _render as render
 from modelreg.client import _requests as rq
 from modelreg.client.errors import ERRORS_BY_CODE
+from modelreg.v1 import fleet_service_pb2 as fs
+from modelreg.v1 import fleet_service_pb2_grpc as fs_grpc
 from modelreg.v1 import model_service_pb2 as pb
 from modelreg.v1 import model_service_pb2_grpc as pb_grpc
 from modelreg.v1 import resources_pb2 as res
@@ -65,8 +67,8 @@ def _rich(
 
 
 @dataclass
-class FakeService(pb_grpc.ModelServiceServicer):
-    """ModelService whose answers depend on the model name asked for; records every call."""
+class FakeService(pb_grpc.ModelServiceServicer, fs_grpc.FleetServiceServicer):
+    """ModelService (and FleetService) answering by the model name asked for; records every call."""
 
     unavailable_left: int = 0
     calls: list[tuple[str, Any, str]] = field(default_factory=list)
@@ -119,12 +121,38 @@ class FakeService(pb_grpc.ModelServiceServicer):
         )
         raise AssertionError("unreachable")
 
+    async def UpdateModel(self, request: Any, context: Any) -> pb.UpdateModelResponse:
+        await self._flaky("UpdateModel", request, context)
+        return pb.UpdateModelResponse()
+
+    async def CreateModelVersion(self, request: Any, context: Any) -> Any:
+        await self._flaky("CreateModelVersion", request, context)
+        return pb.CreateModelVersionResponse()
+
+    async def UpdateModelVersion(self, request: Any, context: Any) -> Any:
+        await self._flaky("UpdateModelVersion", request, context)
+        return pb.UpdateModelVersionResponse()
+
+    async def ListAuditEvents(self, request: Any, context: Any) -> pb.ListAuditEventsResponse:
+        await self._flaky("ListAuditEvents", request, context)
+        return pb.ListAuditEventsResponse()
+
+    # FleetService, on the same server (the client speaks every service on one channel).
+    async def ListNodes(self, request: Any, context: Any) -> fs.ListNodesResponse:
+        await self._flaky("ListNodes", request, context)
+        return fs.ListNodesResponse()
+
+    async def GetRolloutStatus(self, request: Any, context: Any) -> fs.GetRolloutStatusResponse:
+        await self._flaky("GetRolloutStatus", request, context)
+        return fs.GetRolloutStatusResponse()
+
 
 @pytest.fixture
 async def service() -> AsyncIterator[tuple[FakeService, str]]:
     fake = FakeService()
     server = aio.server()
     pb_grpc.add_ModelServiceServicer_to_server(fake, server)
+    fs_grpc.add_FleetServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield fake, f"127.0.0.1:{port}"
@@ -279,6 +307,16 @@ class TestAsyncClient:
         names = [m.name async for m in client.iter_models(page_size=2)]
         assert names == [f"models/m{i}" for i in range(5)]
 
+    async def test_iteration_takes_the_page_methods_parameters(
+        self, client: AsyncRegistryClient, service: tuple[FakeService, str]
+    ) -> None:
+        """iter_models starts at page_token and sends the page size with every page it reads."""
+        names = [m.name async for m in client.iter_models(page_size=2, page_token="2")]
+        assert names == ["models/m2", "models/m3", "models/m4"]
+        assert [(c[1].page_size, c[1].page_token) for c in service[0].calls] == [(2, "2"), (2, "4")]
+        iterate, page = AsyncRegistryClient.iter_audit_events, AsyncRegistryClient.list_audit_events
+        assert inspect.signature(iterate).parameters == inspect.signature(page).parameters
+
     async def test_lifecycle(self, service: tuple[FakeService, str]) -> None:
         """A client opens lazily, closes once, and refuses calls and re-entry once closed."""
         c = AsyncRegistryClient(service[1])
@@ -300,13 +338,13 @@ class TestSyncClient:
 
         def surface(cls: type) -> dict[str, list[str]]:
             return {
-                name: list(inspect.signature(fn).parameters)
-                for name, fn in vars(cls).items()
-                if not name.startswith("_") and callable(fn)
+                "close" if name == "aclose" else name: list(inspect.signature(fn).parameters)
+                for name in dir(cls)
+                if not name.startswith("_") and callable(fn := getattr(cls, name))
             }
 
         assert surface(RegistryClient) == surface(AsyncRegistryClient)
-        assert len(surface(RegistryClient)) == 23
+        assert len(surface(RegistryClient)) == 24
 
     async def test_errors_and_retries(self, service: tuple[FakeService, str]) -> None:
         """The blocking client decodes rich errors and retries reads like the async one."""
@@ -328,72 +366,68 @@ class TestSyncClient:
 
 
 class TestRequests:
-    def test_update_mask_from_given_args(self) -> None:
+    async def test_update_mask_from_given_args(
+        self, client: AsyncRegistryClient, service: tuple[FakeService, str]
+    ) -> None:
         """Only arguments that are not None enter the update mask; {} clears tags."""
-        req = rq.update_model(
-            "m", description=None, tags={}, custom_stages=["canary"], etag='"3"', request_id="r"
-        )
+        await client.update_model("m", tags={}, custom_stages=["canary"], etag='"3"')
+        req = service[0].calls[-1][1]
         assert list(req.update_mask.paths) == ["tags", "custom_stages"]
-        assert req.model.name == "models/m"
-        assert req.model.etag == '"3"'
+        assert (req.model.name, req.model.etag, list(req.model.custom_stages)) == (
+            "models/m", '"3"', ["canary"])
+        assert req.request_id
 
-    def test_empty_update_refused(self) -> None:
+    async def test_empty_update_refused(
+        self, client: AsyncRegistryClient, service: tuple[FakeService, str]
+    ) -> None:
         """An update naming no field is a local ValueError, not a server round trip."""
         with pytest.raises(ValueError, match="at least one"):
-            rq.update_version(
-                "m",
-                1,
-                description=None,
-                tags=None,
-                sunset_time=None,
-                clear_sunset_time=False,
-                etag=None,
-                request_id=None,
+            await client.update_version("m", 1)
+        with pytest.raises(ValueError, match="at least one"):
+            await client.update_model("m", etag='"2"')
+        with pytest.raises(ValueError, match="not both"):
+            await client.update_version(
+                "m", 1, sunset_time=datetime.now(UTC), clear_sunset_time=True
             )
+        assert service[0].calls == []
 
-    def test_sunset_and_lineage(self) -> None:
+    async def test_sunset_and_lineage(
+        self, client: AsyncRegistryClient, service: tuple[FakeService, str]
+    ) -> None:
         """A sunset time is set or cleared through the mask; lineage may be a dict."""
         when = datetime(2030, 1, 1, tzinfo=UTC)
-        req = rq.update_version(
-            "m",
-            2,
-            description=None,
-            tags=None,
-            sunset_time=when,
-            clear_sunset_time=False,
-            etag=None,
-            request_id=None,
-        )
-        assert req.model_version.sunset_time.seconds == int(when.timestamp())
-        assert req.request_id
-        clear = rq.update_version(
-            "m",
-            2,
-            description=None,
-            tags=None,
-            sunset_time=None,
-            clear_sunset_time=True,
-            etag=None,
-            request_id="x",
-        )
+        await client.update_version("m", 2, sunset_time=when)
+        await client.update_version("m", 2, clear_sunset_time=True, request_id="x")
+        await client.create_version(
+            "m", artifact_uri="file:///a", sha256="0" * 64, size_bytes=1, metrics={"auc": 1},
+            lineage={"code_commit": "abc"})  # fmt: skip
+        (_, set_, _), (_, clear, _), (_, ver, _) = service[0].calls
+        assert set_.model_version.name == "models/m/versions/2"
+        assert set_.model_version.sunset_time.seconds == int(when.timestamp())
+        assert set_.request_id
         assert list(clear.update_mask.paths) == ["sunset_time"]
         assert not clear.model_version.HasField("sunset_time")
-        ver = rq.create_version(
-            "m",
-            artifact_uri="file:///a",
-            sha256="0" * 64,
-            size_bytes=1,
-            framework="",
-            signature="",
-            metrics={"auc": 1},
-            params=None,
-            lineage={"code_commit": "abc"},
-            model_card="",
-            description="",
-            tags=None,
-            request_id=None,
-        )
+        assert clear.request_id == "x"
+        assert ver.parent == "models/m"
         assert ver.model_version.lineage.code_commit == "abc"
+        assert ver.model_version.metrics["auc"] == 1.0
+
+    async def test_filters_and_times(
+        self, client: AsyncRegistryClient, service: tuple[FakeService, str]
+    ) -> None:
+        """Unset filters stay empty, a model name becomes the parent or the node filter's id."""
+        since = datetime(2024, 5, 1, tzinfo=UTC)
+        await client.list_audit_events(model="m", start_time=since)
+        await client.list_audit_events()
+        await client.list_nodes(model="models/m")
+        await client.rollout_status("m", "production", region="eu")
+        audit, everything, nodes, rollout = [c[1] for c in service[0].calls]
+        assert (audit.parent, audit.start_time.seconds) == ("models/m", int(since.timestamp()))
+        assert not audit.HasField("end_time")
+        assert (everything.parent, everything.actor) == ("", "")
+        assert not everything.HasField("start_time")
+        assert (nodes.model, nodes.region) == ("m", "")
+        assert rollout == fs.GetRolloutStatusRequest(name="models/m/stages/production", region="eu")
 
     def test_names(self) -> None:
         """Resource names are built from ids and pass through when already full."""
@@ -401,6 +435,16 @@ class TestRequests:
         assert rq.stage_name("models/m", "production") == "models/m/stages/production"
         assert rq.stage_name("m", "models/m/stages/canary") == "models/m/stages/canary"
         assert rq.model_id("models/m") == "m"
+
+    def test_watch_selectors(self) -> None:
+        """Model names become ids, stage names become ids, and one string is refused."""
+        assert rq.model_ids(["models/m", "n"]) == ["m", "n"]
+        assert rq.stage_ids(["models/m/stages/production", "canary"]) == ["production", "canary"]
+        assert rq.model_ids(None) == rq.stage_ids(None) == []
+        with pytest.raises(TypeError):
+            rq.model_ids("m")
+        with pytest.raises(TypeError):
+            rq.stage_ids("production")
 
 
 class TestCli:

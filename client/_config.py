@@ -1,37 +1,40 @@
-"""Plumbing the sync and asyncio clients share: settings, lifecycle state, retries, paging."""
+"""Connection settings of every client-side tool: where the server is, who calls, how to retry.
+
+The clients, the watchers and the CLI all build one :class:`ClientConfig` and hand it to the
+channel factory (:mod:`modelreg.client._channel`). A setting added here (a bearer token, client
+certificates) reaches every tool through :class:`ChannelOptions`, which the constructors take
+as ``**channel`` without listing its keys again: the config and the factory are the only
+places such a change touches.
+
+Where the server is, when no ``target`` is given: ``$MODELREG_TARGET``, else
+``127.0.0.1:50051``. Read at construction, so one variable points every tool at a server.
+"""
 
 from __future__ import annotations
 
-import enum
 import getpass
 import os
 import random
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypedDict, Unpack
 
 import grpc
+
+TARGET_ENV = "MODELREG_TARGET"
+"""Environment variable naming the server (``host:port``) when a tool is given no target."""
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+"""Where the tools connect when neither a target nor ``$MODELREG_TARGET`` is given."""
+
+ACTOR_ENV = "MODELREG_ACTOR"
+"""Environment variable naming the caller for the audit trail when no actor is given."""
 
 ACTOR_METADATA_KEY = "x-modelreg-actor"
 """gRPC metadata key that names the calling actor; the server records it in the audit trail."""
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-"""Where the clients connect when no target is given."""
-
 Options = Sequence[tuple[str, Any]]
 """gRPC channel options, as ``grpc.insecure_channel`` takes them."""
-
-
-class ClientState(enum.Enum):
-    """Lifecycle of a client (as in httpx): it opens once and, once closed, stays closed."""
-
-    UNOPENED = 1
-    """Created; no channel yet."""
-    OPENED = 2
-    """Inside ``with``, or a call has created the channel."""
-    CLOSED = 3
-    """Closed; every further call raises ``RuntimeError``."""
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,32 @@ class RetryPolicy:
         return delay if delay < remaining else None
 
 
+class ChannelOptions(TypedDict, total=False):
+    """How to reach and speak to the server: the keyword arguments every tool takes as-is."""
+
+    actor: str | None
+    """Who is calling, for the audit trail; default ``$MODELREG_ACTOR``, else the OS user."""
+    credentials: grpc.ChannelCredentials | None
+    """TLS channel credentials; plaintext when ``None``."""
+    options: Options | None
+    """gRPC channel options (keepalive, message sizes...)."""
+
+
+class ConnectOptions(ChannelOptions, total=False):
+    """:class:`ChannelOptions` plus the call settings of the registry clients."""
+
+    timeout: float
+    """Default deadline of one call in seconds, retries included; default 10."""
+    retries: int | RetryPolicy
+    """Retries on UNAVAILABLE (default 3), or a full :class:`RetryPolicy`."""
+
+
 @dataclass(frozen=True)
 class ClientConfig:
-    """Settings shared by both clients, fixed at construction."""
+    """Connection settings of one client or watcher, fixed at construction.
+
+    Built by :meth:`create` from a tool's arguments; the channel factory reads it.
+    """
 
     target: str
     """``host:port`` of the modelreg server."""
@@ -100,30 +126,40 @@ class ClientConfig:
     """TLS credentials; ``None`` for a plaintext channel."""
 
     @classmethod
-    def create(
-        cls,
-        target: str,
-        *,
-        actor: str | None,
-        timeout: float,
-        retries: int | RetryPolicy,
-        options: Options | None,
-        credentials: grpc.ChannelCredentials | None,
-    ) -> ClientConfig:
-        """Build a validated config from the clients' constructor arguments."""
+    def create(cls, target: str | None = None, **settings: Unpack[ConnectOptions]) -> ClientConfig:
+        """Build a validated config from a tool's arguments, defaults filled in.
+
+        Args:
+            target: ``host:port``; ``None`` or empty: ``$MODELREG_TARGET``, else
+                ``127.0.0.1:50051``.
+            **settings: The keys of :class:`ConnectOptions`: ``actor`` (default
+                ``$MODELREG_ACTOR``, else the OS user), ``credentials`` (TLS; plaintext when
+                ``None``), ``options`` (gRPC channel options), ``timeout`` (seconds per call,
+                retries included; 10), ``retries`` (3, or a :class:`RetryPolicy`).
+
+        Raises:
+            TypeError: An unknown setting.
+            ValueError: A timeout or retry count out of range.
+
+        """
+        unknown = settings.keys() - ConnectOptions.__optional_keys__
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {', '.join(map(repr, sorted(unknown)))}")
+        timeout = settings.get("timeout", 10.0)
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, not {timeout}")
+        retries = settings.get("retries", 3)
         if isinstance(retries, int):
             if retries < 0:
                 raise ValueError(f"retries must be >= 0, not {retries}")
             retries = RetryPolicy(max_retries=retries)
         return cls(
-            target=target,
-            actor=actor or default_actor(),
+            target=target or default_target(),
+            actor=settings.get("actor") or default_actor(),
             timeout=timeout,
             retry=retries,
-            options=tuple(options or ()),
-            credentials=credentials,
+            options=tuple(settings.get("options") or ()),
+            credentials=settings.get("credentials"),
         )
 
     @property
@@ -136,51 +172,17 @@ class ClientConfig:
         return self.timeout if timeout is None else timeout
 
 
+def default_target() -> str:
+    """Return ``$MODELREG_TARGET``, else ``127.0.0.1:50051``."""
+    return os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+
+
 def default_actor() -> str:
     """Return ``$MODELREG_ACTOR``, else the OS user name, else ``"unknown"``."""
-    actor = os.environ.get("MODELREG_ACTOR", "")
+    actor = os.environ.get(ACTOR_ENV, "")
     if actor:
         return actor
     try:
         return getpass.getuser()
     except (OSError, KeyError):
         return "unknown"
-
-
-def new_request_id(request_id: str | None) -> str:
-    """Return the caller's idempotency key, or a fresh uuid4 for ``None`` (``""`` stays)."""
-    return str(uuid.uuid4()) if request_id is None else request_id
-
-
-class _Page(Protocol):
-    @property
-    def next_page_token(self) -> str: ...
-
-
-_P = TypeVar("_P", bound=_Page)
-_T = TypeVar("_T")
-
-
-def pages(fetch: Callable[[str], _P], items: Callable[[_P], Iterable[_T]]) -> Iterator[_T]:
-    """Yield the items of every page, calling ``fetch(page_token)`` until the token is empty."""
-    token = ""
-    while True:
-        page = fetch(token)
-        yield from items(page)
-        token = page.next_page_token
-        if not token:
-            return
-
-
-async def apages(
-    fetch: Callable[[str], Awaitable[_P]], items: Callable[[_P], Iterable[_T]]
-) -> AsyncIterator[_T]:
-    """Yield the items of every page, awaiting ``fetch(page_token)`` until the token is empty."""
-    token = ""
-    while True:
-        page = await fetch(token)
-        for item in items(page):
-            yield item
-        token = page.next_page_token
-        if not token:
-            return

@@ -1,0 +1,158 @@
+# Generated from client/_async_transport.py by `python -m modelreg.client._unasync`: do not edit.
+"""Channel lifecycle, the retrying unary call and the plain server stream, for threads.
+
+Generated from an asyncio twin (edit that one, then run
+``python -m modelreg.client._unasync``). One channel, from the channel factory, carries the
+three services (``ModelService``, ``FleetService``, ``WatchService``); their stubs are created
+together, with the channel, and handed to calls as one :class:`Stubs`. Every retry
+decision is the config's :class:`~modelreg.client._config.RetryPolicy`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Self, TypeVar, Unpack
+
+import grpc
+
+from modelreg.client._channel import ClientState, sync_channel
+from modelreg.client._config import ClientConfig, ConnectOptions
+from modelreg.client.errors import from_rpc_error
+from modelreg.v1 import fleet_service_pb2_grpc as fs_grpc
+from modelreg.v1 import model_service_pb2_grpc as pb_grpc
+from modelreg.v1 import watch_service_pb2_grpc as ws_grpc
+
+if TYPE_CHECKING:
+    from modelreg.v1.fleet_service_pb2_grpc import FleetServiceStub
+    from modelreg.v1.model_service_pb2_grpc import ModelServiceStub
+    from modelreg.v1.watch_service_pb2_grpc import WatchServiceStub
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """The generated stubs of every service, on one channel."""
+
+    models: ModelServiceStub
+    fleet: FleetServiceStub
+    watch: WatchServiceStub
+
+    @classmethod
+    def on(cls, channel: grpc.Channel) -> Stubs:
+        """Create the stubs on ``channel``."""
+        return cls(
+            pb_grpc.ModelServiceStub(channel),
+            fs_grpc.FleetServiceStub(channel),
+            ws_grpc.WatchServiceStub(channel),
+        )
+
+
+class Transport:
+    """Base of the client: a lazily created channel and retrying calls.
+
+    Its constructor takes ``target`` (default ``$MODELREG_TARGET``, else ``127.0.0.1:50051``)
+    and passes every other keyword, unnamed, to the config
+    (:class:`~modelreg.client._config.ConnectOptions`): a new connection setting is added there.
+    """
+
+    def __init__(self, target: str | None = None, **connection: Unpack[ConnectOptions]) -> None:
+        self._config = ClientConfig.create(target, **connection)
+        self._state = ClientState.UNOPENED
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stubs: Stubs | None = None
+
+    @property
+    def config(self) -> ClientConfig:
+        """Settings of this client."""
+        return self._config
+
+    @property
+    def state(self) -> ClientState:
+        """Lifecycle state: unopened, opened or closed."""
+        return self._state
+
+    def __enter__(self) -> Self:
+        if self._state is not ClientState.UNOPENED:
+            raise RuntimeError(f"cannot open a client that is {self._state.name.lower()}")
+        self._state = ClientState.OPENED
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel, cancelling calls in flight. Closing twice is harmless."""
+        with self._lock:
+            self._state = ClientState.CLOSED
+            channel, self._channel, self._stubs = self._channel, None, None
+        if channel is not None:
+            channel.close()
+
+    def _get_stubs(self) -> Stubs:
+        # The lock makes concurrent first calls share one channel.
+        with self._lock:
+            if self._state is ClientState.CLOSED:
+                raise RuntimeError("cannot send a request: the client has been closed")
+            if self._stubs is None:
+                self._channel = sync_channel(self._config)
+                self._stubs = Stubs.on(self._channel)
+                self._state = ClientState.OPENED
+            return self._stubs
+
+    def _call(
+        self,
+        method: Callable[[Stubs], grpc.UnaryUnaryMultiCallable[_Req, _Resp]],
+        request: _Req,
+        call_timeout: float | None,
+        *,
+        idempotent: bool = True,
+    ) -> _Resp:
+        multi_callable = method(self._get_stubs())
+        cfg = self._config
+        deadline = time.monotonic() + cfg.budget(call_timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return multi_callable(request, timeout=remaining, metadata=cfg.metadata)
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                remaining = deadline - time.monotonic()
+                delay = cfg.retry.retry_delay(
+                    error.code, attempt=attempt, idempotent=idempotent, remaining=remaining
+                )
+                if delay is None:
+                    raise error from err
+            time.sleep(delay)
+            attempt += 1
+
+    def _stream(
+        self,
+        method: Callable[[Stubs], grpc.UnaryStreamMultiCallable[_Req, _Resp]],
+        request: _Req,
+    ) -> Iterator[_Resp]:
+        """Yield the messages of one server stream: no deadline, no retry, typed errors.
+
+        The call starts on the first iteration and is cancelled when the iteration stops,
+        whether the stream ended, failed, or the caller closed the generator.
+        """
+        call = method(self._get_stubs())(request, metadata=self._config.metadata)
+        try:
+            for message in call:  # noqa: UP028 (from an async for)
+                yield message
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            call.cancel()
