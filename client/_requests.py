@@ -213,6 +213,7 @@ def rollback(
     etag: str | None,
     reason: str,
     request_id: str | None,
+    allow_unserved: bool = False,
 ) -> pb.RollbackStageRequest:
     """Build a RollbackStageRequest."""
     return pb.RollbackStageRequest(
@@ -220,6 +221,20 @@ def rollback(
         to_version=int(to_version),
         etag=etag or "",
         reason=reason,
+        request_id=new_request_id(request_id),
+        allow_unserved=allow_unserved,
+    )
+
+
+def clear_stage(
+    model: str, stage: str, *, etag: str | None, reason: str, force: bool, request_id: str | None
+) -> pb.ClearStageRequest:
+    """Build a ClearStageRequest."""
+    return pb.ClearStageRequest(
+        name=stage_name(model, stage),
+        etag=etag or "",
+        reason=reason,
+        force=force,
         request_id=new_request_id(request_id),
     )
 
