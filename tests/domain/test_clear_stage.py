@@ -79,7 +79,7 @@ class TestClearStage:
 
     @pytest.mark.parametrize("reason", ["", "  "])
     async def test_force_needs_a_reason(self, env: Env, reason: str) -> None:
-        """force without a reason is INVALID_ARGUMENT naming reason."""
+        """A force without a reason is INVALID_ARGUMENT naming reason."""
         await env.setup(1)
         await env.to_production(1)
         with pytest.raises(InvalidArgumentError) as exc:

@@ -59,7 +59,7 @@ def _promote(up: Up, version: int) -> None:
 
 
 def _served(client: RegistryClient) -> dict[str, tuple[int, int]]:
-    """node id -> (serving, failed) for the production stage, as the fleet view reports it."""
+    """Map node id to (serving, failed) in production, as the fleet view reports it."""
     name = f"models/{MODEL}/stages/production"
     return {n.node_id: next((s.serving_version, s.failed_version) for s in n.stages
                             if s.stage == name)

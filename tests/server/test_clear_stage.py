@@ -42,7 +42,7 @@ async def _stage_keys(etcd, prefix: str) -> dict[str, int]:
 
 class TestClearStage:
     async def test_clear_is_seen_by_watch_streams_and_keeps_the_key(
-        self, stub, server, etcd_server, etcd_prefix  # noqa: F811 (the fixture)
+        self, stub, server, etcd_server, etcd_prefix
     ):
         """Clearing canary reaches an open watch stream as a change to version 0 (a CLEAR
         move, from v2), and the pointer's key stays in etcd at the clear's revision.
@@ -87,7 +87,7 @@ class TestClearStage:
         assert events.audit_events[0].forced
 
     async def test_model_with_every_stage_empty_is_deleted(
-        self, stub, server, etcd_server, etcd_prefix  # noqa: F811 (the fixture)
+        self, stub, server, etcd_server, etcd_prefix
     ):
         """Once every stage is cleared, DeleteModel succeeds (it was MODEL_HAS_STAGED_VERSIONS
         forever before); the stage keys stay in etcd, and the model created again starts with
