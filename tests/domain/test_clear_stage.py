@@ -1,7 +1,7 @@
 """Domain rules of ClearStage (issue 14 section 2): a stage pointer can be emptied again.
 
 Unit tests over the in-memory store: the rules pinned fast; the proof is the etcd suite
-(tests/server/test_clear_stage.py, tests/cli/test_cli_clear_rollback.py).
+(tests/server/test_clear_stage_api.py, tests/e2e/test_rollback_incident.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Domain rules of the fleet's durable outcome records, node removal and stale failures.
 
 Unit tests over the in-memory store: the rules pinned fast; the proof is the etcd suite
-(tests/server/test_rollback_served.py).
+(tests/server/test_rollback_served_api.py).
 """
 
 from __future__ import annotations

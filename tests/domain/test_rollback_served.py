@@ -1,7 +1,7 @@
 """Domain rules of issue 14: a rollback lands on a version that really served in the stage.
 
 Unit tests over the in-memory store: the rules pinned fast; the proof is the etcd suite
-(tests/server/test_rollback_served.py, tests/e2e/test_rollback_incident.py).
+(tests/server/test_rollback_served_api.py, tests/e2e/test_rollback_incident.py).
 """
 
 from __future__ import annotations
