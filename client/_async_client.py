@@ -103,19 +103,50 @@ class AsyncRegistryClient(AsyncModelsAndVersions):
         to_version: int = 0,
         etag: str | None = None,
         reason: str = "",
+        allow_unserved: bool = False,
         request_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.RollbackStageResponse:
-        """Move ``stage`` back to its last known-good version, or to former ``to_version``."""
+        """Move ``stage`` back to its last known-good version, or to former ``to_version``.
+
+        Last known-good: the most recent former version that served in this stage (as the
+        fleet reported); ``skipped`` in the response lists the candidates passed over and why.
+        A named ``to_version`` the fleet refused or never served needs ``allow_unserved`` and a
+        ``reason``.
+        """
         req = pb.RollbackStageRequest(
             name=rq.stage_name(model, stage),
             to_version=int(to_version),
             etag=etag or "",
             reason=reason,
             request_id=rq.new_request_id(request_id),
+            allow_unserved=allow_unserved,
         )
         return await self._call(
             lambda s: s.models.RollbackStage, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def clear_stage(
+        self,
+        model: str,
+        stage: str,
+        *,
+        etag: str | None = None,
+        reason: str = "",
+        force: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.ClearStageResponse:
+        """Empty ``stage`` (it names no version); ``production`` needs ``force`` and a reason."""
+        req = pb.ClearStageRequest(
+            name=rq.stage_name(model, stage),
+            etag=etag or "",
+            reason=reason,
+            force=force,
+            request_id=rq.new_request_id(request_id),
+        )
+        return await self._call(
+            lambda s: s.models.ClearStage, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def stage_history(
@@ -181,6 +212,16 @@ class AsyncRegistryClient(AsyncModelsAndVersions):
         return await self._call(lambda s: s.fleet.ListNodes, req, timeout)
 
     iter_nodes = _paging.apaged(list_nodes, lambda page: page.nodes)
+
+    async def delete_node(
+        self,
+        node_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> fs.DeleteNodeResponse:
+        """Remove a serving node from the fleet view now (``node_id`` or ``nodes/{id}``)."""
+        req = fs.DeleteNodeRequest(name="nodes/" + node_id.removeprefix("nodes/"))
+        return await self._call(lambda s: s.fleet.DeleteNode, req, timeout, idempotent=False)
 
     async def rollout_status(
         self,

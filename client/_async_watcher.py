@@ -28,6 +28,7 @@ from modelreg.client._watch_support import (
     call_back,
     check_node_id,
     default_node_id,
+    deregister,
     expected_failure,
     follow_stream,
     log,
@@ -80,7 +81,8 @@ class AsyncModelWatcher(Generic[T]):
         cache_dir: Where verified artifacts are kept (named by sha256, never evicted); default a
             private temporary directory that keeps current and previous only.
         fetchers: Extra artifact fetchers by URI scheme (see :mod:`modelreg.client.artifacts`).
-        ttl_seconds: Fleet lease; ``ReportNode`` is called every ``ttl_seconds / 3``.
+        ttl_seconds: Fleet lease (default 15 s); ``ReportNode`` is called every
+            ``ttl_seconds / 3``, and :meth:`stop` removes the node at once (``DeleteNode``).
         report: Whether to report to ``FleetService`` at all.
         reconnect_backoff: Delays between watch stream attempts.
         retry_backoff: Delays between attempts to prepare a version that failed.
@@ -198,7 +200,7 @@ class AsyncModelWatcher(Generic[T]):
         self._main.add_done_callback(log_crash)
 
     async def stop(self) -> None:
-        """Stop the background tasks and close the channel; ``current`` stays readable."""
+        """Stop the tasks, leave the fleet view, close the channel; ``current`` stays readable."""
         started, self._state = self._state is ClientState.OPENED, ClientState.CLOSED
         if not started:
             return
@@ -208,6 +210,7 @@ class AsyncModelWatcher(Generic[T]):
             self._main.cancel()
             await asyncio.wait([self._main])  # raises only if *we* are cancelled
         if self._channel is not None:
+            await deregister(self._fleet_stub, self._config, self.node_id, self._counters)
             await self._channel.close()
         async with self._changed:
             self._changed.notify_all()
@@ -279,6 +282,8 @@ class AsyncModelWatcher(Generic[T]):
     def _set_committed(self, version: int) -> None:
         self._committed = version
         self._counters.committed_version = version
+        if self._counters.drop_failure_unless(version):
+            self._report_now.set()  # the failure no longer applies: say so now
         prep = self._preparing
         if prep is not None and prep.version != version:
             prep.cancel.set()  # stops the artifact transfer at its next write

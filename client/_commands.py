@@ -160,9 +160,24 @@ def promote(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 
 def rollback(c: RegistryClient, a: argparse.Namespace) -> Output:
-    resp = c.rollback(a.model, a.stage, to_version=a.to, etag=a.etag, reason=a.reason)
+    resp = c.rollback(
+        a.model,
+        a.stage,
+        to_version=a.to,
+        etag=a.etag,
+        reason=a.reason,
+        allow_unserved=a.allow_unserved,
+    )
     p = resp.stage
     text = f"{r.last_segment(p.name)}: rolled back v{resp.rolled_back_version} -> v{p.version}"
+    skipped = "".join(f"\nskipped v{s.version}: {s.detail}" for s in resp.skipped)
+    return Output(r.to_json(resp), f"{text}{skipped}\netag {p.etag}, revision {resp.revision}")
+
+
+def stages_clear(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.clear_stage(a.model, a.stage, etag=a.etag, reason=a.reason, force=a.force)
+    p = resp.stage
+    text = f"{r.last_segment(p.name)}: cleared (was v{resp.cleared_version})"
     return Output(r.to_json(resp), f"{text}\netag {p.etag}, revision {resp.revision}")
 
 

@@ -128,6 +128,17 @@ class Counters:
     last_error: str = ""
     swap_time: datetime | None = None
 
+    def drop_failure_unless(self, version: int) -> bool:
+        """Forget the failure unless it is of ``version``; tell whether one was forgotten.
+
+        A failure applies while the pointer names the version that failed: once it moves on
+        (a rollback, say) the report must stop carrying it, even if no swap follows.
+        """
+        if not self.failed_version or self.failed_version == version:
+            return False
+        self.failed_version, self.last_error = 0, ""
+        return True
+
     def snapshot(self) -> WatcherStats:
         """Freeze the counters."""
         return WatcherStats(
@@ -232,6 +243,26 @@ async def report_loop(
             counters.reports += 1
             ttl = response.ttl_seconds or None
         await wait_event(wake, (ttl or req.ttl_seconds) / 3)
+
+
+DEREGISTER_TIMEOUT = 2.0
+"""Seconds a stopping watcher waits for the server to remove its node (else the lease ends it)."""
+
+
+async def deregister(
+    stub: FleetServiceAsyncStub, config: ClientConfig, node_id: str, counters: Counters
+) -> None:
+    """Remove this node from the fleet view now (``DeleteNode``), if it reported; best effort."""
+    if not counters.reports:
+        return
+    request = fs.DeleteNodeRequest(name=f"nodes/{node_id}")
+    try:
+        await stub.DeleteNode(
+            request, timeout=min(config.timeout, DEREGISTER_TIMEOUT), metadata=config.metadata
+        )
+    except grpc.aio.AioRpcError as err:
+        log.info("could not deregister node %s (%s); its lease will end it",
+                 node_id, err.code().name)
 
 
 async def prepare_version(

@@ -174,12 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clear-sunset", action="store_true", help="remove the sunset time")
     p.add_argument("--etag", help="only if the version's etag is still this")
 
-    stages = cmds.add_parser("stages", help="read stage pointers")
+    stages = cmds.add_parser("stages", help="read stage pointers, or empty one")
     ssub = stages.add_subparsers(dest="action", metavar="ACTION", required=True)
     model_arg(leaf(ssub, "list", cmd.stages_list, "show every stage of a model with its version"))
     p = leaf(ssub, "get", cmd.stages_get, "show one stage pointer, rollback candidates included")
     model_arg(p)
     p.add_argument("stage", help="staging, production or a custom stage")
+    p = leaf(ssub, "clear", cmd.stages_clear, "empty a stage pointer (production needs --force)")
+    model_arg(p)
+    p.add_argument("stage", help="staging, production or a custom stage")
+    p.add_argument("--reason", default="", help="why (recorded; required with --force)")
+    p.add_argument("--force", action="store_true", help="required to clear production")
+    p.add_argument("--etag", help="only if the stage's etag is still this")
     model_arg(leaf(cmds, "status", cmd.stages_list, "show every stage of a model with its version"))
 
     p = leaf(cmds, "promote", cmd.promote, "point a stage at a version, under the lifecycle rules")
@@ -197,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     p.add_argument("stage", help="staging, production or a custom stage")
     p.add_argument("--to", type=int, default=0, metavar="VERSION", help="a named former version")
+    p.add_argument(
+        "--allow-unserved",
+        action="store_true",
+        help="with --to and --reason: even if that version never served in the stage",
+    )
     p.add_argument("--reason", default="", help="why (recorded in the audit trail)")
     p.add_argument("--etag", help="only if the stage's etag is still this")
     p = leaf(cmds, "history", cmd.history, "list the moves of a stage pointer, newest first")

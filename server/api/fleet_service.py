@@ -24,6 +24,11 @@ class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):
     ) -> fs.ReportNodeResponse:
         return await self._fleet.report(request)
 
+    async def DeleteNode(  # noqa: D102
+        self, request: fs.DeleteNodeRequest, context: Any
+    ) -> fs.DeleteNodeResponse:
+        return await self._fleet.delete(request)
+
     async def ListNodes(  # noqa: D102
         self, request: fs.ListNodesRequest, context: Any
     ) -> fs.ListNodesResponse:

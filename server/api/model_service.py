@@ -114,6 +114,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     ) -> svc.RollbackStageResponse:
         return await self._r.stages.rollback(_call(context, "RollbackStage", request), request)
 
+    async def ClearStage(  # noqa: D102
+        self, request: svc.ClearStageRequest, context: Context
+    ) -> svc.ClearStageResponse:
+        return await self._r.stages.clear(_call(context, "ClearStage", request), request)
+
     async def ListStageHistory(  # noqa: D102
         self, request: svc.ListStageHistoryRequest, context: Context
     ) -> svc.ListStageHistoryResponse:

@@ -1,8 +1,10 @@
 """The fleet view: serving nodes report on a lease what they prepared and serve.
 
 A report is presence, not a change of the registry: it is written with ``put_ephemeral``
-(no guard, no audit event) and vanishes when the node stops reporting for ``ttl_seconds``, so
-a node that dies drops out of every count: no ghost models.
+(no guard, no audit event) and vanishes when the node stops reporting for ``ttl_seconds``
+(default 15 s), so a node that dies drops out of every count: no ghost models. A node that
+stops cleanly deletes itself at once (``DeleteNode``). What a report says a version did in a
+stage (served, failed) is also recorded durably, once (``outcomes``): rollbacks rely on it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from modelreg.server.domain import keys, names, records, validation
+from modelreg.server.domain import keys, names, outcomes, records, validation
 from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
-from modelreg.server.domain.ports import Entry, ModelStore
+from modelreg.server.domain.ports import Entry, Guard, ModelStore, Put, Unchanged
 from modelreg.server.domain.transaction import now_timestamp
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
@@ -33,6 +35,9 @@ def _check_node(v: validation.Violations, node: fs.Node) -> None:
     v.check(len(node.stages) <= MAX_STAGES_PER_NODE, "node.stages",
             f"at most {MAX_STAGES_PER_NODE} stages per node")
     for i, served in enumerate(node.stages):
+        for name in ("serving_version", "prepared_version", "failed_version"):
+            v.check(getattr(served, name) >= 0, f"node.stages[{i}].{name}",
+                    "must be a version number, or 0 for none")
         try:
             names.parse_stage(f"node.stages[{i}].stage", served.stage)
         except InvalidArgumentError as err:  # collect it with the rest
@@ -48,6 +53,7 @@ class Fleet:
     def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
         self._store = store
         self._clock = clock
+        self._memo = outcomes.Memo()
 
     async def report(self, req: fs.ReportNodeRequest) -> fs.ReportNodeResponse:
         """Registers or refreshes a node on a lease of ``ttl_seconds``."""
@@ -63,7 +69,48 @@ class Fleet:
         node.report_time.CopyFrom(now_timestamp(self._clock()))
         revision = await self._store.put_ephemeral(
             keys.node(node.node_id), node.SerializeToString(deterministic=True), ttl)
+        revision = max(revision, await self._record(node))
         return fs.ReportNodeResponse(revision=revision, ttl_seconds=ttl)
+
+    async def _record(self, node: fs.Node) -> int:
+        """Records the outcomes this report is the first to tell; the commit revision, or 0.
+
+        Each record is created only if absent and only while its version exists (guarded on
+        the version key), so a report never resurrects anything of a deleted model. A lost
+        race (another server recorded it first) is simply left to the next report.
+        """
+        wanted = [w for w in outcomes.wanted(node, node.report_time)
+                  if not self._memo.known(w.key)]
+        if not wanted:
+            return 0
+        version_keys = sorted({w.version_key for w in wanted})
+        snap = await self._store.read([w.key for w in wanted] + version_keys, fresh=True)
+        self._memo.add(w.key for w in wanted if snap.get(w.key) is not None)
+        todo = [w for w in wanted
+                if snap.get(w.key) is None and snap.get(w.version_key) is not None]
+        if not todo:
+            return 0
+        guards: list[Guard] = [Unchanged(w.key, 0) for w in todo]
+        guards += [Unchanged(k, snap.mod_revision(k)) for k in {w.version_key for w in todo}]
+        result = await self._store.commit(guards, [Put(w.key, w.value) for w in todo])
+        if not result.succeeded:
+            return 0
+        self._memo.add(w.key for w in todo)
+        return result.revision
+
+    async def delete(self, req: fs.DeleteNodeRequest) -> fs.DeleteNodeResponse:
+        """Removes a node's report at once: a node that stops cleanly leaves no ghost."""
+        node_id = req.name.removeprefix("nodes/")
+        v = validation.Violations()
+        if req.name.startswith("nodes/"):
+            validation.label(v, "name", node_id)
+        else:
+            v.add("name", "must be a node name: nodes/{node_id}")
+        v.raise_if_any()
+        revision, existed = await self._store.delete_ephemeral(keys.node(node_id))
+        if not existed:
+            raise NotFoundError(req.name)
+        return fs.DeleteNodeResponse(revision=revision)
 
     async def list(self, req: fs.ListNodesRequest) -> fs.ListNodesResponse:
         """Live nodes in id order, by region and model if asked."""
@@ -108,6 +155,11 @@ class Fleet:
             if req.region and node.region != req.region:
                 continue
             following += [(node, s) for s in node.stages if s.stage == req.name]
+        for _, s in following:
+            if s.failed_version and s.failed_version != pointer.version:
+                # A failure of a version the stage no longer names no longer applies (e.g. the
+                # version a rollback left): nodes of older SDKs still report it, so drop it here.
+                s.failed_version, s.error = 0, ""
         counts = Counter(s.serving_version for _, s in following)
         order = sorted(counts, key=lambda ver: (ver != pointer.version, -counts[ver], ver))
         lagging = [n for n, s in following if s.serving_version != pointer.version]

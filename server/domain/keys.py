@@ -10,6 +10,8 @@ key                                                    value (protobuf, ``modelr
 ``audit/{unix_nanos:020d}-{random:08x}``               ``AuditEvent``
 ``requests/{sha256(request_id)}``                      ``StoredRequest`` (idempotency, on a lease)
 ``nodes/{node_id}``                                    ``Node`` (serving node, on its own lease)
+``outcomes/{model}/{stage}/{version:012d}/served``     ``StageOutcome`` (a node served it there)
+``outcomes/{model}/{stage}/{version:012d}/failed``     ``StageOutcome`` (a node failed it there)
 =====================================================  ==========================================
 
 Every per-model key ends its model part with ``/`` so one model's range never covers another
@@ -17,8 +19,13 @@ Every per-model key ends its model part with ``/`` so one model's range never co
 to numeric order, so range reads come back sorted. ``etag``, ``revision``, ``state`` and
 ``stages`` are never stored: they are derived from the key's ``mod_revision`` and the pointers.
 
-Stage pointer keys are never deleted (a model is deleted only while no stage points at its
-versions; emptying a stage would write a pointer to version 0). Watches rely on it: the highest
+Outcome records are the durable trace of node reports, which live on leases and vanish: they
+make "served in this stage" and "refused in this stage" facts a rollback can rely on
+(``modelreg.server.domain.outcomes``). See ``outcome`` for why they are laid out this way.
+
+Stage pointer keys are never deleted: emptying a stage (``ClearStage``) writes a pointer to
+version 0, and deleting a model (allowed only while every stage is empty) resets each of its
+pointers to a blank one rather than deleting it. Watches rely on it: the highest
 ``mod_revision`` under ``stages/`` proves which changes a watch still owes
 (``modelreg.server.store.etcd_watch``).
 """
@@ -98,3 +105,33 @@ def node(node_id: str) -> str:
 
 NODES_START = "nodes/"
 NODES_END = "nodes0"
+
+
+def outcome(model_id: str, stage_id: str, version_number: int, kind: str) -> str:
+    """Key of what the fleet did with one version in one stage (``kind``: served or failed).
+
+    Why this shape:
+
+    * **one key per (stage, version, outcome)**, written create-only by the first report of
+      it: node reports scale with the fleet and arrive every few seconds, so a record is never
+      rewritten (no read-modify-write, no write per heartbeat) and two servers racing to record
+      the same fact simply see the second create fail. Served and failed are separate keys
+      because different nodes report them independently;
+    * **under the model and stage**, so deleting a model drops its records with one range
+      delete, and a rollback reads a stage's records in one range read;
+    * **zero-padded version first within the stage**, so the versions a rollback weighs (its
+      candidates and the current one) lie in one contiguous range ``outcomes_range`` whose
+      read it can guard as a whole.
+    """
+    return f"outcomes/{model_id}/{stage_id}/{version_number:012d}/{kind}"
+
+
+def outcomes_prefix(model_id: str) -> str:
+    """Prefix of every outcome record of a model."""
+    return f"outcomes/{model_id}/"
+
+
+def outcomes_range(model_id: str, stage_id: str, low: int, high: int) -> tuple[str, str]:
+    """The range of a stage's outcome records for versions ``low`` to ``high`` inclusive."""
+    return (f"outcomes/{model_id}/{stage_id}/{low:012d}/",
+            f"outcomes/{model_id}/{stage_id}/{high + 1:012d}/")

@@ -11,8 +11,9 @@ Promotion to production requires the version to be the one in staging, unless it
 hotfix path (reason required; flagged back-fill required until the version reaches staging).
 It archives the previous production version in the same transaction: the new pointer value
 records it as a former version and first rollback candidate. Rollback returns to the most
-recent known-good former version (or a named one among them); the version rolled away from is
-never a candidate again.
+recent known-good former version (or a named one among them): one that served in the stage, as
+the fleet recorded it (``outcomes``); the version rolled away from is never a candidate again.
+Clearing empties a pointer (version 0) and makes the version it named its first candidate.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from google.protobuf import timestamp_pb2
 
 from modelreg.server.domain import names
 from modelreg.server.domain.errors import FailedPreconditionError, InvalidArgumentError
+from modelreg.server.domain.outcomes import FleetRecord
 from modelreg.server.domain.validation import BUILTIN_STAGES
 from modelreg.v1 import resources_pb2
 
@@ -71,6 +73,10 @@ class Move:
     pointer: resources_pb2.StagePointer
     history: resources_pb2.PointerHistoryEntry
     from_version: int
+    skipped: tuple[resources_pb2.SkippedCandidate, ...] = ()
+    """Rollbacks: candidates passed over on the way to the target, most recent first."""
+    forced: bool = False
+    """The move passed only because the caller overrode a safety check."""
 
 
 def _without(items: Sequence[int], *drop: int) -> list[int]:
@@ -165,6 +171,26 @@ def promote(
     )
 
 
+def _no_candidate(name: str, candidates: Sequence[int],
+                  skipped: Sequence[resources_pb2.SkippedCandidate]) -> FailedPreconditionError:
+    if not candidates:
+        return FailedPreconditionError(
+            "NO_ROLLBACK_CANDIDATE", f"{name} has no known-good former version to roll back to")
+    why = "; ".join(f"v{s.version}: {s.detail}" for s in skipped)
+    hint = ("; name one with to_version and allow_unserved (and a reason) to roll back anyway"
+            if any(s.reason != resources_pb2.SKIP_REASON_DEPRECATED for s in skipped) else "")
+    return FailedPreconditionError(
+        "NO_ROLLBACK_CANDIDATE",
+        f"{name} has no known-good former version to roll back to (skipped {why}){hint}",
+        candidates=",".join(str(c) for c in candidates),
+        skipped=",".join(f"{s.version}:{_skip_name(s.reason)}" for s in skipped),
+    )
+
+
+def _skip_name(reason: resources_pb2.SkipReason.ValueType) -> str:
+    return resources_pb2.SkipReason.Name(reason).removeprefix("SKIP_REASON_").lower()
+
+
 def rollback(
     model_id: str,
     stage: str,
@@ -172,41 +198,107 @@ def rollback(
     to_version: int,
     *,
     deprecated: Collection[int] = (),
+    fleet: FleetRecord | None = None,
+    allow_unserved: bool = False,
     reason: str,
     actor: str,
     now: timestamp_pb2.Timestamp,
 ) -> Move:
     """Decides a rollback of ``old`` to its last known-good version, or to ``to_version``.
 
-    The last known-good version is the most recent candidate that is not ``deprecated``; a
-    deprecated version is never rolled back to, named or not.
+    The last known-good version is the most recent candidate that is not ``deprecated`` and,
+    when the ``fleet`` has reported on this stage at all, served in it (``outcomes``); the
+    candidates passed over on the way are returned as ``skipped``. A deprecated version is never
+    rolled back to, named or not; a named one the fleet refused or never served needs
+    ``allow_unserved`` (the move is then ``forced``).
     """
+    name = names.stage_name(model_id, stage)
     candidates = list(old.rollback_candidates)
-    usable = [c for c in candidates if c not in deprecated]
-    if not usable:
-        raise FailedPreconditionError(
-            "NO_ROLLBACK_CANDIDATE",
-            f"{names.stage_name(model_id, stage)} has no known-good former version to roll back "
-            "to" + (" that is not deprecated" if candidates else ""),
-        )
-    target = to_version or usable[0]
-    if target in deprecated:
-        raise FailedPreconditionError(
-            "VERSION_DEPRECATED", f"version {target} is deprecated and cannot be rolled back to"
-        )
-    if target not in candidates:
-        raise FailedPreconditionError(
-            "NOT_A_ROLLBACK_CANDIDATE",
-            f"version {target} is not a known-good former version of "
-            f"{names.stage_name(model_id, stage)}; candidates: "
-            + ", ".join(str(c) for c in candidates),
-            candidates=",".join(str(c) for c in candidates),
-        )
-    return _move(
+    fleet = fleet or FleetRecord()
+
+    def why_not(version: int) -> resources_pb2.SkippedCandidate | None:
+        if version in deprecated:
+            return resources_pb2.SkippedCandidate(
+                version=version, reason=resources_pb2.SKIP_REASON_DEPRECATED,
+                detail="deprecated (it has a sunset time)")
+        return fleet.skip(version, stage)
+
+    skipped: list[resources_pb2.SkippedCandidate] = []
+    forced = False
+    if not candidates:
+        raise _no_candidate(name, candidates, skipped)
+    if not to_version:
+        for candidate in candidates:
+            skip = why_not(candidate)
+            if skip is None:
+                target = candidate
+                break
+            skipped.append(skip)
+        else:
+            raise _no_candidate(name, candidates, skipped)
+    else:
+        target = to_version
+        if target in deprecated:
+            raise FailedPreconditionError(
+                "VERSION_DEPRECATED", f"version {target} is deprecated and cannot be rolled back to"
+            )
+        if target not in candidates:
+            raise FailedPreconditionError(
+                "NOT_A_ROLLBACK_CANDIDATE",
+                f"version {target} is not a known-good former version of {name}; candidates: "
+                + (", ".join(str(c) for c in candidates) or "none"),
+                candidates=",".join(str(c) for c in candidates),
+            )
+        skip = fleet.skip(target, stage)
+        if skip is not None and not allow_unserved:
+            rule = ("VERSION_REFUSED_BY_FLEET" if skip.reason == resources_pb2.SKIP_REASON_REFUSED
+                    else "VERSION_NEVER_SERVED")
+            raise FailedPreconditionError(
+                rule,
+                f"version {target} is no known-good version of {name}: {skip.detail}; "
+                "set allow_unserved (with a reason) to roll back to it anyway",
+                version=str(target), why=_skip_name(skip.reason),
+            )
+        forced = skip is not None
+    move = _move(
         old, model_id, stage, target, _without(candidates, target, old.version),
         resources_pb2.POINTER_MOVE_KIND_ROLLBACK,
         actor=actor, reason=reason, now=now,
     )
+    return Move(move.pointer, move.history, move.from_version, tuple(skipped), forced)
+
+
+def clear(
+    model_id: str,
+    stage: str,
+    old: resources_pb2.StagePointer,
+    *,
+    force: bool,
+    reason: str,
+    actor: str,
+    now: timestamp_pb2.Timestamp,
+) -> Move:
+    """Decides emptying a stage: ``production`` only with ``force`` (the caller checks reason).
+
+    The pointer stays, naming version 0, so watchers see the change; the version it named
+    becomes its first rollback candidate, so a rollback undoes the clear.
+    """
+    name = names.stage_name(model_id, stage)
+    if not old.version:
+        raise FailedPreconditionError(
+            "STAGE_ALREADY_EMPTY", f"{name} names no version; there is nothing to clear")
+    if stage == PRODUCTION and not force:
+        raise FailedPreconditionError(
+            "PROTECTED_STAGE",
+            f"{name} serves version {old.version}: clearing production takes the model out of "
+            "service wherever nodes follow it; set force (with a reason) to clear it anyway",
+            version=str(old.version),
+        )
+    move = _move(
+        old, model_id, stage, 0, _without([old.version, *old.rollback_candidates], 0),
+        resources_pb2.POINTER_MOVE_KIND_CLEAR, actor=actor, reason=reason, now=now,
+    )
+    return Move(move.pointer, move.history, move.from_version, forced=stage == PRODUCTION)
 
 
 def clear_backfill(

@@ -9,7 +9,7 @@ from modelreg.server.domain.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from modelreg.server.domain.ports import DeleteRange, Put
+from modelreg.server.domain.ports import DeleteRange, Put, Write
 from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
@@ -116,12 +116,13 @@ class Models(Operations):
             if "custom_stages" in paths:
                 removed = [s for s in model.custom_stages if s not in req.model.custom_stages]
                 pointers = await r.get_many([keys.stage(model_id, s) for s in removed])
-                in_use = [s for s, p in zip(removed, pointers, strict=True) if p is not None]
+                in_use = [s for s, p in zip(removed, pointers, strict=True)
+                          if p is not None and records.decode(p, res.StagePointer).version]
                 if in_use:
                     raise FailedPreconditionError(
                         "STAGE_IN_USE",
                         f"cannot remove stage(s) {', '.join(in_use)} of {req.model.name}: "
-                        "they point at a version",
+                        "they point at a version (empty them first with ClearStage)",
                     )
             if "description" in paths:
                 model.description = req.model.description
@@ -158,22 +159,31 @@ class Models(Operations):
                 raise NotFoundError(req.name)
             records.check_etag(req.etag, req.name, entry)
             prefix = keys.stages_prefix(model_id)
-            staged = await r.scan_all(prefix, keys.prefix_end(prefix))
-            if staged:
-                stages = [e.key.removeprefix(prefix) for e in staged]
+            pointers = await r.scan_all(prefix, keys.prefix_end(prefix))
+            staged = [(e.key.removeprefix(prefix), records.decode(e, res.StagePointer))
+                      for e in pointers]
+            in_use = [f"{stage} (v{p.version})" for stage, p in staged if p.version]
+            if in_use:
                 raise FailedPreconditionError(
                     "MODEL_HAS_STAGED_VERSIONS",
-                    f"{req.name} still has versions in stage(s) {', '.join(stages)}; "
-                    "a model is deleted only when no stage points at its versions",
-                    stages=",".join(stages),
+                    f"{req.name} still has versions in stage(s) {', '.join(in_use)}; "
+                    "a model is deleted only when no stage points at its versions "
+                    "(empty them first with ClearStage)",
+                    stages=",".join(stage for stage, p in staged if p.version),
                 )
-            writes = [
+            writes: list[Write] = [
                 DeleteRange(start, keys.prefix_end(start))
                 for start in (
                     keys.versions_prefix(model_id),
                     keys.history_prefix(model_id),
+                    keys.outcomes_prefix(model_id),
                 )
             ]
+            # Stage keys are never deleted (see keys): each empty pointer is reset to a blank
+            # one instead, so a model created again under this id inherits no candidates.
+            writes += [Put(keys.stage(model_id, stage),
+                           records.encode(res.StagePointer(name=names.stage_name(model_id, stage))))
+                       for stage, _ in staged]
             writes.append(DeleteRange(key, key + "\0"))
             audit = res.AuditEvent(
                 action=res.AUDIT_ACTION_DELETE_MODEL, resource=req.name, model=model_id

@@ -140,6 +140,13 @@ class ModelStore(Protocol):
         """
         ...
 
+    async def delete_ephemeral(self, key: str) -> tuple[int, bool]:
+        """Deletes a key written by ``put_ephemeral`` now, rather than when its lease expires.
+
+        Returns the revision and whether the key existed.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class Change:

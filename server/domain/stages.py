@@ -3,11 +3,14 @@
 A promotion reads the model (declared stages), the pointer, the version and the pointers its
 rules depend on (staging for a production move, production for a back-fill), and commits the
 new pointer, its history entry and the audit event in one transaction guarded on all of them.
+A rollback reads the model, the pointer, its candidates' versions and the fleet's outcome
+records of those versions in that stage (one guarded range): a node report recorded meanwhile
+fails the commit, and the decision is made again on it. A clear reads the model and the pointer.
 """
 
 from __future__ import annotations
 
-from modelreg.server.domain import keys, lifecycle, names, records, validation
+from modelreg.server.domain import keys, lifecycle, names, outcomes, records, validation
 from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
 from modelreg.server.domain.ports import Entry, Put
 from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
@@ -22,11 +25,28 @@ def _pointer(entry: Entry | None, model_id: str, stage: str) -> res.StagePointer
     return records.decode(entry, res.StagePointer)
 
 
-def _check_move(req: svc.PromoteVersionRequest | svc.RollbackStageRequest) -> None:
+MoveRequest = svc.PromoteVersionRequest | svc.RollbackStageRequest | svc.ClearStageRequest
+
+
+def _check_move(req: MoveRequest) -> None:
     v = validation.Violations()
     validation.text(v, "reason", req.reason, validation.MAX_REASON)
     validation.request_id(v, req.request_id)
     v.raise_if_any()
+
+
+async def _fleet_record(
+    r: Reader, model_id: str, stage: str, versions: list[int]
+) -> outcomes.FleetRecord:
+    """The outcome records of ``versions`` in ``stage``: one range read, guarded whole."""
+    present = [v for v in versions if v > 0]
+    if not present:
+        return outcomes.FleetRecord()
+    start, end = keys.outcomes_range(model_id, stage, min(present), max(present))
+    wanted = set(present)
+    entries = [e for e in await r.scan_all(start, end, limit=0)
+               if int(e.key.rsplit("/", 2)[-2]) in wanted]
+    return outcomes.FleetRecord.from_entries(entries)
 
 
 class Stages(Operations):
@@ -146,6 +166,11 @@ class Stages(Operations):
             raise InvalidArgumentError.field(
                 "to_version", "must be 0 (last known-good) or positive"
             )
+        if req.allow_unserved and not req.to_version:
+            raise InvalidArgumentError.field(
+                "allow_unserved", "applies to a named to_version only: name the version to force")
+        if req.allow_unserved and not req.reason.strip():
+            raise InvalidArgumentError.field("reason", "is required with allow_unserved")
         stage_key = keys.stage(model_id, stage)
 
         async def decide(r: Reader) -> Plan:
@@ -161,12 +186,15 @@ class Stages(Operations):
                 c for c, e in zip(candidates, versions, strict=True)
                 if e is None or res.ModelVersion.FromString(e.value).HasField("sunset_time")
             }
+            fleet = await _fleet_record(r, model_id, stage, [old.version, *candidates])
             move = lifecycle.rollback(
                 model_id,
                 stage,
                 old,
                 req.to_version,
                 deprecated=deprecated,
+                fleet=fleet,
+                allow_unserved=req.allow_unserved,
                 reason=req.reason,
                 actor=call.actor,
                 now=r.now,
@@ -184,13 +212,55 @@ class Stages(Operations):
                 from_value=str(move.from_version),
                 to_value=str(move.pointer.version),
                 reason=req.reason,
+                skipped=move.skipped,
+                forced=move.forced,
             )
             response = svc.RollbackStageResponse(
-                stage=move.pointer, rolled_back_version=move.from_version
+                stage=move.pointer, rolled_back_version=move.from_version, skipped=move.skipped,
+                fleet_evidence=fleet.evidence,
             )
             return Plan(writes, audit, response)
 
         return await self._mutate(call, decide, svc.RollbackStageResponse)
+
+    async def clear(self, call: Call, req: svc.ClearStageRequest) -> svc.ClearStageResponse:
+        """Empties a stage pointer (version 0); production only with force and a reason."""
+        model_id, stage = names.parse_stage("name", req.name)
+        _check_move(req)
+        if req.force and not req.reason.strip():
+            raise InvalidArgumentError.field("reason", "is required with force")
+        stage_key = keys.stage(model_id, stage)
+
+        async def decide(r: Reader) -> Plan:
+            await r.get_many([keys.model(model_id), stage_key])
+            model = await self._model(r, model_id)
+            lifecycle.check_stage_declared(model, stage, "name")
+            entry = await r.get(stage_key)
+            records.check_etag(req.etag, req.name, entry)
+            move = lifecycle.clear(
+                model_id, stage, _pointer(entry, model_id, stage), force=req.force,
+                reason=req.reason, actor=call.actor, now=r.now,
+            )
+            writes = [
+                Put(stage_key, records.encode(move.pointer)),
+                Put(keys.history(model_id, stage, move.pointer.generation),
+                    records.encode(move.history)),
+            ]
+            audit = res.AuditEvent(
+                action=res.AUDIT_ACTION_CLEAR_STAGE,
+                resource=req.name,
+                model=model_id,
+                stage=stage,
+                from_value=str(move.from_version),
+                to_value="",
+                reason=req.reason,
+                forced=move.forced,
+            )
+            response = svc.ClearStageResponse(stage=move.pointer,
+                                              cleared_version=move.from_version)
+            return Plan(writes, audit, response)
+
+        return await self._mutate(call, decide, svc.ClearStageResponse)
 
     async def history(self, req: svc.ListStageHistoryRequest) -> svc.ListStageHistoryResponse:
         """The moves of one stage pointer, newest first."""

@@ -127,9 +127,15 @@ class Reader:
             self._seen.update(snap.entries)
         return [self._seen[k] for k in wanted]
 
-    async def scan_all(self, start: str, end: str) -> list[Entry]:
-        """Every key of a range (small ranges only: a model's stages), always fresh."""
-        page = await self._store.scan(start, end, limit=validation.MAX_PAGE_SIZE)
+    async def scan_all(
+        self, start: str, end: str, *, limit: int = validation.MAX_PAGE_SIZE
+    ) -> list[Entry]:
+        """Every key of a range (small ranges only: a model's stages), always fresh.
+
+        ``limit`` 0 reads the whole range, for ranges bounded by what they hold (a rollback's
+        outcome records) rather than by a page size.
+        """
+        page = await self._store.scan(start, end, limit=limit)
         self._ranges.append(RangeUnchanged(start, end, page.revision))
         return list(page.entries)
 

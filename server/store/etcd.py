@@ -23,6 +23,7 @@ applied by etcd's raft loop without the caller's context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -352,3 +353,19 @@ class EtcdStore:
         resp = await self._call("Put", rpc.PutRequest(key=self._key(key), value=value,
                                                       lease=held[0]))
         return int(resp.header.revision)
+
+    async def delete_ephemeral(self, key: str) -> tuple[int, bool]:
+        """Deletes ``key`` now, and revokes its lease if this process granted it.
+
+        The key is deleted whoever holds its lease (its reports may have gone to another server
+        process); the lease, when it is ours, is revoked too so it does not linger empty.
+        """
+        resp = await self._call("DeleteRange", rpc.DeleteRangeRequest(key=self._key(key)))
+        held = self._ephemeral.pop(key, None)
+        if held is not None:
+            client = await self._kv()
+            with contextlib.suppress(grpc.aio.AioRpcError):  # expired already: nothing to tidy
+                await client.leasestub.LeaseRevoke(
+                    rpc.LeaseRevokeRequest(ID=held[0]), timeout=self._timeout,
+                    metadata=client.metadata)
+        return int(resp.header.revision), resp.deleted > 0

@@ -86,3 +86,11 @@ class MemoryStore:
         self.revision += 1
         self.data[key] = Entry(key, value, self.revision)
         return self.revision
+
+    async def delete_ephemeral(self, key: str) -> tuple[int, bool]:
+        """Deletes the key if present."""
+        if key not in self.data:
+            return self.revision, False
+        self.revision += 1
+        del self.data[key]
+        return self.revision, True

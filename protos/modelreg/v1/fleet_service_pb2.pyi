@@ -39,7 +39,10 @@ class ServedStage(_message.Message):
     prepared_version: _builtins.int
     """The version it has fetched, verified and loaded, ready to swap (may equal serving_version)."""
     failed_version: _builtins.int
-    """The last version it failed to prepare (digest mismatch, loader error...), 0 if none."""
+    """The last version it failed to prepare (digest mismatch, loader error...), 0 if none. The
+    watcher SDK clears it once the pointer names another version (the failure no longer
+    applies); the rollout view shows a failure only while it is of the committed version.
+    """
     error: _builtins.str
     """Why it failed."""
     @_builtins.property
@@ -134,7 +137,9 @@ class ReportNodeRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     ttl_seconds: _builtins.int
-    """Lease length: without another report within it, the node is gone (5-300, default 15)."""
+    """Lease length in seconds: without another report within it, the node is gone (5-300,
+    default 15). The watcher SDK reports every ttl_seconds / 3 and deletes its node on stop.
+    """
     @_builtins.property
     def node(self) -> Global___Node:
         """The node and what it serves; `name` and `report_time` are set by the server."""
@@ -177,6 +182,49 @@ class ReportNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportNodeResponse: _TypeAlias = ReportNodeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteNodeRequest(_message.Message):
+    """Request of DeleteNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`nodes/{node_id}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeRequest: _TypeAlias = DeleteNodeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteNodeResponse(_message.Message):
+    """Response of DeleteNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteNodeResponse: _TypeAlias = DeleteNodeResponse  # noqa: Y015
 
 @_typing.final
 class ListNodesRequest(_message.Message):
@@ -315,7 +363,9 @@ class GetRolloutStatusResponse(_message.Message):
 
     @_builtins.property
     def lagging(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
-        """Nodes not serving the committed version, with what they report."""
+        """Nodes not serving the committed version, with what they report; a reported failure of a
+        version other than the committed one no longer applies and is left out.
+        """
 
     def __init__(
         self,

@@ -40,6 +40,11 @@ class FleetServiceStub:
                 request_serializer=modelreg_dot_v1_dot_fleet__service__pb2.ReportNodeRequest.SerializeToString,
                 response_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.ReportNodeResponse.FromString,
                 _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/modelreg.v1.FleetService/DeleteNode',
+                request_serializer=modelreg_dot_v1_dot_fleet__service__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/modelreg.v1.FleetService/ListNodes',
                 request_serializer=modelreg_dot_v1_dot_fleet__service__pb2.ListNodesRequest.SerializeToString,
@@ -58,7 +63,17 @@ class FleetServiceServicer:
 
     def ReportNode(self, request, context):
         """Registers or refreshes a node and what it serves. A node that stops reporting disappears
-        when its lease (ttl_seconds) expires.
+        when its lease (ttl_seconds, default 15 s) expires. The first report that a version serves
+        (or failed) in a stage is also recorded durably: what RollbackStage calls "served" and
+        "refused" (see RollbackStageRequest in model_service.proto).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNode(self, request, context):
+        """Removes a node at once: a node that stops cleanly calls it instead of lingering until its
+        lease expires (the watcher SDK does on stop). NOT_FOUND if it is not registered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +100,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.ReportNode,
                     request_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.ReportNodeRequest.FromString,
                     response_serializer=modelreg_dot_v1_dot_fleet__service__pb2.ReportNodeResponse.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=modelreg_dot_v1_dot_fleet__service__pb2.DeleteNodeResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -125,6 +145,33 @@ class FleetService:
             '/modelreg.v1.FleetService/ReportNode',
             modelreg_dot_v1_dot_fleet__service__pb2.ReportNodeRequest.SerializeToString,
             modelreg_dot_v1_dot_fleet__service__pb2.ReportNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelreg.v1.FleetService/DeleteNode',
+            modelreg_dot_v1_dot_fleet__service__pb2.DeleteNodeRequest.SerializeToString,
+            modelreg_dot_v1_dot_fleet__service__pb2.DeleteNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

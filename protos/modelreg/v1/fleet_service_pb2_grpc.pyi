@@ -35,7 +35,13 @@ class FleetServiceStub:
     def __new__(cls, channel: _aio.Channel) -> FleetServiceAsyncStub: ...
     ReportNode: _grpc.UnaryUnaryMultiCallable[_fleet_service_pb2.ReportNodeRequest, _fleet_service_pb2.ReportNodeResponse]
     """Registers or refreshes a node and what it serves. A node that stops reporting disappears
-    when its lease (ttl_seconds) expires.
+    when its lease (ttl_seconds, default 15 s) expires. The first report that a version serves
+    (or failed) in a stage is also recorded durably: what RollbackStage calls "served" and
+    "refused" (see RollbackStageRequest in model_service.proto).
+    """
+    DeleteNode: _grpc.UnaryUnaryMultiCallable[_fleet_service_pb2.DeleteNodeRequest, _fleet_service_pb2.DeleteNodeResponse]
+    """Removes a node at once: a node that stops cleanly calls it instead of lingering until its
+    lease expires (the watcher SDK does on stop). NOT_FOUND if it is not registered.
     """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_fleet_service_pb2.ListNodesRequest, _fleet_service_pb2.ListNodesResponse]
     """Lists live nodes, optionally by region or model."""
@@ -49,7 +55,13 @@ class FleetServiceAsyncStub(FleetServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReportNode: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.ReportNodeRequest, _fleet_service_pb2.ReportNodeResponse]  # type: ignore[assignment]
     """Registers or refreshes a node and what it serves. A node that stops reporting disappears
-    when its lease (ttl_seconds) expires.
+    when its lease (ttl_seconds, default 15 s) expires. The first report that a version serves
+    (or failed) in a stage is also recorded durably: what RollbackStage calls "served" and
+    "refused" (see RollbackStageRequest in model_service.proto).
+    """
+    DeleteNode: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.DeleteNodeRequest, _fleet_service_pb2.DeleteNodeResponse]  # type: ignore[assignment]
+    """Removes a node at once: a node that stops cleanly calls it instead of lingering until its
+    lease expires (the watcher SDK does on stop). NOT_FOUND if it is not registered.
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.ListNodesRequest, _fleet_service_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Lists live nodes, optionally by region or model."""
@@ -66,7 +78,19 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_service_pb2.ReportNodeResponse, _abc.Awaitable[_fleet_service_pb2.ReportNodeResponse]]:
         """Registers or refreshes a node and what it serves. A node that stops reporting disappears
-        when its lease (ttl_seconds) expires.
+        when its lease (ttl_seconds, default 15 s) expires. The first report that a version serves
+        (or failed) in a stage is also recorded durably: what RollbackStage calls "served" and
+        "refused" (see RollbackStageRequest in model_service.proto).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteNode(
+        self,
+        request: _fleet_service_pb2.DeleteNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_service_pb2.DeleteNodeResponse, _abc.Awaitable[_fleet_service_pb2.DeleteNodeResponse]]:
+        """Removes a node at once: a node that stops cleanly calls it instead of lingering until its
+        lease expires (the watcher SDK does on stop). NOT_FOUND if it is not registered.
         """
 
     @_abc_1.abstractmethod

@@ -686,7 +686,23 @@ Global___PromoteVersionResponse: _TypeAlias = PromoteVersionResponse  # noqa: Y0
 
 @_typing.final
 class RollbackStageRequest(_message.Message):
-    """Request of RollbackStage."""
+    """Request of RollbackStage.
+
+    What "last known-good" means, precisely. Serving nodes report through FleetService, and the
+    server records durably, once per stage, version and outcome, that
+      * a version SERVED in a stage: at least one node reported `serving_version` = it for that
+        stage;
+      * a version FAILED in a stage: at least one node reported `failed_version` = it for that
+        stage (digest mismatch, fetch or loader error).
+    A version that failed and never served in the stage is REFUSED there. These records outlive
+    the nodes' leases and are deleted only with the model.
+
+    With `to_version` 0 the stage goes back to the most recent rollback candidate that is not
+    deprecated and SERVED in this stage; candidates passed over are listed in the response and
+    the audit event (`skipped`). If the fleet has recorded nothing for the current version or any
+    candidate in this stage (no node reports on it: the registry is used without the watcher
+    SDK), there is no fleet evidence and every non-deprecated candidate counts as known-good.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -695,13 +711,23 @@ class RollbackStageRequest(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_UNSERVED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`models/{model}/stages/{stage}`."""
     to_version: _builtins.int
-    """A former version to return to; 0 means the last known-good one."""
+    """A former version to return to; 0 means the last known-good one. A named version that never
+    served in this stage (or that the fleet refused) is refused with FAILED_PRECONDITION
+    (reason VERSION_NEVER_SERVED or VERSION_REFUSED_BY_FLEET) unless `allow_unserved` is set.
+    """
     etag: _builtins.str
     reason: _builtins.str
+    """Why; required with `allow_unserved`."""
     request_id: _builtins.str
+    allow_unserved: _builtins.bool
+    """Roll back to the named `to_version` although it never served in this stage or the fleet
+    refused it. Needs a named `to_version` and a reason; recorded as `forced` in the audit
+    event. It never overrides deprecation.
+    """
     def __init__(
         self,
         *,
@@ -710,10 +736,11 @@ class RollbackStageRequest(_message.Message):
         etag: _builtins.str = ...,
         reason: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        allow_unserved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "reason", b"reason", "request_id", b"request_id", "to_version", b"to_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unserved", b"allow_unserved", "etag", b"etag", "name", b"name", "reason", b"reason", "request_id", b"request_id", "to_version", b"to_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -728,25 +755,111 @@ class RollbackStageResponse(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     ROLLED_BACK_VERSION_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    FLEET_EVIDENCE_FIELD_NUMBER: _builtins.int
     rolled_back_version: _builtins.int
     """The version rolled away from."""
     revision: _builtins.int
+    fleet_evidence: _builtins.bool
+    """Whether the fleet's records were used to judge the candidates (false: the fleet has
+    recorded nothing for these versions in this stage; see RollbackStageRequest).
+    """
     @_builtins.property
     def stage(self) -> _resources_pb2.StagePointer: ...
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.SkippedCandidate]:
+        """Candidates more recent than the version rolled back to that were passed over, most recent
+        first, each with why (refused by the fleet, never served in this stage, deprecated).
+        """
+
     def __init__(
         self,
         *,
         stage: _resources_pb2.StagePointer | None = ...,
         rolled_back_version: _builtins.int = ...,
         revision: _builtins.int = ...,
+        skipped: _abc.Iterable[_resources_pb2.SkippedCandidate] | None = ...,
+        fleet_evidence: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "rolled_back_version", b"rolled_back_version", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_evidence", b"fleet_evidence", "revision", b"revision", "rolled_back_version", b"rolled_back_version", "skipped", b"skipped", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackStageResponse: _TypeAlias = RollbackStageResponse  # noqa: Y015
+
+@_typing.final
+class ClearStageRequest(_message.Message):
+    """Request of ClearStage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`models/{model}/stages/{stage}`."""
+    etag: _builtins.str
+    """The pointer's etag as the caller last saw it; if set and stale: ABORTED with the current one."""
+    reason: _builtins.str
+    """Why; required to clear `production`."""
+    force: _builtins.bool
+    """Required to clear `production` (with a reason): emptying it takes the model out of service
+    wherever nodes follow it. Other stages need no force.
+    """
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "force", b"force", "name", b"name", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearStageRequest: _TypeAlias = ClearStageRequest  # noqa: Y015
+
+@_typing.final
+class ClearStageResponse(_message.Message):
+    """Response of ClearStage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    CLEARED_VERSION_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    cleared_version: _builtins.int
+    """The version the stage named before."""
+    revision: _builtins.int
+    @_builtins.property
+    def stage(self) -> _resources_pb2.StagePointer:
+        """The pointer, now naming no version (version 0); the cleared version is its first rollback
+        candidate, so a rollback restores it.
+        """
+
+    def __init__(
+        self,
+        *,
+        stage: _resources_pb2.StagePointer | None = ...,
+        cleared_version: _builtins.int = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared_version", b"cleared_version", "revision", b"revision", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearStageResponse: _TypeAlias = ClearStageResponse  # noqa: Y015
 
 @_typing.final
 class ListStageHistoryRequest(_message.Message):

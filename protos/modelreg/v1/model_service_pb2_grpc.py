@@ -101,6 +101,11 @@ class ModelServiceStub:
                 request_serializer=modelreg_dot_v1_dot_model__service__pb2.RollbackStageRequest.SerializeToString,
                 response_deserializer=modelreg_dot_v1_dot_model__service__pb2.RollbackStageResponse.FromString,
                 _registered_method=True)
+        self.ClearStage = channel.unary_unary(
+                '/modelreg.v1.ModelService/ClearStage',
+                request_serializer=modelreg_dot_v1_dot_model__service__pb2.ClearStageRequest.SerializeToString,
+                response_deserializer=modelreg_dot_v1_dot_model__service__pb2.ClearStageResponse.FromString,
+                _registered_method=True)
         self.ListStageHistory = channel.unary_unary(
                 '/modelreg.v1.ModelService/ListStageHistory',
                 request_serializer=modelreg_dot_v1_dot_model__service__pb2.ListStageHistoryRequest.SerializeToString,
@@ -147,7 +152,8 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes a model and its versions; refused while any stage names one of its versions.
+        """Deletes a model and its versions; refused while any stage names one of its versions
+        (empty stages first with ClearStage).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -203,7 +209,16 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RollbackStage(self, request, context):
-        """Moves a stage pointer back to its last known-good version, or a named former one.
+        """Moves a stage pointer back to its last known-good version: the most recent former version
+        that served in this stage (see RollbackStageResponse.skipped), or a named former one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearStage(self, request, context):
+        """Empties a stage pointer: it names no version from then on (the pointer itself stays, so
+        watch streams see the change). Audited; `production` only with `force` and a reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -290,6 +305,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.RollbackStage,
                     request_deserializer=modelreg_dot_v1_dot_model__service__pb2.RollbackStageRequest.FromString,
                     response_serializer=modelreg_dot_v1_dot_model__service__pb2.RollbackStageResponse.SerializeToString,
+            ),
+            'ClearStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearStage,
+                    request_deserializer=modelreg_dot_v1_dot_model__service__pb2.ClearStageRequest.FromString,
+                    response_serializer=modelreg_dot_v1_dot_model__service__pb2.ClearStageResponse.SerializeToString,
             ),
             'ListStageHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStageHistory,
@@ -655,6 +675,33 @@ class ModelService:
             '/modelreg.v1.ModelService/RollbackStage',
             modelreg_dot_v1_dot_model__service__pb2.RollbackStageRequest.SerializeToString,
             modelreg_dot_v1_dot_model__service__pb2.RollbackStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelreg.v1.ModelService/ClearStage',
+            modelreg_dot_v1_dot_model__service__pb2.ClearStageRequest.SerializeToString,
+            modelreg_dot_v1_dot_model__service__pb2.ClearStageResponse.FromString,
             options,
             channel_credentials,
             insecure,

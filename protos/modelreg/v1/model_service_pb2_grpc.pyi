@@ -48,7 +48,9 @@ class ModelServiceStub:
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.UpdateModelRequest, _model_service_pb2.UpdateModelResponse]
     """Changes description, tags or custom stages (update_mask), checking the etag if given."""
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]
-    """Deletes a model and its versions; refused while any stage names one of its versions."""
+    """Deletes a model and its versions; refused while any stage names one of its versions
+    (empty stages first with ClearStage).
+    """
     CreateModelVersion: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.CreateModelVersionRequest, _model_service_pb2.CreateModelVersionResponse]
     """Registers the next version of a model; the server assigns the number."""
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetModelVersionRequest, _model_service_pb2.GetModelVersionResponse]
@@ -64,7 +66,13 @@ class ModelServiceStub:
     PromoteVersion: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.PromoteVersionRequest, _model_service_pb2.PromoteVersionResponse]
     """Moves a stage pointer to a version, enforcing the lifecycle rules, in one compare-and-swap."""
     RollbackStage: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.RollbackStageRequest, _model_service_pb2.RollbackStageResponse]
-    """Moves a stage pointer back to its last known-good version, or a named former one."""
+    """Moves a stage pointer back to its last known-good version: the most recent former version
+    that served in this stage (see RollbackStageResponse.skipped), or a named former one.
+    """
+    ClearStage: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.ClearStageRequest, _model_service_pb2.ClearStageResponse]
+    """Empties a stage pointer: it names no version from then on (the pointer itself stays, so
+    watch streams see the change). Audited; `production` only with `force` and a reason.
+    """
     ListStageHistory: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.ListStageHistoryRequest, _model_service_pb2.ListStageHistoryResponse]
     """Lists the moves of one stage pointer, newest first."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.ListAuditEventsRequest, _model_service_pb2.ListAuditEventsResponse]
@@ -86,7 +94,9 @@ class ModelServiceAsyncStub(ModelServiceStub):
     UpdateModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.UpdateModelRequest, _model_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
     """Changes description, tags or custom stages (update_mask), checking the etag if given."""
     DeleteModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]  # type: ignore[assignment]
-    """Deletes a model and its versions; refused while any stage names one of its versions."""
+    """Deletes a model and its versions; refused while any stage names one of its versions
+    (empty stages first with ClearStage).
+    """
     CreateModelVersion: _aio.UnaryUnaryMultiCallable[_model_service_pb2.CreateModelVersionRequest, _model_service_pb2.CreateModelVersionResponse]  # type: ignore[assignment]
     """Registers the next version of a model; the server assigns the number."""
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetModelVersionRequest, _model_service_pb2.GetModelVersionResponse]  # type: ignore[assignment]
@@ -102,7 +112,13 @@ class ModelServiceAsyncStub(ModelServiceStub):
     PromoteVersion: _aio.UnaryUnaryMultiCallable[_model_service_pb2.PromoteVersionRequest, _model_service_pb2.PromoteVersionResponse]  # type: ignore[assignment]
     """Moves a stage pointer to a version, enforcing the lifecycle rules, in one compare-and-swap."""
     RollbackStage: _aio.UnaryUnaryMultiCallable[_model_service_pb2.RollbackStageRequest, _model_service_pb2.RollbackStageResponse]  # type: ignore[assignment]
-    """Moves a stage pointer back to its last known-good version, or a named former one."""
+    """Moves a stage pointer back to its last known-good version: the most recent former version
+    that served in this stage (see RollbackStageResponse.skipped), or a named former one.
+    """
+    ClearStage: _aio.UnaryUnaryMultiCallable[_model_service_pb2.ClearStageRequest, _model_service_pb2.ClearStageResponse]  # type: ignore[assignment]
+    """Empties a stage pointer: it names no version from then on (the pointer itself stays, so
+    watch streams see the change). Audited; `production` only with `force` and a reason.
+    """
     ListStageHistory: _aio.UnaryUnaryMultiCallable[_model_service_pb2.ListStageHistoryRequest, _model_service_pb2.ListStageHistoryResponse]  # type: ignore[assignment]
     """Lists the moves of one stage pointer, newest first."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_model_service_pb2.ListAuditEventsRequest, _model_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
@@ -151,7 +167,9 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _model_service_pb2.DeleteModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.DeleteModelResponse, _abc.Awaitable[_model_service_pb2.DeleteModelResponse]]:
-        """Deletes a model and its versions; refused while any stage names one of its versions."""
+        """Deletes a model and its versions; refused while any stage names one of its versions
+        (empty stages first with ClearStage).
+        """
 
     @_abc_1.abstractmethod
     def CreateModelVersion(
@@ -215,7 +233,19 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _model_service_pb2.RollbackStageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.RollbackStageResponse, _abc.Awaitable[_model_service_pb2.RollbackStageResponse]]:
-        """Moves a stage pointer back to its last known-good version, or a named former one."""
+        """Moves a stage pointer back to its last known-good version: the most recent former version
+        that served in this stage (see RollbackStageResponse.skipped), or a named former one.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearStage(
+        self,
+        request: _model_service_pb2.ClearStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ClearStageResponse, _abc.Awaitable[_model_service_pb2.ClearStageResponse]]:
+        """Empties a stage pointer: it names no version from then on (the pointer itself stays, so
+        watch streams see the change). Audited; `production` only with `force` and a reason.
+        """
 
     @_abc_1.abstractmethod
     def ListStageHistory(

@@ -65,6 +65,8 @@ class _PointerMoveKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Point
     POINTER_MOVE_KIND_UNSPECIFIED: _PointerMoveKind.ValueType  # 0
     POINTER_MOVE_KIND_PROMOTE: _PointerMoveKind.ValueType  # 1
     POINTER_MOVE_KIND_ROLLBACK: _PointerMoveKind.ValueType  # 2
+    POINTER_MOVE_KIND_CLEAR: _PointerMoveKind.ValueType  # 3
+    """Emptied by ClearStage: the pointer names no version."""
 
 class PointerMoveKind(_PointerMoveKind, metaclass=_PointerMoveKindEnumTypeWrapper):
     """What kind of pointer move a history entry records."""
@@ -72,6 +74,8 @@ class PointerMoveKind(_PointerMoveKind, metaclass=_PointerMoveKindEnumTypeWrappe
 POINTER_MOVE_KIND_UNSPECIFIED: PointerMoveKind.ValueType  # 0
 POINTER_MOVE_KIND_PROMOTE: PointerMoveKind.ValueType  # 1
 POINTER_MOVE_KIND_ROLLBACK: PointerMoveKind.ValueType  # 2
+POINTER_MOVE_KIND_CLEAR: PointerMoveKind.ValueType  # 3
+"""Emptied by ClearStage: the pointer names no version."""
 Global___PointerMoveKind: _TypeAlias = PointerMoveKind  # noqa: Y015
 
 class _AuditAction:
@@ -88,6 +92,7 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     AUDIT_ACTION_UPDATE_VERSION: _AuditAction.ValueType  # 5
     AUDIT_ACTION_PROMOTE: _AuditAction.ValueType  # 6
     AUDIT_ACTION_ROLLBACK: _AuditAction.ValueType  # 7
+    AUDIT_ACTION_CLEAR_STAGE: _AuditAction.ValueType  # 8
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What an audit event records."""
@@ -100,7 +105,38 @@ AUDIT_ACTION_CREATE_VERSION: AuditAction.ValueType  # 4
 AUDIT_ACTION_UPDATE_VERSION: AuditAction.ValueType  # 5
 AUDIT_ACTION_PROMOTE: AuditAction.ValueType  # 6
 AUDIT_ACTION_ROLLBACK: AuditAction.ValueType  # 7
+AUDIT_ACTION_CLEAR_STAGE: AuditAction.ValueType  # 8
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
+
+class _SkipReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SkipReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SkipReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SKIP_REASON_UNSPECIFIED: _SkipReason.ValueType  # 0
+    SKIP_REASON_REFUSED: _SkipReason.ValueType  # 1
+    """Refused by the fleet: a node reported failing to prepare it in this stage and no node
+    ever served it there.
+    """
+    SKIP_REASON_NEVER_SERVED: _SkipReason.ValueType  # 2
+    """No node ever reported serving it in this stage (nor failing it)."""
+    SKIP_REASON_DEPRECATED: _SkipReason.ValueType  # 3
+    """It has a sunset time (or is no longer registered)."""
+
+class SkipReason(_SkipReason, metaclass=_SkipReasonEnumTypeWrapper):
+    """Why a rollback passed over one of its candidates."""
+
+SKIP_REASON_UNSPECIFIED: SkipReason.ValueType  # 0
+SKIP_REASON_REFUSED: SkipReason.ValueType  # 1
+"""Refused by the fleet: a node reported failing to prepare it in this stage and no node
+ever served it there.
+"""
+SKIP_REASON_NEVER_SERVED: SkipReason.ValueType  # 2
+"""No node ever reported serving it in this stage (nor failing it)."""
+SKIP_REASON_DEPRECATED: SkipReason.ValueType  # 3
+"""It has a sunset time (or is no longer registered)."""
+Global___SkipReason: _TypeAlias = SkipReason  # noqa: Y015
 
 @_typing.final
 class RegisteredModel(_message.Message):
@@ -490,6 +526,34 @@ class PointerHistoryEntry(_message.Message):
 Global___PointerHistoryEntry: _TypeAlias = PointerHistoryEntry  # noqa: Y015
 
 @_typing.final
+class SkippedCandidate(_message.Message):
+    """A rollback candidate passed over, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    reason: Global___SkipReason.ValueType
+    detail: _builtins.str
+    """Human-readable: e.g. the first failure a node reported for it."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        reason: Global___SkipReason.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedCandidate: _TypeAlias = SkippedCandidate  # noqa: Y015
+
+@_typing.final
 class AuditEvent(_message.Message):
     """One mutation, written in the same etcd transaction as the change itself."""
 
@@ -508,6 +572,8 @@ class AuditEvent(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    FORCED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`auditEvents/{id}`."""
     action: Global___AuditAction.ValueType
@@ -526,8 +592,17 @@ class AuditEvent(_message.Message):
     """Idempotency key of the request that made it, if any."""
     revision: _builtins.int
     """etcd revision of the transaction: the change and this event share it."""
+    forced: _builtins.bool
+    """The change passed only because the caller overrode a safety check: a rollback to a version
+    that never served in the stage or that the fleet refused (`allow_unserved`), or emptying
+    `production` (`force`).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedCandidate]:
+        """Rollbacks: the candidates passed over on the way to `to_value`, with why."""
+
     def __init__(
         self,
         *,
@@ -544,10 +619,12 @@ class AuditEvent(_message.Message):
         request_id: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
+        skipped: _abc.Iterable[Global___SkippedCandidate] | None = ...,
+        forced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "from_value", b"from_value", "hotfix", b"hotfix", "model", b"model", "name", b"name", "reason", b"reason", "request_id", b"request_id", "resource", b"resource", "revision", b"revision", "stage", b"stage", "time", b"time", "to_value", b"to_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "forced", b"forced", "from_value", b"from_value", "hotfix", b"hotfix", "model", b"model", "name", b"name", "reason", b"reason", "request_id", b"request_id", "resource", b"resource", "revision", b"revision", "skipped", b"skipped", "stage", b"stage", "time", b"time", "to_value", b"to_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,3 +52,40 @@ class StoredRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoredRequest: _TypeAlias = StoredRequest  # noqa: Y015
+
+@_typing.final
+class StageOutcome(_message.Message):
+    """What the fleet did with one version in one stage: written once, by the first report of that
+    outcome (`outcomes/{model}/{stage}/{version}/{served|failed}`), kept until the model is deleted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node whose report recorded it."""
+    region: _builtins.str
+    error: _builtins.str
+    """Failures: what the node reported."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the server received that report."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        error: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "node_id", b"node_id", "region", b"region", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageOutcome: _TypeAlias = StageOutcome  # noqa: Y015
