@@ -1,7 +1,8 @@
 """Typed errors raised by the modelreg clients: one class per status code the server sends.
 
 The server sends every error as a ``google.rpc.Status`` whose details hold an ``ErrorInfo``
-(``reason`` in UPPER_SNAKE, domain ``modelreg.dev``, string ``metadata``) and, for
+(``reason``: the name of a ``modelreg.v1.errors_pb2.ErrorReason`` value, where each reason is
+documented; domain ``modelreg.dev``; string ``metadata``) and, for
 ``INVALID_ARGUMENT``, a ``BadRequest`` with field violations. :func:`from_rpc_error` unpacks
 both, so callers branch on the class and on ``reason`` instead of parsing messages::
 

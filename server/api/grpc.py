@@ -46,6 +46,7 @@ from modelreg.v1 import (
     watch_service_pb2,
     watch_service_pb2_grpc,
 )
+from modelreg.v1.errors_pb2 import ErrorReason
 
 log = structlog.get_logger("modelreg.rpc")
 
@@ -144,7 +145,7 @@ def _decoded(request: object) -> Any:
         raise InvalidArgumentError(
             [FieldViolation("request", f"is not a valid {request.method}Request protobuf "
                             "message (truncated or corrupt bytes, or a string that is not UTF-8)")],
-            reason="UNDECODABLE_REQUEST",
+            reason=ErrorReason.UNDECODABLE_REQUEST,
         )
     return request
 

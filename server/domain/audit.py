@@ -7,6 +7,7 @@ from modelreg.server.domain.errors import InvalidArgumentError
 from modelreg.server.domain.ports import Entry, ModelStore
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
+from modelreg.v1.errors_pb2 import ErrorReason
 
 
 class AuditLog:
@@ -20,7 +21,7 @@ class AuditLog:
         if any(f.name == "model" for f, _ in req.ListFields()):
             raise InvalidArgumentError.field(
                 "model", "is replaced by parent: give models/{model} in parent",
-                reason="FIELD_REPLACED",
+                reason=ErrorReason.FIELD_REPLACED,
             )
         model_id = names.parse_model("parent", req.parent) if req.parent else ""
         v = validation.Violations()

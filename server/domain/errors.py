@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from modelreg.v1.errors_pb2 import ErrorReason
+
 ERROR_DOMAIN = "modelreg.dev"
 """``google.rpc.ErrorInfo.domain`` of every error modelreg sends."""
 
@@ -73,16 +75,21 @@ class FieldViolation:
 class ModelregError(Exception):
     """Root of every domain error: a stable ``reason`` plus string metadata for clients."""
 
-    reason: str = "MODELREG_ERROR"
+    reason: str = ErrorReason.Name(ErrorReason.MODELREG_ERROR)
+    """The ``ErrorInfo.reason`` sent: always the name of a ``modelreg.v1.ErrorReason`` value."""
 
     def __init__(
-        self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
+        self,
+        message: str,
+        *,
+        reason: ErrorReason.ValueType | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         message = clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
         if reason is not None:
-            self.reason = reason
+            self.reason = ErrorReason.Name(reason)
         self.metadata: dict[str, str] = {
             k: clip(v, MAX_METADATA_VALUE) for k, v in (metadata or {}).items()
         }
@@ -91,9 +98,11 @@ class ModelregError(Exception):
 class InvalidArgumentError(ModelregError):
     """A request field is malformed, out of range or over its size limit; nothing was written."""
 
-    reason = "INVALID_ARGUMENT"
+    reason = ErrorReason.Name(ErrorReason.INVALID_ARGUMENT)
 
-    def __init__(self, violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
+    def __init__(
+        self, violations: Sequence[FieldViolation], *, reason: ErrorReason.ValueType | None = None
+    ) -> None:
         # The first few name the problem; hundreds (one per bad tag) would overflow the trailers.
         self.violations = tuple(violations)[:MAX_VIOLATIONS]
         text = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
@@ -107,7 +116,7 @@ class InvalidArgumentError(ModelregError):
 
     @classmethod
     def field(
-        cls, field: str, description: str, *, reason: str | None = None
+        cls, field: str, description: str, *, reason: ErrorReason.ValueType | None = None
     ) -> InvalidArgumentError:
         """Shorthand for a single bad field."""
         return cls([FieldViolation(field, description)], reason=reason)
@@ -119,7 +128,9 @@ class OutOfRangeError(InvalidArgumentError):
     Example: a watch ``start_revision`` beyond the store's current revision.
     """
 
-    def __init__(self, field: str, description: str, *, reason: str, **metadata: str) -> None:
+    def __init__(
+        self, field: str, description: str, *, reason: ErrorReason.ValueType, **metadata: str
+    ) -> None:
         super().__init__([FieldViolation(field, description)], reason=reason)
         self.metadata.update(metadata)
 
@@ -127,7 +138,7 @@ class OutOfRangeError(InvalidArgumentError):
 class NotFoundError(ModelregError):
     """The named model, version or stage history entry does not exist."""
 
-    reason = "NOT_FOUND"
+    reason = ErrorReason.Name(ErrorReason.NOT_FOUND)
 
     def __init__(self, resource: str) -> None:
         super().__init__(f"{resource} not found", metadata={"resource": resource})
@@ -137,7 +148,7 @@ class NotFoundError(ModelregError):
 class AlreadyExistsError(ModelregError):
     """A create named something that already exists."""
 
-    reason = "ALREADY_EXISTS"
+    reason = ErrorReason.Name(ErrorReason.ALREADY_EXISTS)
 
     def __init__(self, resource: str) -> None:
         super().__init__(f"{resource} already exists", metadata={"resource": resource})
@@ -147,23 +158,22 @@ class AlreadyExistsError(ModelregError):
 class FailedPreconditionError(ModelregError):
     """A lifecycle rule refuses the change in the current state; ``reason`` names the rule."""
 
-    reason = "FAILED_PRECONDITION"
+    reason = ErrorReason.Name(ErrorReason.FAILED_PRECONDITION)
 
-    def __init__(self, rule: str, message: str, **metadata: str) -> None:
+    def __init__(self, rule: ErrorReason.ValueType, message: str, **metadata: str) -> None:
         super().__init__(message, reason=rule, metadata=metadata)
-        self.rule = rule
 
 
 class AbortedError(ModelregError):
     """A concurrent change got in the way; re-read and decide again."""
 
-    reason = "ABORTED"
+    reason = ErrorReason.Name(ErrorReason.ABORTED)
 
 
 class EtagMismatchError(AbortedError):
     """The caller's etag is stale: someone changed the resource since the caller read it."""
 
-    reason = "ETAG_MISMATCH"
+    reason = ErrorReason.Name(ErrorReason.ETAG_MISMATCH)
 
     def __init__(self, resource: str, given_etag: str, current_etag: str) -> None:
         super().__init__(
@@ -178,19 +188,19 @@ class EtagMismatchError(AbortedError):
 class ContentionError(AbortedError):
     """Other writers kept changing what this request read; it was retried and gave up."""
 
-    reason = "CONTENTION"
+    reason = ErrorReason.Name(ErrorReason.CONTENTION)
 
 
 class SlowConsumerError(ModelregError):
     """A watch stream's client read too slowly and its bounded queue overflowed."""
 
-    reason = "WATCH_TOO_SLOW"
+    reason = ErrorReason.Name(ErrorReason.WATCH_TOO_SLOW)
 
 
 class UnavailableError(ModelregError):
     """etcd could not be reached or did not answer in time; the request may be retried."""
 
-    reason = "STORE_UNAVAILABLE"
+    reason = ErrorReason.Name(ErrorReason.STORE_UNAVAILABLE)
 
 
 class InternalError(ModelregError):
@@ -200,7 +210,7 @@ class InternalError(ModelregError):
     may hold internals and is logged with its traceback, never sent.
     """
 
-    reason = "INTERNAL"
+    reason = ErrorReason.Name(ErrorReason.INTERNAL)
 
     def __init__(self, error_id: str) -> None:
         super().__init__(

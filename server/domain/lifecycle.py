@@ -28,6 +28,7 @@ from modelreg.server.domain.errors import FailedPreconditionError, InvalidArgume
 from modelreg.server.domain.outcomes import FleetRecord
 from modelreg.server.domain.validation import BUILTIN_STAGES
 from modelreg.v1 import resources_pb2
+from modelreg.v1.errors_pb2 import ErrorReason
 
 STAGING, PRODUCTION = BUILTIN_STAGES
 MAX_CANDIDATES = 32
@@ -143,12 +144,13 @@ def promote(
     """Decides a promotion of ``mv`` to ``stage`` whose pointer is ``old`` (empty if none)."""
     if mv.HasField("sunset_time"):
         raise FailedPreconditionError(
-            "VERSION_DEPRECATED",
+            ErrorReason.VERSION_DEPRECATED,
             f"{mv.name} is deprecated (it has a sunset time) and cannot be promoted",
         )
     if old.version == mv.version:
         raise FailedPreconditionError(
-            "ALREADY_IN_STAGE", f"{old.name or stage} already points at version {mv.version}"
+            ErrorReason.ALREADY_IN_STAGE,
+            f"{old.name or stage} already points at version {mv.version}",
         )
     in_staging = staging is not None and staging.version == mv.version
     if stage == PRODUCTION and not in_staging and not hotfix:
@@ -156,7 +158,7 @@ def promote(
             "staging is empty"
         )
         raise FailedPreconditionError(
-            "STAGING_REQUIRED",
+            ErrorReason.STAGING_REQUIRED,
             f"version {mv.version} is not in staging ({where}): promote it to staging first, "
             "or take the hotfix path with a reason",
             version=str(mv.version),
@@ -175,12 +177,13 @@ def _no_candidate(name: str, candidates: Sequence[int],
                   skipped: Sequence[resources_pb2.SkippedCandidate]) -> FailedPreconditionError:
     if not candidates:
         return FailedPreconditionError(
-            "NO_ROLLBACK_CANDIDATE", f"{name} has no known-good former version to roll back to")
+            ErrorReason.NO_ROLLBACK_CANDIDATE,
+            f"{name} has no known-good former version to roll back to")
     why = "; ".join(f"v{s.version}: {s.detail}" for s in skipped)
     hint = ("; name one with to_version and allow_unserved (and a reason) to roll back anyway"
             if any(s.reason != resources_pb2.SKIP_REASON_DEPRECATED for s in skipped) else "")
     return FailedPreconditionError(
-        "NO_ROLLBACK_CANDIDATE",
+        ErrorReason.NO_ROLLBACK_CANDIDATE,
         f"{name} has no known-good former version to roll back to (skipped {why}){hint}",
         candidates=",".join(str(c) for c in candidates),
         skipped=",".join(f"{s.version}:{_skip_name(s.reason)}" for s in skipped),
@@ -240,19 +243,21 @@ def rollback(
         target = to_version
         if target in deprecated:
             raise FailedPreconditionError(
-                "VERSION_DEPRECATED", f"version {target} is deprecated and cannot be rolled back to"
+                ErrorReason.VERSION_DEPRECATED,
+                f"version {target} is deprecated and cannot be rolled back to",
             )
         if target not in candidates:
             raise FailedPreconditionError(
-                "NOT_A_ROLLBACK_CANDIDATE",
+                ErrorReason.NOT_A_ROLLBACK_CANDIDATE,
                 f"version {target} is not a known-good former version of {name}; candidates: "
                 + (", ".join(str(c) for c in candidates) or "none"),
                 candidates=",".join(str(c) for c in candidates),
             )
         skip = fleet.skip(target, stage)
         if skip is not None and not allow_unserved:
-            rule = ("VERSION_REFUSED_BY_FLEET" if skip.reason == resources_pb2.SKIP_REASON_REFUSED
-                    else "VERSION_NEVER_SERVED")
+            refused = skip.reason == resources_pb2.SKIP_REASON_REFUSED
+            rule = (ErrorReason.VERSION_REFUSED_BY_FLEET if refused
+                    else ErrorReason.VERSION_NEVER_SERVED)
             raise FailedPreconditionError(
                 rule,
                 f"version {target} is no known-good version of {name}: {skip.detail}; "
@@ -286,10 +291,10 @@ def clear(
     name = names.stage_name(model_id, stage)
     if not old.version:
         raise FailedPreconditionError(
-            "STAGE_ALREADY_EMPTY", f"{name} names no version; there is nothing to clear")
+            ErrorReason.STAGE_ALREADY_EMPTY, f"{name} names no version; there is nothing to clear")
     if stage == PRODUCTION and not force:
         raise FailedPreconditionError(
-            "PROTECTED_STAGE",
+            ErrorReason.PROTECTED_STAGE,
             f"{name} serves version {old.version}: clearing production takes the model out of "
             "service wherever nodes follow it; set force (with a reason) to clear it anyway",
             version=str(old.version),

@@ -13,6 +13,7 @@ from modelreg.server.domain.ports import DeleteRange, Put, Write
 from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
+from modelreg.v1.errors_pb2 import ErrorReason
 
 MODEL_MASK = ("description", "tags", "custom_stages")
 """Fields of a model that UpdateModel may change."""
@@ -120,7 +121,7 @@ class Models(Operations):
                           if p is not None and records.decode(p, res.StagePointer).version]
                 if in_use:
                     raise FailedPreconditionError(
-                        "STAGE_IN_USE",
+                        ErrorReason.STAGE_IN_USE,
                         f"cannot remove stage(s) {', '.join(in_use)} of {req.model.name}: "
                         "they point at a version (empty them first with ClearStage)",
                     )
@@ -165,7 +166,7 @@ class Models(Operations):
             in_use = [f"{stage} (v{p.version})" for stage, p in staged if p.version]
             if in_use:
                 raise FailedPreconditionError(
-                    "MODEL_HAS_STAGED_VERSIONS",
+                    ErrorReason.MODEL_HAS_STAGED_VERSIONS,
                     f"{req.name} still has versions in stage(s) {', '.join(in_use)}; "
                     "a model is deleted only when no stage points at its versions "
                     "(empty them first with ClearStage)",

@@ -40,6 +40,7 @@ from modelreg.server.domain.ports import (
 )
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
+from modelreg.v1.errors_pb2 import ErrorReason
 
 log = structlog.get_logger("modelreg.watch")
 
@@ -261,7 +262,7 @@ class StageHub:
                         "start_revision",
                         f"is past the store's current revision {current}; resume from at "
                         f"most {current + 1} (a revision this deployment handed out, plus 1)",
-                        reason="REVISION_IN_FUTURE", revision=str(current))
+                        reason=ErrorReason.REVISION_IN_FUTURE, revision=str(current))
                 self._skip_through(sub, start_revision - 1)
             return []
         if start_revision >= self._covered_from:
