@@ -59,10 +59,22 @@ def _version_info(loaded: LoadedModel[tinymodel.Model] | None) -> dict[str, Any]
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Answers ``/predict``, ``/healthz`` and ``/model`` from the server's watcher."""
+    """Answers ``/predict``, ``/healthz`` and ``/model`` from the server's watcher.
+
+    Connections are kept alive (HTTP/1.1), so each response must leave in one piece. The
+    stdlib's default writes the headers and the body in two ``send`` calls; with Nagle's
+    algorithm the second waits for the ACK of the first, which a client on a kept-alive
+    connection delays by about 40 ms: every request after a connection's first took 42 ms
+    instead of under one. Hence both settings below: a buffered ``wfile`` (flushed once per
+    response) puts headers and body in one ``send``, one segment for these small answers; and
+    ``TCP_NODELAY`` makes sure that a response that still needs several sends (larger than
+    the buffer, or a stdlib error page) never waits for an ACK either.
+    """
 
     server: InferenceServer
     protocol_version = "HTTP/1.1"
+    wbufsize = -1  # buffered (io.DEFAULT_BUFFER_SIZE), instead of one send per write
+    disable_nagle_algorithm = True  # TCP_NODELAY on each accepted socket
 
     def do_GET(self) -> None:
         """Route a GET request."""
@@ -117,6 +129,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()  # headers and body leave together, in one send
 
     def log_message(self, format: str, *args: Any) -> None:
         """Log each request through :mod:`logging` at debug level."""

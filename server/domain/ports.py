@@ -1,9 +1,56 @@
-"""The storage port: what the domain needs from a key-value store with revisions.
+"""The storage ports: what the domain needs from a key-value store with revisions.
 
 The domain speaks etcd's model (keys, values, ``mod_revision``, one global revision, guarded
-transactions) without importing an etcd client. ``modelreg.server.store.etcd.EtcdStore``
-implements it for real; ``modelreg.server.store.memory.MemoryStore`` implements it in memory
-for domain unit tests only.
+transactions) without importing an etcd client. ``modelreg.server.store.etcd.EtcdStore`` and
+``etcd_watch.EtcdChangeFeed`` implement the ports for real; ``modelreg.server.store.memory
+.MemoryStore`` implements both in memory for domain unit tests only.
+
+What a revision is (the contract every adapter keeps)
+-----------------------------------------------------
+
+A deployment has one revision space: the revisions of the cluster where writes commit (one
+etcd cluster today; with regions, the primary's). Every revision a port hands out is a
+revision of that cluster, never a counter of the adapter or of a replica. That covers
+``Entry.mod_revision`` (the domain's etags are these numbers, quoted), ``Snapshot.revision``,
+``Page.revision``, ``CommitResult.revision``, ``Batch.revision``, ``Progress.revision`` and
+``ChangeFeed.latest``. Every revision a port accepts (``Unchanged.mod_revision``,
+``RangeUnchanged.revision``, ``from_revision``) is one too. So a revision or etag obtained
+from any server of the deployment means the same thing to every other. Concretely:
+
+1. **A commit's revision is its writes' revision.** A successful commit returns revision R.
+   Every key it wrote then has ``mod_revision`` R, and a later fresh read (through any store
+   of the deployment) shows the value with ``mod_revision`` R, read at a revision >= R.
+2. **Revisions only grow.** Each successful commit that changes something gets a revision
+   above every revision handed out before it. A commit that changes nothing (it only deletes
+   absent keys) creates no revision and returns the current one. A fresh read, scan or
+   ``latest`` never reports a revision below one this store has already returned, so a
+   write is seen by the next read through the same store (read-your-writes).
+3. **A read carries the revision it was read at.** All entries of a fresh ``Snapshot`` (or
+   ``Page``) are as of its ``revision``: each ``mod_revision`` is <= it, and no later write
+   is visible. A cached read (``fresh=False``) reports revision 0 and may be stale, but its
+   entries still carry mod_revisions of that cluster, so a guard built from them fails when
+   they are stale and never lets a wrong commit through.
+4. **Guards compare against the committing cluster.** ``Unchanged(key, m)`` holds if and only
+   if the key's ``mod_revision`` is ``m`` when the transaction commits (0: the key is absent).
+   A stale etag therefore fails: nothing is written, no revision is created, and the result
+   carries the current value of each ``refresh`` key, read in the same transaction.
+5. **The change feed replays exactly.** ``watch(start, end, R)`` yields one ``Batch`` per
+   revision >= R at which a key in the range changed, in revision order. Each batch holds
+   exactly that revision's changes in the range (deletions as ``None``). Nothing below R is
+   yielded, nothing twice. ``Progress(P)`` comes only after every change up to P. ``latest``
+   gives the range's highest ``mod_revision`` and the revision it was read at.
+6. **Compaction.** If R is below the compaction revision C, ``watch`` raises
+   ``CompactedError(C)``, and the caller reloads a snapshot instead of skipping changes. From
+   R = C exactly, etcd replays only the puts made at C: compaction drops the tombstones of
+   deletions made at C, and no error says so. The stage hub is safe because stage pointers are
+   never deleted (``keys``). A feed over keys that are deleted must treat R = C as compacted.
+
+An adapter that serves reads from somewhere else (a regional replica) keeps all of this: it
+reports the primary revisions its replica applied, never the replica's own revisions. It
+commits on the primary, and after a commit or a read it waits until the replica reaches that
+revision before answering a fresh read, which keeps clauses 1 and 2.
+``tests/server/test_store_contract.py`` checks these clauses against etcd (every build the
+tests know) and against the fake; a new adapter gets a class there.
 """
 
 from __future__ import annotations
@@ -21,7 +68,8 @@ class Entry:
     """Key relative to the deployment's prefix."""
     value: bytes
     mod_revision: int
-    """Revision of the last write to this key: the etag of the resource it holds."""
+    """Revision of the commit that last wrote this key, in the committing cluster's revision
+    space: the etag of the resource it holds."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +78,8 @@ class Snapshot:
 
     entries: Mapping[str, Entry | None]
     revision: int
-    """The store revision the read reflects (0 if unknown, e.g. served from a cold cache)."""
+    """The revision the read reflects: every entry is as of it (0 if unknown, when served
+    from the server's cache)."""
     fresh: bool
     """True when read from the store itself; False when served from the server's cache."""
 
@@ -50,6 +99,7 @@ class Page:
 
     entries: Sequence[Entry]
     revision: int
+    """The revision the page was read at."""
     more: bool
     """True when the range holds keys past the last one returned."""
 
@@ -101,7 +151,9 @@ class CommitResult:
 
     succeeded: bool
     revision: int
-    """On success, the revision of the transaction: every key written has it as mod_revision."""
+    """On success, the revision of the transaction: every key written has it as mod_revision
+    (the current revision if the transaction changed nothing). On failure, the revision the
+    guards were checked at, at which ``fresh`` was read."""
     fresh: Snapshot | None = field(default=None)
     """On failure, the current state of every key the caller asked to refresh, read in the same
     round trip, so a retry needs no extra read."""
@@ -129,7 +181,9 @@ class ModelStore(Protocol):
         """Applies ``writes`` atomically if every guard holds, in one round trip.
 
         If a guard fails nothing is written, and the result carries a fresh read of
-        ``refresh`` taken in the same transaction.
+        ``refresh`` taken in the same transaction. ``writes`` must not be empty (etcd would
+        run a read-only Txn) and must write each key at most once (etcd refuses a key put
+        twice, or put and deleted, in one Txn); adapters raise rather than guess.
         """
         ...
 
@@ -161,6 +215,7 @@ class Batch:
     """Every change one etcd transaction made to a watched range."""
 
     revision: int
+    """The transaction's revision: the ``mod_revision`` of each key it put."""
     changes: tuple[Change, ...]
 
 

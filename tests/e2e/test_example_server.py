@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -279,3 +283,128 @@ class TestExampleServer:
             if server.proc is not None:
                 code = server.stop()
         assert code == 0 and "stopped" in server.log.read_text()
+
+
+SYS_PIDFD_GETFD = 438
+"""The pidfd_getfd(2) syscall number (the same on every Linux architecture since 5.6)."""
+TCPI_DATA_SEGS_OUT = 156
+"""Offset of ``tcpi_data_segs_out`` (u32) in Linux's ``struct tcp_info`` (since 4.6)."""
+PATHS = ["/predict?x=1.0,2.0", "/healthz", "/model", "/predict?x=a", "/nope"]
+"""One request of each kind serve.py answers: 200s, a 400 and a 404."""
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # a file descriptor closed meanwhile
+        return ""
+
+
+def _accepted_socket(pid: int, port: int, client_port: int) -> socket.socket:
+    """A duplicate of the socket process ``pid`` accepted on ``port`` from ``client_port``.
+
+    Found by its inode in ``/proc/<pid>/net/tcp`` and fetched with pidfd_getfd(2): the same
+    open socket, so its options and counters are the server's own. Skips where the kernel
+    refuses (the test process is the server's parent, which ptrace rules normally allow).
+    """
+    inode = ""
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for line in table:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[2].endswith(f":{client_port:04X}"):
+                inode = fields[9]
+    assert inode, f"no connection from port {client_port} to port {port} in process {pid}"
+    fds = [int(name) for name in os.listdir(f"/proc/{pid}/fd")
+           if _readlink(f"/proc/{pid}/fd/{name}") == f"socket:[{inode}]"]
+    assert len(fds) == 1, fds
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fds[0], 0)
+        if fd < 0:
+            code = ctypes.get_errno()
+            if code in (errno.EPERM, errno.ENOSYS):
+                pytest.skip(f"pidfd_getfd is not allowed here: {os.strerror(code)}")
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=fd)
+
+
+def _data_segments_sent(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int.from_bytes(info[TCPI_DATA_SEGS_OUT:TCPI_DATA_SEGS_OUT + 4], sys.byteorder)
+
+
+@pytest.fixture(scope="module")
+def loaded_server(up: Up, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    """serve.py with version 1 of its own model loaded."""
+    model = "keepalive-demo"
+    tmp_path = tmp_path_factory.mktemp("keepalive")
+    promote(up, model, publish(up, model, tmp_path, "0.5,1.25", 0.25))
+    with serving(up, model, tmp_path) as server:
+        server.wait_for_version(1)
+        yield server
+
+
+@contextlib.contextmanager
+def kept_alive(server: Serve) -> Iterator[tuple[http.client.HTTPConnection, socket.socket]]:
+    """One HTTP connection to ``server``, after a first request, and the server's end of it."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+        assert conn.sock is not None and server.proc is not None
+        client_port = conn.sock.getsockname()[1]
+        with _accepted_socket(server.proc.pid, server.port, client_port) as accepted:
+            yield conn, accepted
+    finally:
+        conn.close()
+
+
+class TestKeepAlive:
+    """serve.py on one kept-alive connection, as a client's connection pool uses it.
+
+    The stdlib's handler wrote headers and body in two sends; with Nagle's algorithm the body
+    then waited for the ACK of the headers, which a client on a kept-alive connection delays
+    (about 40 ms per request). These tests check the causes, never a time.
+    """
+
+    def test_each_response_arrives_whole(self, loaded_server):
+        """On one kept-alive connection, the first bytes of each response to arrive are the
+        whole response: the body never waits behind its headers.
+        """
+        conn = http.client.HTTPConnection("127.0.0.1", loaded_server.port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            kept = conn.sock
+            for path in PATHS * 2:
+                conn.request("GET", path)
+                assert conn.sock is not None
+                first = conn.sock.recv(65536, socket.MSG_PEEK)  # waits for the first bytes
+                reply = conn.getresponse()
+                body = reply.read()
+                assert reply.status in (200, 400, 404) and body
+                assert first.endswith(b"\r\n\r\n" + body), (path, first)
+                assert not reply.will_close and conn.sock is kept  # the same connection
+        finally:
+            conn.close()
+
+    def test_each_response_is_one_segment(self, loaded_server):
+        """The server's end of a kept-alive connection sends exactly one data segment per
+        response (headers and body written together), counted by the kernel (TCP_INFO).
+        """
+        with kept_alive(loaded_server) as (conn, accepted):
+            for path in PATHS * 2:
+                before = _data_segments_sent(accepted)
+                conn.request("GET", path)
+                reply = conn.getresponse()
+                reply.read()
+                assert _data_segments_sent(accepted) - before == 1, path
+
+    def test_accepted_sockets_have_tcp_nodelay(self, loaded_server):
+        """The socket serve.py accepted for a client has TCP_NODELAY set, so a response that
+        needs several sends never waits for an ACK either.
+        """
+        with kept_alive(loaded_server) as (_, accepted):
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
