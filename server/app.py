@@ -56,20 +56,40 @@ class StartError(Exception):
     """This process cannot serve as configured; one line naming what and the setting's flag."""
 
 
-def _cannot_listen(setting: str, address: str) -> StartError:
-    """Why ``address`` (set by ``setting``) cannot be bound, asked of the kernel, in one line."""
+def _bind_problem(setting: str, address: str) -> StartError | None:
+    """Why ``address`` (set by ``setting``) cannot be bound, asked of the kernel, in one line.
+
+    Asked before gRPC binds, because grpc says only "Failed to bind" (and logs its own
+    multi-line complaint): this finds the reason and, for a port in use, the process holding it.
+    """
     host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    why = "it cannot be bound"
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, int(port)))
-        except OSError as err:
-            why = (err.strerror or str(err)).lower()
-            holders = etcd_ports.who_listens(int(port)) if err.errno == errno.EADDRINUSE else []
-            if holders:
-                why += " by " + ", ".join(map(etcd_lifetime.describe, holders))
-    return StartError(f"cannot listen on {address} ({ServerConfig.flag(setting)}): {why}")
+    try:
+        found = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as err:
+        return StartError(f"cannot listen on {address} ({ServerConfig.flag(setting)}): {err}")
+    first: StartError | None = None
+    for family, kind, proto, _, where in found:
+        with socket.socket(family, kind, proto) as probe:
+            # As grpc and asyncio bind: SO_REUSEADDR, so a port in TIME_WAIT counts as free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as err:
+                why = (err.strerror or str(err)).lower()
+                holders = etcd_ports.who_listens(int(port)) if err.errno == errno.EADDRINUSE else []
+                if holders:
+                    why += " by " + ", ".join(map(etcd_lifetime.describe, holders))
+                first = first or StartError(
+                    f"cannot listen on {address} ({ServerConfig.flag(setting)}): {why}")
+                continue
+        return None  # grpc serves on every address it can bind, as long as there is one
+    return first
+
+
+def _cannot_listen(setting: str, address: str) -> StartError:
+    return _bind_problem(setting, address) or StartError(
+        f"cannot listen on {address} ({ServerConfig.flag(setting)})")
 
 
 class App:
@@ -144,6 +164,9 @@ class App:
     async def _start(self, stack: AsyncExitStack) -> None:
         config = self.config
         endpoint = await self._bind_metrics(stack)
+        problem = _bind_problem("listen", config.listen)
+        if problem is not None:
+            raise problem
         try:
             parts = build_server(config.listen, metrics=self.metrics,
                                  authenticator=self._authenticator, authorizer=self._authorizer)

@@ -103,10 +103,19 @@ def _cmdline(pid: int) -> list[str] | None:
     return raw.decode(errors="replace").split("\0")[:-1] or None
 
 
+DESCRIBED_CHARS = 300
+"""Characters of a command line put in an error message (it stays one line)."""
+
+
 def describe(pid: int) -> str:
-    """``pid N (argv...)`` for an error message."""
+    """``pid N (argv...)`` for a one-line error message: whitespace runs become one space."""
     argv = _cmdline(pid)
-    return f"pid {pid} ({' '.join(argv)})" if argv else f"pid {pid}"
+    if not argv:
+        return f"pid {pid}"
+    line = " ".join(" ".join(argv).split())
+    if len(line) > DESCRIBED_CHARS:
+        line = line[: DESCRIBED_CHARS - 3] + "..."
+    return f"pid {pid} ({line})"
 
 
 def record(data_dir: Path, pid: int, argv: list[str]) -> None:
