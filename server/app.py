@@ -5,7 +5,7 @@ fastest first: the metrics and gRPC addresses are bound, the embedded etcd start
 ``config.etcd`` names no cluster), the store connected; then the stage hub, the health loop,
 the metrics endpoint and the etcd supervisor run in one ``asyncio.TaskGroup`` and the gRPC
 server starts. Leaving the block stops everything in reverse: health says NOT_SERVING, RPCs get
-``config.grace`` seconds, the tasks are cancelled (the supervisor first, so it cannot restart
+``config.grace`` seconds, the tasks are cancelled and awaited (so the supervisor cannot restart
 the etcd being stopped), the store is closed, etcd stopped. A start that fails half way undoes
 what it did, and a task that fails cancels the block and ends it with its error: no path
 leaves a part running.
@@ -183,11 +183,12 @@ class App:
 
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         children: list[asyncio.Task[None]] = []
-        stack.callback(lambda: [task.cancel() for task in children])  # before the group ends
+        # Cancelled before the group ends; etcd is stopped only after it has ended, so the
+        # supervisor cannot restart an etcd being stopped.
+        stack.callback(lambda: [task.cancel() for task in children])
         if self.etcd is not None:
             supervisor = EtcdSupervisor(self.etcd, on_change=self._etcd_changed,
                                         on_restart=self.metrics.etcd_restarts.inc)
-            # First in the list, cancelled first: it must not restart an etcd being stopped.
             children.append(tasks.create_task(supervisor.run(), name="etcd-supervisor"))
         children.append(tasks.create_task(self.hub.run(), name="stage-hub"))
         if endpoint is not None:

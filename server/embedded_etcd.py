@@ -240,9 +240,7 @@ class EmbeddedEtcd:
             raise
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop etcd (SIGTERM, then SIGKILL after ``grace`` seconds) and give up the data dir.
-
-        Safe to call repeatedly.
+        """Stop etcd (SIGTERM, then SIGKILL after ``grace`` s), give up the data dir; idempotent.
 
         Args:
             grace: Seconds to wait for a clean exit before killing.
