@@ -69,7 +69,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         if up and f.metadata["external_etcd"]:
             continue
         default = getattr(defaults, f.name)
-        shown = (",".join(default) or "none") if isinstance(default, tuple) else repr(default)
+        shown = (",".join(default) or "none") if isinstance(default, tuple) else (
+            str(default) or "''")
         parser.add_argument(
             ServerConfig.flag(f.name), dest=f.name, default=None,
             type=types[f.name] if types[f.name] in (int, float) else str,
