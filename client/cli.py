@@ -2,13 +2,15 @@
 
 Exit codes: 0 success; 1 the server refused the request (invalid, not found, lifecycle rule,
 stale etag, ...); 2 usage error (bad flags or local input); 3 no answer (server or its etcd
-unavailable, or the deadline passed); 130 interrupted.
+unavailable, or the deadline passed); 4 ``serve``/``up`` cannot start on this machine (an
+address in use, the data dir held by another modelreg, no etcd binary); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
@@ -36,7 +38,8 @@ Operate the modelreg registry (models, versions, stage pointers, audit), see wha
 fleet runs (nodes, rollout), follow stage pointers live (watch), or start its server.
 
 exit codes: 0 ok, 1 refused by the server, 2 usage error, 3 server or etcd unavailable
-            (or deadline exceeded), 130 interrupted
+            (or deadline exceeded), 4 serve/up cannot start here (address in use, data dir
+            held, no etcd), 130 interrupted
 """
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -275,18 +278,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _server_command(argv: list[str]) -> tuple[str, list[str]] | None:
-    """Find ``serve``/``up`` after any global flags; the server parses what follows."""
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in SERVER_COMMANDS:
-            return arg, argv[i + 1 :]
-        if arg in ("--target", "--timeout", "--actor"):
-            i += 2
-        elif arg == "--json" or arg.split("=", 1)[0] in ("--target", "--timeout", "--actor"):
-            i += 1
-        else:
-            return None
+    """Find ``serve``/``up`` after any global flags; the server parses what follows.
+
+    A ``serve``/``up`` word is the command if this parser, given the words up to it, reads it
+    as the command (not as a flag's value or a model id): the parser knows its own flags.
+    """
+    candidates = [i for i, arg in enumerate(argv) if arg in SERVER_COMMANDS]
+    if not candidates:
+        return None
+    parser = build_parser()
+    for i in candidates:
+        quiet = io.StringIO()
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            try:
+                command = parser.parse_args(argv[: i + 1]).command
+            except SystemExit:
+                continue
+        if command == argv[i]:
+            return command, argv[i + 1 :]
     return None
 
 

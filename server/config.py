@@ -2,6 +2,10 @@
 
 Precedence, highest first: command-line flags, ``MODELREG_*`` environment variables, the TOML
 file given by ``--config`` (or ``MODELREG_CONFIG``), then the defaults below.
+
+The fields are the single list of settings: each one's flag (``--etcd-timeout``), environment
+variable (``MODELREG_ETCD_TIMEOUT``), TOML key (``etcd_timeout``), type conversion and help
+text derive from its name, type and metadata (:func:`about`), so a new setting is one field.
 """
 
 from __future__ import annotations
@@ -12,7 +16,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "MODELREG_"
+CONFIG_FILE_ENV = "MODELREG_CONFIG"
+"""Names the TOML file when ``--config`` is not given."""
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
 
 
 def default_data_dir() -> Path:
@@ -21,47 +31,63 @@ def default_data_dir() -> Path:
     return Path(base) / "modelreg"
 
 
+def about(
+    help: str, *, choices: tuple[str, ...] = (), external_etcd: bool = False
+) -> dict[str, Any]:
+    """A field's metadata: what its flag's ``--help`` says and accepts.
+
+    Args:
+        help: One line for ``--help``; the default is appended.
+        choices: The only values accepted.
+        external_etcd: Only for ``modelreg serve``, which may use an existing cluster;
+            ``modelreg up`` always runs its own etcd.
+
+    """
+    return {"help": help, "choices": choices, "external_etcd": external_etcd}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything a server process needs to run."""
+    """Everything a server process needs to run; see each field's ``help``."""
 
-    listen: str = "127.0.0.1:50051"
-    """gRPC listen address, HOST:PORT (port 0 picks a free one)."""
-    etcd: tuple[str, ...] = ()
-    """etcd endpoints HOST:PORT; empty means start an embedded etcd in ``data_dir``."""
-    data_dir: Path = field(default_factory=default_data_dir)
-    """Persistent directory of the embedded etcd."""
-    etcd_listen: str = "127.0.0.1:0"
-    """Client address HOST:PORT of the embedded etcd, loopback only (port 0 picks a free one);
-    fix it to let ``modelreg serve --etcd`` or etcdctl join the same etcd."""
-    prefix: str = "/modelreg/"
-    """Key prefix of this deployment in etcd: many deployments or tests can share a cluster."""
-    etcd_timeout: float = 5.0
-    """Deadline of each etcd call, seconds; past it a request fails UNAVAILABLE."""
-    metrics_listen: str = "127.0.0.1:9464"
-    """Prometheus endpoint HOST:PORT; empty disables it."""
-    log_level: str = "info"
-    """debug, info, warning or error."""
-    log_format: str = "json"
-    """json (one object per line) or console (human-readable)."""
-    grace: float = 5.0
-    """Seconds in-flight RPCs get to finish on shutdown."""
-    bookmark_interval: float = 10.0
-    """Seconds an idle watch stream waits before it gets a bookmark (its current revision)."""
+    listen: str = field(default="127.0.0.1:50051", metadata=about(
+        "gRPC listen address HOST:PORT (port 0 picks a free one)"))
+    etcd: tuple[str, ...] = field(default=(), metadata=about(
+        "etcd endpoints HOST:PORT[,HOST:PORT...]; none: run an embedded etcd in data_dir",
+        external_etcd=True))
+    data_dir: Path = field(default_factory=default_data_dir, metadata=about(
+        "persistent directory of the embedded etcd"))
+    etcd_listen: str = field(default="127.0.0.1:0", metadata=about(
+        "client address of the embedded etcd, loopback HOST:PORT (port 0 picks a free one); "
+        "fix it to let `modelreg serve --etcd` or etcdctl join the same etcd"))
+    prefix: str = field(default="/modelreg/", metadata=about(
+        "key prefix of this deployment in etcd, so many deployments or tests share a cluster"))
+    etcd_timeout: float = field(default=5.0, metadata=about(
+        "deadline of each etcd call in seconds; past it a request fails UNAVAILABLE"))
+    metrics_listen: str = field(default="127.0.0.1:9464", metadata=about(
+        "Prometheus endpoint HOST:PORT; '' disables it"))
+    log_level: str = field(default="info", metadata=about("log level", choices=LOG_LEVELS))
+    log_format: str = field(default="json", metadata=about(
+        "json (one object per line) or console (for people)", choices=LOG_FORMATS))
+    grace: float = field(default=5.0, metadata=about(
+        "seconds in-flight RPCs get to finish on shutdown"))
+    bookmark_interval: float = field(default=10.0, metadata=about(
+        "seconds an idle watch stream waits before it gets a bookmark (its current revision)"))
+    watch_queue: int = field(default=256, metadata=about(
+        "messages a watch stream may fall behind before it is cut off (RESOURCE_EXHAUSTED; "
+        "its client resumes from its last revision)"))
+    health_interval: float = field(default=2.0, metadata=about(
+        "seconds between the etcd pings that keep the gRPC health status true"))
 
-    ENV = {
-        "listen": "MODELREG_LISTEN",
-        "etcd": "MODELREG_ETCD",
-        "data_dir": "MODELREG_DATA_DIR",
-        "etcd_listen": "MODELREG_ETCD_LISTEN",
-        "prefix": "MODELREG_PREFIX",
-        "etcd_timeout": "MODELREG_ETCD_TIMEOUT",
-        "metrics_listen": "MODELREG_METRICS_LISTEN",
-        "log_level": "MODELREG_LOG_LEVEL",
-        "log_format": "MODELREG_LOG_FORMAT",
-        "grace": "MODELREG_GRACE",
-        "bookmark_interval": "MODELREG_BOOKMARK_INTERVAL",
-    }
+    @staticmethod
+    def env_var(name: str) -> str:
+        """The environment variable of setting ``name``: ``MODELREG_`` and the name."""
+        return ENV_PREFIX + name.upper()
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The command-line flag of setting ``name``: ``--`` and the name with dashes."""
+        return "--" + name.replace("_", "-")
 
     @classmethod
     def from_sources(
@@ -74,30 +100,35 @@ class ServerConfig:
         config = cls()
         if config_file is not None:
             config = config.merged(tomllib.loads(config_file.read_text()), source=str(config_file))
-        config = config.merged(
-            {name: env[var] for name, var in cls.ENV.items() if env.get(var)}, source="env"
-        )
+        from_env = {f.name: env[cls.env_var(f.name)] for f in fields(cls)
+                    if env.get(cls.env_var(f.name))}
+        config = config.merged(from_env, source="environment")
         config = config.merged({k: v for k, v in flags.items() if v is not None}, source="flags")
         config.validate()
         return config
 
     def merged(self, values: Mapping[str, Any], *, source: str) -> ServerConfig:
-        """A copy with ``values`` applied, converted to each field's type."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(values) - known)
+        """A copy with ``values`` applied, each converted to its field's type."""
+        types = get_type_hints(type(self))
+        unknown = sorted(set(values) - set(types))
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
         converted: dict[str, Any] = {}
         for name, value in values.items():
-            if name == "etcd":
-                items = value.split(",") if isinstance(value, str) else list(value)
-                converted[name] = tuple(i.strip() for i in items if i.strip())
-            elif name == "data_dir":
-                converted[name] = Path(value).expanduser()
-            elif name in ("etcd_timeout", "grace", "bookmark_interval"):
-                converted[name] = float(value)
-            else:
-                converted[name] = str(value)
+            kind = types[name]
+            try:
+                if kind == tuple[str, ...]:
+                    items = value.split(",") if isinstance(value, str) else list(value)
+                    converted[name] = tuple(str(i).strip() for i in items if str(i).strip())
+                elif kind is Path:
+                    converted[name] = Path(value).expanduser()
+                elif kind in (float, int):
+                    converted[name] = kind(value)
+                else:
+                    converted[name] = str(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: {name}: {value!r} is not a valid "
+                                 f"{getattr(kind, '__name__', kind)}") from None
         return replace(self, **converted)
 
     @property
@@ -129,10 +160,13 @@ class ServerConfig:
             raise ValueError(f"metrics_listen: {self.metrics_listen!r} must be HOST:PORT or ''")
         if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
             raise ValueError(f"prefix: {self.prefix!r} must start and end with '/'")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level: {self.log_level!r} is not debug/info/warning/error")
-        if self.log_format not in ("json", "console"):
-            raise ValueError(f"log_format: {self.log_format!r} is not json or console")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} is not one of "
+                                 f"{', '.join(choices)}")
         if self.etcd_timeout <= 0 or self.grace < 0 or self.bookmark_interval <= 0:
             raise ValueError(
                 "etcd_timeout and bookmark_interval must be positive, grace not negative")
+        if self.watch_queue < 1 or self.health_interval <= 0:
+            raise ValueError("watch_queue and health_interval must be positive")

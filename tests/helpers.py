@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from modelreg.server.app import App
+from modelreg.server.config import ServerConfig
+from modelreg.server.domain.identity import Authenticator, Authorizer
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import model_service_pb2_grpc
 from modelreg.v1 import resources_pb2 as res
@@ -81,28 +84,60 @@ def error_info(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], list[str
 
 
 class RunningServer:
-    """A started modelreg server and what tests need to talk to it."""
+    """A started modelreg server and what tests need to talk to it.
+
+    The app runs in a task of its own, entered and left there as ``modelreg serve`` does
+    (``async with App.from_config(...)``), so a fixture may start it and a test stop it.
+    """
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self.store = app.store
-        self.hub = app.hub
-        self.target = f"127.0.0.1:{app.port}"
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        async with self.app:
+            started.set_result(None)
+            await self._stop.wait()
+
+    async def start(self) -> RunningServer:
+        """Starts the app; raises what its start raised."""
+        started = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(started), name="test-server")
+        await asyncio.wait([started, self._task], return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            self._task.result()  # the start failed: raise its error
+        self.store = self.app.store
+        self.hub = self.app.hub
+        self.target = f"127.0.0.1:{self.app.port}"
+        return self
 
     async def stop(self) -> None:
         """Stop serving, the stage hub and the etcd connection."""
-        await self.app.stop()
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+
+def server_config(endpoint: str, prefix: str, **settings: Any) -> ServerConfig:
+    """A test server's config: etcd at ``endpoint``, port 0, no metrics endpoint, no grace."""
+    base: dict[str, Any] = {"etcd": (endpoint,), "prefix": prefix, "listen": "127.0.0.1:0",
+                            "etcd_timeout": 2.0, "metrics_listen": "", "grace": 0.0}
+    return ServerConfig(**{**base, **settings})
 
 
 async def start_server(
-    endpoint: str, prefix: str, *, etcd_timeout: float = 2.0, listen: str = "127.0.0.1:0",
-    bookmark_interval: float = 10.0, watch_queue: int = 256,
+    endpoint: str, prefix: str, *, authenticator: Authenticator | None = None,
+    authorizer: Authorizer | None = None, **settings: Any,
 ) -> RunningServer:
-    """Start a modelreg server over etcd at ``endpoint`` under ``prefix``."""
-    app = await App.start([endpoint], prefix, listen, etcd_timeout=etcd_timeout,
-                          bookmark_interval=bookmark_interval, watch_queue=watch_queue)
-    await app.set_serving(True)
-    return RunningServer(app)
+    """Start a modelreg server over etcd at ``endpoint`` under ``prefix``.
+
+    ``settings`` are ``ServerConfig`` fields (``listen``, ``etcd_timeout``, ``watch_queue``,
+    ...); the identity seam's defaults may be replaced.
+    """
+    app = App.from_config(server_config(endpoint, prefix, **settings),
+                          authenticator=authenticator, authorizer=authorizer)
+    return await RunningServer(app).start()
 
 
 class ActorStub(model_service_pb2_grpc.ModelServiceStub):

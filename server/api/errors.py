@@ -23,7 +23,9 @@ from modelreg.server.domain.errors import (
     ModelregError,
     NotFoundError,
     OutOfRangeError,
+    PermissionDeniedError,
     SlowConsumerError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -34,6 +36,8 @@ STATUS_BY_ERROR: dict[type[ModelregError], grpc.StatusCode] = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     AbortedError: grpc.StatusCode.ABORTED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     SlowConsumerError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     InternalError: grpc.StatusCode.INTERNAL,

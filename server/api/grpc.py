@@ -1,10 +1,13 @@
-"""Server wiring: the ModelService, health, reflection, and one interceptor for every RPC.
+"""Server wiring: the modelreg services, health, reflection, and one interceptor for every RPC.
 
 The interceptor is where cross-cutting work happens once, for unary and streaming RPCs alike:
-undecodable requests and domain errors become rich statuses (``errors.to_status``), any other
-exception becomes INTERNAL with an error id that finds its traceback in the log, and every call
-is logged as one structlog JSON line carrying method, request id, model, stage, revision and
-the code its caller got (CANCELLED or DEADLINE_EXCEEDED too), and counted in Prometheus.
+the caller is authenticated and authorised (the domain's identity ports, one table of RPC →
+permission) before the handler runs, and its principal is what the handler sees
+(``identity.principal()``); undecodable requests and domain errors become rich statuses
+(``errors.to_status``), any other exception becomes INTERNAL with an error id that finds its
+traceback in the log, and every call is logged as one structlog JSON line carrying method,
+actor, request id, model, stage, revision and the code its caller got (CANCELLED or
+DEADLINE_EXCEEDED too), and counted in Prometheus. Health and reflection pass untouched.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import structlog
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from modelreg.server.api import errors
+from modelreg.server.api import errors, identity
 from modelreg.server.api.fleet_service import FleetServicer
+from modelreg.server.api.metrics import Metrics
 from modelreg.server.api.model_service import SERVICE, ModelServicer
 from modelreg.server.api.watch_service import WatchServicer
 from modelreg.server.domain.errors import (
@@ -36,6 +39,13 @@ from modelreg.server.domain.errors import (
     clip,
 )
 from modelreg.server.domain.fleet import Fleet
+from modelreg.server.domain.identity import (
+    PERMISSIONS,
+    Authenticator,
+    Authorizer,
+    Caller,
+    Permission,
+)
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.stage_hub import StageHub
 from modelreg.v1 import (
@@ -67,31 +77,6 @@ SERVER_OPTIONS = [
 MAX_CONCURRENT_RPCS = 50_000
 """Streams and calls in flight per server; past it new calls get RESOURCE_EXHAUSTED at once,
 so a reconnect storm cannot take unbounded memory (bench: 10,000 streams use ~300 MiB)."""
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Per-server Prometheus metrics (own registry: no module globals, many servers per test)."""
-
-    registry: CollectorRegistry
-    rpcs: Counter
-    latency: Histogram
-    etcd_errors: Counter
-
-    @classmethod
-    def create(cls) -> Metrics:
-        """Fresh metrics in a fresh registry."""
-        reg = CollectorRegistry()
-        return cls(
-            reg,
-            Counter("modelreg_rpcs", "RPCs handled, by method and status code",
-                    ["method", "code"], registry=reg),
-            Histogram("modelreg_rpc_duration_seconds", "RPC latency, by method", ["method"],
-                      registry=reg,
-                      buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5)),
-            Counter("modelreg_etcd_errors", "etcd calls that failed as unavailable",
-                    registry=reg),
-        )
 
 
 LOGGED_CHARS = 64
@@ -207,11 +192,29 @@ class _Outcome:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    """One path for every modelreg RPC, unary and streaming: decode, map errors, log, measure."""
+    """One path for every modelreg RPC, unary and streaming: admit, decode, map errors, log."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self, metrics: Metrics, authenticator: Authenticator, authorizer: Authorizer
+    ) -> None:
         self._metrics = metrics
+        self._authenticator = authenticator
+        self._authorizer = authorizer
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def _admit(
+        self, method: str, permission: Permission, context: Any, outcome: _Outcome
+    ) -> None:
+        """Authenticates and authorises the caller; its principal is the handler's from here.
+
+        Each RPC runs in its own asyncio task (grpc.aio), so the principal set here is seen by
+        this call's handler only, for as long as it runs, streams included.
+        """
+        caller = Caller(tuple(context.invocation_metadata() or ()), context.peer())
+        principal = await self._authenticator.authenticate(caller)
+        outcome.fields["actor"] = clip(principal.name, LOGGED_CHARS)
+        await self._authorizer.authorize(principal, method, permission)
+        identity.set_principal(principal)
 
     async def intercept_service(
         self,
@@ -227,23 +230,24 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not method.startswith(API_PREFIX):
             return handler
-        short = method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
-            self._wrapped[method] = self._wrap_unary(handler, handler.unary_unary, short)
+            self._wrapped[method] = self._wrap_unary(handler, handler.unary_unary, method)
         elif handler.unary_stream is not None:
-            self._wrapped[method] = self._wrap_stream(handler, handler.unary_stream, short)
+            self._wrapped[method] = self._wrap_stream(handler, handler.unary_stream, method)
         else:  # no client-streaming RPCs in the API (buf's advice); fail loudly if one appears
             raise TypeError(f"{method}: client-streaming RPCs are not wired")
         return self._wrapped[method]
 
     def _wrap_unary(
-        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, short: str
+        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        metrics = self._metrics
+        metrics, admit, permission = self._metrics, self._admit, PERMISSIONS[method]
+        short = method.rsplit("/", 1)[-1]
 
         async def wrapped(request: object, context: Any) -> Any:
             outcome = _Outcome(metrics, short, request)
             try:
+                await admit(method, permission, context, outcome)
                 response = await inner(_decoded(request), context)
                 outcome.succeeded(context, response)
                 return response
@@ -262,13 +266,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _wrap_stream(
-        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, short: str
+        self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        metrics = self._metrics
+        metrics, admit, permission = self._metrics, self._admit, PERMISSIONS[method]
+        short = method.rsplit("/", 1)[-1]
 
         async def wrapped(request: object, context: Any) -> AsyncIterator[Any]:
             outcome = _Outcome(metrics, short, request)
             try:
+                await admit(method, permission, context, outcome)
                 async for message in inner(_decoded(request), context):
                     yield message
                 outcome.succeeded(context)
@@ -287,9 +293,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+class CannotListenError(OSError):
+    """The gRPC server could not bind its address (grpc does not say why)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"cannot listen on {address}")
+        self.address = address
+
+
 @dataclass
 class ServerParts:
-    """A built, not yet started server and the handles main needs to run it."""
+    """A built, not yet started server and the handles the app needs to run it."""
 
     server: grpc.aio.Server
     port: int
@@ -297,37 +311,71 @@ class ServerParts:
     metrics: Metrics
 
 
+SERVICES = (
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
+    watch_service_pb2.DESCRIPTOR.services_by_name["WatchService"],
+    fleet_service_pb2.DESCRIPTOR.services_by_name["FleetService"],
+)
+"""The modelreg services this server runs: every one of their RPCs goes through the
+interceptor and needs a row in the permission table."""
+
+
+def unguarded_methods() -> list[str]:
+    """Methods of :data:`SERVICES` without a permission (must be none), and rows for no method."""
+    methods = {f"/{s.full_name}/{m.name}" for s in SERVICES for m in s.methods}
+    return sorted(methods ^ set(PERMISSIONS))
+
+
 def build_server(
-    registry: Registry,
     listen: str,
+    *,
+    metrics: Metrics,
+    authenticator: Authenticator,
+    authorizer: Authorizer,
+) -> ServerParts:
+    """A grpc.aio server bound to ``listen``, with health (NOT_SERVING) but no service yet.
+
+    Binding comes first so that a taken address fails the start before anything else runs
+    (:func:`add_services` completes the server).
+
+    Raises:
+        CannotListenError: ``listen`` cannot be bound.
+        RuntimeError: An RPC has no permission in the table (a bug: see ``PERMISSIONS``).
+
+    """
+    unguarded = unguarded_methods()
+    if unguarded:
+        raise RuntimeError(f"the permission table does not match the RPCs: {unguarded}")
+    server = grpc.aio.server(interceptors=[RpcInterceptor(metrics, authenticator, authorizer)],
+                             options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc >= 1.5x: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        raise CannotListenError(listen)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return ServerParts(server, port, health_servicer, metrics)
+
+
+def add_services(
+    parts: ServerParts,
+    registry: Registry,
     *,
     hub: StageHub,
     fleet: Fleet,
     bookmark_interval: float = 10.0,
-    metrics: Metrics | None = None,
-) -> ServerParts:
-    """A grpc.aio server: every modelreg service, health (NOT_SERVING until set), reflection."""
-    metrics = metrics or Metrics.create()
-    server = grpc.aio.server(interceptors=[RpcInterceptor(metrics)], options=SERVER_OPTIONS,
-                             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+) -> None:
+    """Adds every modelreg service, and reflection over them and health, to a built server."""
+    server = parts.server
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
     watch_service_pb2_grpc.add_WatchServiceServicer_to_server(
         WatchServicer(hub, bookmark_interval=bookmark_interval), server)
     fleet_service_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(fleet), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
-        watch_service_pb2.DESCRIPTOR.services_by_name["WatchService"].full_name,
-        fleet_service_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
+    names = (*(s.full_name for s in SERVICES),
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    return ServerParts(server, port, health_servicer, metrics)
 
 
 async def set_serving(parts: ServerParts, serving: bool) -> None:

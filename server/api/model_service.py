@@ -1,7 +1,8 @@
 """``modelreg.v1.ModelService``: each handler builds the call context and calls the domain.
 
-Validation, rules and storage live in ``modelreg.server.domain``; error mapping, logging and
-metrics in the interceptor of ``modelreg.server.api.grpc``. A handler here is one line.
+Validation, rules and storage live in ``modelreg.server.domain``; identity, error mapping,
+logging and metrics in the interceptor of ``modelreg.server.api.grpc``. A handler here is one
+line.
 """
 
 from __future__ import annotations
@@ -9,34 +10,19 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import Message
 
-from modelreg.server.domain import validation
-from modelreg.server.domain.errors import InvalidArgumentError
+from modelreg.server.api import identity
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.transaction import Call
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import model_service_pb2_grpc
 
-ACTOR_HEADER = "x-modelreg-actor"
-"""Metadata naming the caller until authentication lands; recorded in every audit event."""
 SERVICE = "modelreg.v1.ModelService"
 Context = grpc.aio.ServicerContext[Message, Message]
 
 
-def actor_of(context: Context) -> str:
-    """The caller's principal from metadata, ``anonymous`` when absent."""
-    for key, value in context.invocation_metadata() or ():
-        if key == ACTOR_HEADER:
-            text = value if isinstance(value, str) else value.decode()
-            if not text or len(text) > validation.MAX_ACTOR or not text.isprintable():
-                raise InvalidArgumentError.field(
-                    ACTOR_HEADER, f"metadata must be 1-{validation.MAX_ACTOR} printable characters"
-                )
-            return text
-    return "anonymous"
-
-
-def _call(context: Context, method: str, request: Message) -> Call:
-    return Call(actor=actor_of(context), method=f"/{SERVICE}/{method}", request=request)
+def _call(method: str, request: Message) -> Call:
+    # The interceptor authenticated the caller before this handler ran.
+    return Call(actor=identity.principal().name, method=f"/{SERVICE}/{method}", request=request)
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
@@ -48,7 +34,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def CreateModel(  # noqa: D102
         self, request: svc.CreateModelRequest, context: Context
     ) -> svc.CreateModelResponse:
-        return await self._r.models.create(_call(context, "CreateModel", request), request)
+        return await self._r.models.create(_call("CreateModel", request), request)
 
     async def GetModel(  # noqa: D102
         self, request: svc.GetModelRequest, context: Context
@@ -63,18 +49,18 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def UpdateModel(  # noqa: D102
         self, request: svc.UpdateModelRequest, context: Context
     ) -> svc.UpdateModelResponse:
-        return await self._r.models.update(_call(context, "UpdateModel", request), request)
+        return await self._r.models.update(_call("UpdateModel", request), request)
 
     async def DeleteModel(  # noqa: D102
         self, request: svc.DeleteModelRequest, context: Context
     ) -> svc.DeleteModelResponse:
-        return await self._r.models.delete(_call(context, "DeleteModel", request), request)
+        return await self._r.models.delete(_call("DeleteModel", request), request)
 
     async def CreateModelVersion(  # noqa: D102
         self, request: svc.CreateModelVersionRequest, context: Context
     ) -> svc.CreateModelVersionResponse:
         return await self._r.versions.create(
-            _call(context, "CreateModelVersion", request), request
+            _call("CreateModelVersion", request), request
         )
 
     async def GetModelVersion(  # noqa: D102
@@ -91,7 +77,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self, request: svc.UpdateModelVersionRequest, context: Context
     ) -> svc.UpdateModelVersionResponse:
         return await self._r.versions.update(
-            _call(context, "UpdateModelVersion", request), request
+            _call("UpdateModelVersion", request), request
         )
 
     async def GetStage(  # noqa: D102
@@ -107,12 +93,12 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def PromoteVersion(  # noqa: D102
         self, request: svc.PromoteVersionRequest, context: Context
     ) -> svc.PromoteVersionResponse:
-        return await self._r.stages.promote(_call(context, "PromoteVersion", request), request)
+        return await self._r.stages.promote(_call("PromoteVersion", request), request)
 
     async def RollbackStage(  # noqa: D102
         self, request: svc.RollbackStageRequest, context: Context
     ) -> svc.RollbackStageResponse:
-        return await self._r.stages.rollback(_call(context, "RollbackStage", request), request)
+        return await self._r.stages.rollback(_call("RollbackStage", request), request)
 
     async def ClearStage(  # noqa: D102
         self, request: svc.ClearStageRequest, context: Context

@@ -13,6 +13,8 @@ status code in a single table (``modelreg.server.api.errors``) and sends ``reaso
     ├── AbortedError                a concurrent change got in the way  → ABORTED
     │   ├── EtagMismatchError       the caller's etag is stale
     │   └── ContentionError         retried against fresh state, gave up
+    ├── UnauthenticatedError        no identity the server accepts      → UNAUTHENTICATED
+    ├── PermissionDeniedError       the principal may not call the RPC  → PERMISSION_DENIED
     ├── SlowConsumerError           a watch stream fell too far behind  → RESOURCE_EXHAUSTED
     ├── UnavailableError            etcd cannot be reached              → UNAVAILABLE
     └── InternalError               a server bug, found by its error id → INTERNAL
@@ -189,6 +191,28 @@ class ContentionError(AbortedError):
     """Other writers kept changing what this request read; it was retried and gave up."""
 
     reason = ErrorReason.Name(ErrorReason.CONTENTION)
+
+
+class UnauthenticatedError(ModelregError):
+    """The caller proved no identity the server accepts; nothing was read or written.
+
+    The message says what was missing or wrong, never the credential itself.
+    """
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(ModelregError):
+    """The authenticated principal may not call this RPC; nothing was read or written."""
+
+    reason = "PERMISSION_DENIED"
+
+    def __init__(self, principal: str, method: str, permission: str) -> None:
+        super().__init__(
+            f"{echo(principal)} may not call {method} (needs permission {permission!r})",
+            metadata={"principal": principal, "method": method, "permission": permission},
+        )
+        self.permission = permission
 
 
 class SlowConsumerError(ModelregError):

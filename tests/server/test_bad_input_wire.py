@@ -36,7 +36,7 @@ async def _keys_and_values(etcd_server: Any, prefix: str) -> dict[bytes, bytes]:
 
 
 def _count(server: Any, method: str, code: str) -> float:
-    value = server.app.parts.metrics.registry.get_sample_value(
+    value = server.app.metrics.registry.get_sample_value(
         "modelreg_rpcs_total", {"method": method, "code": code})
     return value or 0.0
 

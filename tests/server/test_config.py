@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from modelreg.server import main
 from modelreg.server.config import ServerConfig
 
 
@@ -59,3 +61,32 @@ class TestServerConfig:
         path.write_text('lisen = "127.0.0.1:1"\n')
         with pytest.raises(ValueError, match="lisen"):
             ServerConfig.from_sources({}, {}, path)
+
+
+class TestDerivedNames:
+    def test_every_setting_has_an_env_variable_named_after_it(self):
+        """Each field is set by MODELREG_<FIELD> (no table to forget a new setting in)."""
+        env = {ServerConfig.env_var(f.name): "9" for f in fields(ServerConfig)
+               if f.type in ("float", "int")}
+        config = ServerConfig.from_sources({}, env)
+        assert config.health_interval == 9.0 and config.watch_queue == 9
+        assert ServerConfig.env_var("metrics_listen") == "MODELREG_METRICS_LISTEN"
+
+    @pytest.mark.parametrize("command", ["serve", "up"])
+    def test_every_setting_has_a_flag(self, command: str):
+        """`modelreg serve`/`up` take one flag per field, named after it, with the field's
+        type; `up` has no --etcd, since it always runs its own.
+        """
+        parser = main.build_parser(command)
+        flags = {a.dest: a for a in parser._actions}
+        expected = {f.name for f in fields(ServerConfig)} - ({"etcd"} if command == "up" else set())
+        assert expected <= set(flags)
+        assert "etcd" not in flags if command == "up" else "etcd" in flags
+        args = vars(parser.parse_args(["--health-interval", "0.5", "--watch-queue", "8"]))
+        assert args["health_interval"] == 0.5 and args["watch_queue"] == 8
+        assert args["listen"] is None  # unset: the environment and the file show through
+
+    def test_bad_number_names_the_setting(self):
+        """A value of the wrong type is refused naming the setting and where it came from."""
+        with pytest.raises(ValueError, match="environment: watch_queue: 'lots'"):
+            ServerConfig.from_sources({}, {"MODELREG_WATCH_QUEUE": "lots"})

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 
 from bench._fuzz import MODEL, Case, Fuzzer, LoopThread, cases
 from modelreg.client import cli
-from modelreg.server.app import App
 from modelreg.server.embedded_etcd import EmbeddedEtcd
+from tests.helpers import start_server
 
 CASES = 2000
 
@@ -24,16 +24,15 @@ def fuzzer(etcd_server: EmbeddedEtcd) -> Iterator[tuple[LoopThread, Fuzzer]]:
     """A real server on the session etcd under a fresh prefix, and a fuzzer connected to it."""
     prefix = f"/fuzz/{uuid.uuid4().hex}/"
     loop = LoopThread()
-    app = loop.run(App.start([etcd_server.endpoint], prefix, "127.0.0.1:0"))
-    loop.run(app.set_serving(True))
-    fuzz = Fuzzer(f"127.0.0.1:{app.port}", etcd_server.host, etcd_server.client_port, prefix,
+    server = loop.run(start_server(etcd_server.endpoint, prefix, etcd_timeout=5.0))
+    fuzz = Fuzzer(server.target, etcd_server.host, etcd_server.client_port, prefix,
                   first_message_timeout=0.3)
     try:
         loop.run(fuzz.open())
         yield loop, fuzz
     finally:
         loop.run(fuzz.close())
-        loop.run(app.stop())
+        loop.run(server.stop())
         loop.close()
 
 
