@@ -42,7 +42,8 @@ exit codes: 0 ok, 1 refused by the server, 2 usage error, 3 server or etcd unava
             held, no etcd), 130 interrupted
 """
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_LOCAL = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,8 +362,13 @@ def _version() -> str:
 def _run_server(command: str, rest: list[str]) -> int:
     # The one sanctioned import of server code (see the import-linter contract in pyproject):
     # lazy, so the client never loads the server, and the server owns these flags and --help.
-    from modelreg.server import main as server_main
-
+    try:
+        from modelreg.server import main as server_main
+    except ModuleNotFoundError as exc:
+        # A base install (an inference node's) has the CLI but not the server's packages.
+        print(f"error: modelreg {command} needs the server extra (missing {exc.name}): "
+              "pip install 'modelreg[server]'", file=sys.stderr)
+        return EXIT_LOCAL
     return server_main.main([command, *rest])
 
 

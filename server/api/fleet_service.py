@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing_extensions import override
+
 from modelreg.server.domain.fleet import Fleet
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import fleet_service_pb2_grpc
@@ -19,22 +21,26 @@ class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):
     def __init__(self, fleet: Fleet) -> None:
         self._fleet = fleet
 
-    async def ReportNode(  # noqa: D102
+    @override
+    async def ReportNode(
         self, request: fs.ReportNodeRequest, context: Any
     ) -> fs.ReportNodeResponse:
         return await self._fleet.report(request)
 
-    async def DeleteNode(  # noqa: D102
+    @override
+    async def DeleteNode(
         self, request: fs.DeleteNodeRequest, context: Any
     ) -> fs.DeleteNodeResponse:
         return await self._fleet.delete(request)
 
-    async def ListNodes(  # noqa: D102
+    @override
+    async def ListNodes(
         self, request: fs.ListNodesRequest, context: Any
     ) -> fs.ListNodesResponse:
         return await self._fleet.list(request)
 
-    async def GetRolloutStatus(  # noqa: D102
+    @override
+    async def GetRolloutStatus(
         self, request: fs.GetRolloutStatusRequest, context: Any
     ) -> fs.GetRolloutStatusResponse:
         return await self._fleet.rollout(request)

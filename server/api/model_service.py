@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.message import Message
+from typing_extensions import override
 
 from modelreg.server.api import identity
 from modelreg.server.domain.registry import Registry
@@ -31,86 +32,102 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, registry: Registry) -> None:
         self._r = registry
 
-    async def CreateModel(  # noqa: D102
+    @override
+    async def CreateModel(
         self, request: svc.CreateModelRequest, context: Context
     ) -> svc.CreateModelResponse:
         return await self._r.models.create(_call("CreateModel", request), request)
 
-    async def GetModel(  # noqa: D102
+    @override
+    async def GetModel(
         self, request: svc.GetModelRequest, context: Context
     ) -> svc.GetModelResponse:
         return await self._r.models.get(request)
 
-    async def ListModels(  # noqa: D102
+    @override
+    async def ListModels(
         self, request: svc.ListModelsRequest, context: Context
     ) -> svc.ListModelsResponse:
         return await self._r.models.list(request)
 
-    async def UpdateModel(  # noqa: D102
+    @override
+    async def UpdateModel(
         self, request: svc.UpdateModelRequest, context: Context
     ) -> svc.UpdateModelResponse:
         return await self._r.models.update(_call("UpdateModel", request), request)
 
-    async def DeleteModel(  # noqa: D102
+    @override
+    async def DeleteModel(
         self, request: svc.DeleteModelRequest, context: Context
     ) -> svc.DeleteModelResponse:
         return await self._r.models.delete(_call("DeleteModel", request), request)
 
-    async def CreateModelVersion(  # noqa: D102
+    @override
+    async def CreateModelVersion(
         self, request: svc.CreateModelVersionRequest, context: Context
     ) -> svc.CreateModelVersionResponse:
         return await self._r.versions.create(
             _call("CreateModelVersion", request), request
         )
 
-    async def GetModelVersion(  # noqa: D102
+    @override
+    async def GetModelVersion(
         self, request: svc.GetModelVersionRequest, context: Context
     ) -> svc.GetModelVersionResponse:
         return await self._r.versions.get(request)
 
-    async def ListModelVersions(  # noqa: D102
+    @override
+    async def ListModelVersions(
         self, request: svc.ListModelVersionsRequest, context: Context
     ) -> svc.ListModelVersionsResponse:
         return await self._r.versions.list(request)
 
-    async def UpdateModelVersion(  # noqa: D102
+    @override
+    async def UpdateModelVersion(
         self, request: svc.UpdateModelVersionRequest, context: Context
     ) -> svc.UpdateModelVersionResponse:
         return await self._r.versions.update(
             _call("UpdateModelVersion", request), request
         )
 
-    async def GetStage(  # noqa: D102
+    @override
+    async def GetStage(
         self, request: svc.GetStageRequest, context: Context
     ) -> svc.GetStageResponse:
         return await self._r.stages.get(request)
 
-    async def ListStages(  # noqa: D102
+    @override
+    async def ListStages(
         self, request: svc.ListStagesRequest, context: Context
     ) -> svc.ListStagesResponse:
         return await self._r.stages.list(request)
 
-    async def PromoteVersion(  # noqa: D102
+    @override
+    async def PromoteVersion(
         self, request: svc.PromoteVersionRequest, context: Context
     ) -> svc.PromoteVersionResponse:
         return await self._r.stages.promote(_call("PromoteVersion", request), request)
 
-    async def RollbackStage(  # noqa: D102
+    @override
+    async def RollbackStage(
         self, request: svc.RollbackStageRequest, context: Context
     ) -> svc.RollbackStageResponse:
         return await self._r.stages.rollback(_call("RollbackStage", request), request)
 
-    async def ClearStage(  # noqa: D102
+    @override
+    async def ClearStage(
         self, request: svc.ClearStageRequest, context: Context
     ) -> svc.ClearStageResponse:
-        return await self._r.stages.clear(_call(context, "ClearStage", request), request)
+        return await self._r.stages.clear(_call("ClearStage", request), request)
 
-    async def ListStageHistory(  # noqa: D102
+    @override
+    async def ListStageHistory(
         self, request: svc.ListStageHistoryRequest, context: Context
     ) -> svc.ListStageHistoryResponse:
         return await self._r.stages.history(request)
 
-    async def ListAuditEvents(  # noqa: D102
+    @override
+    async def ListAuditEvents(
         self, request: svc.ListAuditEventsRequest, context: Context
     ) -> svc.ListAuditEventsResponse:
         return await self._r.audit.list(request)

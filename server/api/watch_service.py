@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from typing_extensions import override
+
 from modelreg.server.domain import validation
 from modelreg.server.domain.errors import FieldViolation, SlowConsumerError, UnavailableError
 from modelreg.server.domain.stage_hub import OverflowError_, Selector, StageHub
@@ -49,7 +51,8 @@ class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
         self._hub = hub
         self._bookmark_interval = bookmark_interval
 
-    async def WatchStages(  # noqa: D102
+    @override
+    async def WatchStages(
         self, request: ws.WatchStagesRequest, context: Any
     ) -> AsyncIterator[ws.WatchStagesResponse]:
         selector = selector_of(request)

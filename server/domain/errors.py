@@ -199,13 +199,13 @@ class UnauthenticatedError(ModelregError):
     The message says what was missing or wrong, never the credential itself.
     """
 
-    reason = "UNAUTHENTICATED"
+    reason = ErrorReason.Name(ErrorReason.UNAUTHENTICATED)
 
 
 class PermissionDeniedError(ModelregError):
     """The authenticated principal may not call this RPC; nothing was read or written."""
 
-    reason = "PERMISSION_DENIED"
+    reason = ErrorReason.Name(ErrorReason.PERMISSION_DENIED)
 
     def __init__(self, principal: str, method: str, permission: str) -> None:
         super().__init__(

@@ -45,6 +45,7 @@ class Permission(StrEnum):
     MODELS_DELETE = "models.delete"
     STAGES_PROMOTE = "stages.promote"
     STAGES_ROLLBACK = "stages.rollback"
+    STAGES_CLEAR = "stages.clear"
     STAGES_WATCH = "stages.watch"
     AUDIT_READ = "audit.read"
     FLEET_READ = "fleet.read"
@@ -67,10 +68,13 @@ PERMISSIONS: Mapping[str, Permission] = MappingProxyType({
     _MODEL + "ListStages": _P.MODELS_READ,
     _MODEL + "PromoteVersion": _P.STAGES_PROMOTE,
     _MODEL + "RollbackStage": _P.STAGES_ROLLBACK,
+    _MODEL + "ClearStage": _P.STAGES_CLEAR,
     _MODEL + "ListStageHistory": _P.MODELS_READ,
     _MODEL + "ListAuditEvents": _P.AUDIT_READ,
     "/modelreg.v1.WatchService/WatchStages": _P.STAGES_WATCH,
     "/modelreg.v1.FleetService/ReportNode": _P.FLEET_REPORT,
+    # A node's clean stop: the same right as reporting, since it removes only a report.
+    "/modelreg.v1.FleetService/DeleteNode": _P.FLEET_REPORT,
     "/modelreg.v1.FleetService/ListNodes": _P.FLEET_READ,
     "/modelreg.v1.FleetService/GetRolloutStatus": _P.FLEET_READ,
 })

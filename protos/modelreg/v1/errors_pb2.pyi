@@ -75,6 +75,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE: the server cannot reach its etcd; retry (idempotent calls retry by themselves)."""
     INTERNAL: _ErrorReason.ValueType  # 25
     """INTERNAL: a defect on the server; `error_id` in the metadata finds it in the server's log."""
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 26
+    """UNAUTHENTICATED: the caller proved no identity the server accepts."""
+    PERMISSION_DENIED: _ErrorReason.ValueType  # 27
+    """PERMISSION_DENIED: the caller's principal lacks the permission the RPC needs."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The value of `google.rpc.ErrorInfo.reason` (domain `modelreg.dev`) on every error modelreg
@@ -137,4 +141,8 @@ STORE_UNAVAILABLE: ErrorReason.ValueType  # 24
 """UNAVAILABLE: the server cannot reach its etcd; retry (idempotent calls retry by themselves)."""
 INTERNAL: ErrorReason.ValueType  # 25
 """INTERNAL: a defect on the server; `error_id` in the metadata finds it in the server's log."""
+UNAUTHENTICATED: ErrorReason.ValueType  # 26
+"""UNAUTHENTICATED: the caller proved no identity the server accepts."""
+PERMISSION_DENIED: ErrorReason.ValueType  # 27
+"""PERMISSION_DENIED: the caller's principal lacks the permission the RPC needs."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
