@@ -83,7 +83,9 @@ def versions_create(c: RegistryClient, a: argparse.Namespace) -> Output:
             raise UsageError(f"--artifact: {exc}") from None
         uri = uri or a.artifact.resolve().as_uri()
     if not uri or not sha256 or size is None:
-        raise UsageError("give --artifact FILE, or all of --artifact-uri, --sha256 and --size")
+        raise UsageError(
+            "give --artifact FILE, or all of --artifact-uri, --sha256 and --size-bytes"
+        )
     try:
         card = a.model_card_file.read_text(encoding="utf-8") if a.model_card_file else ""
     except OSError as exc:
@@ -125,7 +127,9 @@ def versions_list(c: RegistryClient, a: argparse.Namespace) -> Output:
 def versions_update(c: RegistryClient, a: argparse.Namespace) -> Output:
     tags = {} if a.clear_tags else (dict(a.tag) if a.tag else None)
     if a.description is None and tags is None and a.sunset is None and not a.clear_sunset:
-        raise UsageError("nothing to update: give --description, --tag, --sunset or --clear-sunset")
+        raise UsageError(
+            "nothing to update: give --description, --tag, --sunset-time or --clear-sunset-time"
+        )
     resp = c.update_version(
         a.model,
         a.version,
@@ -156,14 +160,16 @@ def promote(c: RegistryClient, a: argparse.Namespace) -> Output:
         text += f" (archived v{resp.archived_version})"
     if p.backfill_required:
         text += " [hotfix: back-fill through staging required]"
-    return Output(r.to_json(resp), f"{text}\netag {p.etag}, revision {resp.revision}")
+    etag = r.unquote_etag(p.etag)
+    return Output(r.to_json(resp), f"{text}\netag {etag}, revision {resp.revision}")
 
 
 def rollback(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.rollback(a.model, a.stage, to_version=a.to, etag=a.etag, reason=a.reason)
     p = resp.stage
     text = f"{r.last_segment(p.name)}: rolled back v{resp.rolled_back_version} -> v{p.version}"
-    return Output(r.to_json(resp), f"{text}\netag {p.etag}, revision {resp.revision}")
+    etag = r.unquote_etag(p.etag)
+    return Output(r.to_json(resp), f"{text}\netag {etag}, revision {resp.revision}")
 
 
 def history(c: RegistryClient, a: argparse.Namespace) -> Output:
@@ -193,7 +199,7 @@ def rollout(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 def watch(c: RegistryClient, a: argparse.Namespace) -> Output:
     if a.from_revision < 0:
-        raise UsageError("--from-revision must be >= 0")
+        raise UsageError("--start-revision must be >= 0")
     messages = c.watch_stages(
         models=[rq.model_id(a.model)], stages=a.stage, start_revision=a.from_revision
     )

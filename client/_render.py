@@ -1,9 +1,16 @@
-"""Pure helpers of the CLI: parsing ``k=v`` and times, and rendering resources as text."""
+"""Pure helpers of the CLI: parsing ``k=v`` and times, and rendering resources as text.
+
+Every table follows the same rules, so ``awk``/``cut`` work on any of them: every column has
+a header; an empty cell prints ``-``; a version prints ``v5``; free text (description, reason,
+a node's error) only in the last column, and lists are joined by ``,`` without spaces; etags
+without their quotes (``11``), as ``--json`` prints them and ``--etag`` takes them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -11,6 +18,7 @@ from pathlib import Path
 from google.protobuf import timestamp_pb2
 
 from modelreg.client._json import to_json as to_json  # re-exported: the commands' JSON
+from modelreg.client._json import unquote_etag as unquote_etag  # re-exported: the commands use it
 from modelreg.client._json import valid_time
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
@@ -18,6 +26,17 @@ from modelreg.v1 import watch_service_pb2 as ws
 
 _CLIP = 48
 """Longest free-text cell (description, reason) shown in a table."""
+
+_ERROR_CHARS = 120
+"""Longest node error shown in a table (the full text is in ``--json`` and on the node)."""
+
+_DIRECTORIES = re.compile(
+    r"(?<![^\s'\"(=])"  # at the start of a word: a URI's scheme, or an absolute path's "/"
+    r"(?P<root>[A-Za-z][A-Za-z0-9+.-]*://[^/\s'\"]*/|/)"  # scheme://authority/ or /
+    r"(?P<dirs>(?:[^/\s'\"]+/){2,})"  # two or more directories ...
+    r"(?=[^/\s'\"])"  # ... followed by the file name, which stays
+)
+"""The directories of a URI or absolute path in free text, which :func:`short_error` drops."""
 
 
 def parse_key_value(text: str) -> tuple[str, str]:
@@ -35,6 +54,17 @@ def parse_metric(text: str) -> tuple[str, float]:
         return key, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"metric {key!r}: {value!r} is not a number") from None
+
+
+def parse_etag(text: str) -> str:
+    """Accept an etag as tables print it (``"11"``) or as the shell leaves it (``11``).
+
+    The server's etags are quoted (AIP-154); a bare number gets its quotes back, so
+    ``--etag 11`` and ``--etag '"11"'`` mean the same. Anything else goes to the server as is.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("an etag is not empty")
+    return f'"{text}"' if text.isdigit() else text
 
 
 def parse_time(text: str) -> datetime:
@@ -57,8 +87,12 @@ def file_digest(path: Path) -> tuple[str, int]:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Render rows as left-aligned columns under upper-case headers, two spaces apart."""
-    cells = [[str(h).upper() for h in headers]] + [[str(c) for c in row] for row in rows]
+    """Render rows as left-aligned columns under upper-case headers, two spaces apart.
+
+    An empty cell prints ``-``, so every row splits into as many words as the header has
+    columns (the last column, free text, aside).
+    """
+    cells = [[str(h).upper() for h in headers]] + [[str(c) or "-" for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
@@ -75,6 +109,21 @@ def clip(text: str, limit: int = _CLIP) -> str:
     """Shorten one-line text to ``limit`` characters, marking the cut with an ellipsis."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def short_error(text: str, limit: int = _ERROR_CHARS) -> str:
+    """Shorten an error for a table, keeping its type and its cause.
+
+    Errors name a file first and say what went wrong last (``DigestMismatchError:
+    file:///srv/models/a/b/m.tmdl: more than the registered 44 bytes``), so a plain cut keeps
+    the path and loses the cause. Paths and URIs lose their directories instead
+    (``file:///…/m.tmdl``); if that is not enough, the middle goes, marked with an ellipsis.
+    """
+    text = _DIRECTORIES.sub(lambda m: f"{m['root']}…/", " ".join(text.split()))
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + "…" + text[len(text) - (limit - head - 1) :]
 
 
 def by(ts: timestamp_pb2.Timestamp, who: str) -> str:
@@ -115,9 +164,9 @@ def version_label(version: int) -> str:
     return f"v{version}" if version else "-"
 
 
-def pairs(mapping: Iterable[tuple[str, object]]) -> str:
-    """Render ``a=1, b=2`` sorted by key."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(mapping))
+def pairs(mapping: Iterable[tuple[str, object]], sep: str = ", ") -> str:
+    """Render ``a=1, b=2`` sorted by key (``a=1,b=2`` with ``sep=","``, in a table cell)."""
+    return sep.join(f"{k}={v}" for k, v in sorted(mapping))
 
 
 def model_details(m: res.RegisteredModel) -> str:
@@ -131,7 +180,7 @@ def model_details(m: res.RegisteredModel) -> str:
             ("versions", m.version_count),
             ("created", when(m.create_time)),
             ("updated", when(m.update_time)),
-            ("etag", m.etag),
+            ("etag", unquote_etag(m.etag)),
         ]
     )
 
@@ -173,7 +222,7 @@ def version_details(v: res.ModelVersion) -> str:
             ("tags", pairs(v.tags.items())),
             ("sunset", when(v.sunset_time) if v.HasField("sunset_time") else ""),
             ("created", by(v.create_time, v.created_by)),
-            ("etag", v.etag),
+            ("etag", unquote_etag(v.etag)),
         ]
     )
 
@@ -197,8 +246,9 @@ def versions_table(versions: Iterable[res.ModelVersion]) -> str:
     return table(headers, rows)
 
 
-def _flags(p: res.StagePointer) -> str:
-    flags = [("hotfix", p.hotfix), ("backfill-required", p.backfill_required)]
+def _flags(p: res.StagePointer | res.PointerHistoryEntry | res.AuditEvent) -> str:
+    """The FLAGS cell of every table: ``hotfix``, ``backfill-required``, joined by ``,``."""
+    flags = [("hotfix", p.hotfix), ("backfill-required", getattr(p, "backfill_required", False))]
     return ",".join(name for name, on in flags if on) or "-"
 
 
@@ -215,7 +265,7 @@ def stage_details(p: res.StagePointer) -> str:
             ("flags", _flags(p)),
             ("reason", p.reason),
             ("updated", by(p.update_time, p.updated_by)),
-            ("etag", p.etag),
+            ("etag", unquote_etag(p.etag)),
         ]
     )
 
@@ -230,7 +280,7 @@ def stages_table(stages: Iterable[res.StagePointer]) -> str:
             _flags(p),
             when(p.update_time),
             p.updated_by or "-",
-            p.etag or "-",
+            unquote_etag(p.etag),
         )
         for p in stages
     ]
@@ -245,14 +295,14 @@ def history_table(entries: Iterable[res.PointerHistoryEntry]) -> str:
             enum_name(res.PointerMoveKind.Name(e.kind), "POINTER_MOVE_KIND_"),
             version_label(e.from_version),
             version_label(e.to_version),
-            "yes" if e.hotfix else "",
+            _flags(e),
             when(e.time),
             e.actor,
             clip(e.reason),
         )
         for e in entries
     ]
-    return table(["gen", "kind", "from", "to", "hotfix", "time", "actor", "reason"], rows)
+    return table(["gen", "kind", "from", "to", "flags", "time", "actor", "reason"], rows)
 
 
 def audit_table(events: Iterable[res.AuditEvent]) -> str:
@@ -263,13 +313,21 @@ def audit_table(events: Iterable[res.AuditEvent]) -> str:
             e.actor,
             enum_name(res.AuditAction.Name(e.action), "AUDIT_ACTION_"),
             e.resource,
-            clip(e.from_value, 24) or "-",
-            clip(e.to_value, 24) or "-",
-            ("hotfix: " if e.hotfix else "") + clip(e.reason),
+            _audit_value(e, e.from_value),
+            _audit_value(e, e.to_value),
+            _flags(e),
+            clip(e.reason),
         )
         for e in events
     ]
-    return table(["time", "actor", "action", "resource", "from", "to", "reason"], rows)
+    return table(["time", "actor", "action", "resource", "from", "to", "flags", "reason"], rows)
+
+
+def _audit_value(e: res.AuditEvent, value: str) -> str:
+    """A FROM/TO cell: a stage event's version as ``v5`` (as history prints it), else clipped."""
+    if e.stage and value.isascii() and value.isdigit():
+        return version_label(int(value))
+    return clip(value, 24)
 
 
 def stage_label(name: str) -> str:
@@ -281,9 +339,11 @@ def stage_label(name: str) -> str:
 
 
 def _failed(s: fs.ServedStage) -> str:
+    """The FAILED cell (the last column): ``v3: DigestMismatchError: file:///…/m.tmdl: cause``."""
     if not s.failed_version:
         return "-"
-    return f"v{s.failed_version}: {clip(s.error, 40)}" if s.error else f"v{s.failed_version}"
+    error = short_error(s.error)
+    return f"v{s.failed_version}: {error}" if error else f"v{s.failed_version}"
 
 
 def nodes_table(nodes: Iterable[fs.Node]) -> str:
@@ -297,14 +357,14 @@ def nodes_table(nodes: Iterable[fs.Node]) -> str:
                     stage_label(s.stage),
                     version_label(s.serving_version),
                     version_label(s.prepared_version),
-                    _failed(s),
                 )
                 if s is not None
-                else ("-", "-", "-", "-")
+                else ("-", "-", "-")
             )
             node = (n.node_id or last_segment(n.name), n.region or "-")
-            rows.append((*node, *served, when(n.report_time), pairs(n.labels.items()) or "-"))
-    headers = ["node", "region", "stage", "serving", "prepared", "failed", "last report", "labels"]
+            report = (when(n.report_time), pairs(n.labels.items(), ",") or "-")
+            rows.append((*node, *served, *report, _failed(s) if s is not None else "-"))
+    headers = ["node", "region", "stage", "serving", "prepared", "last report", "labels", "failed"]
     return table(headers, rows)
 
 
@@ -314,14 +374,10 @@ def rollout_text(resp: fs.GetRolloutStatusResponse) -> str:
     parts = [resp.summary]
     if resp.serving:
         rows = [
-            (
-                version_label(c.version),
-                c.nodes,
-                "committed" if c.version == committed else "",
-            )
+            (version_label(c.version), c.nodes, "yes" if c.version == committed else "-")
             for c in resp.serving
         ]
-        parts.append(table(["version", "nodes", ""], rows))
+        parts.append(table(["version", "nodes", "committed"], rows))
     if resp.lagging:
         on_target = sum(c.nodes for c in resp.serving if c.version == committed)
         behind = resp.total_nodes - on_target
@@ -337,11 +393,11 @@ def rollout_text(resp: fs.GetRolloutStatusResponse) -> str:
                     n.region or "-",
                     version_label(s.serving_version),
                     version_label(s.prepared_version),
-                    _failed(s),
                     when(n.report_time),
+                    _failed(s),
                 )
             )
-        headers = ["node", "region", "serving", "prepared", "failed", "last report"]
+        headers = ["node", "region", "serving", "prepared", "last report", "failed"]
         parts.append(f"{title}:\n{table(headers, lagging)}")
     return "\n\n".join(parts)
 

@@ -80,18 +80,18 @@ class TestCli:
         up.cli("models", "create", "fraud-detector", "--description", "card fraud")
         for n in (1, 2):
             up.cli("versions", "create", "fraud-detector", "--artifact-uri",
-                   f"file:///models/fd-{n}.bin", "--sha256", f"{n}" * 64, "--size", "100",
+                   f"file:///models/fd-{n}.bin", "--sha256", f"{n}" * 64, "--size-bytes", "100",
                    "--metric", "auc=0.9")
         up.cli("promote", "fraud-detector", "staging", "1")
         up.cli("promote", "fraud-detector", "production", "1", "--reason", "first")
         up.cli("promote", "fraud-detector", "staging", "2")
         promoted = up.cli_json("promote", "fraud-detector", "production", "2", "--reason", "auc")
-        assert promoted["archived_version"] == "1"  # proto3 JSON: int64 as string
-        assert promoted["stage"]["version"] == "2"
+        assert promoted["archived_version"] == 1
+        assert promoted["stage"]["version"] == 2
         table = up.cli("status", "fraud-detector").stdout
         assert "production" in table and "staging" in table
         rolled = up.cli_json("rollback", "fraud-detector", "production", "--reason", "p99")
-        assert rolled["stage"]["version"] == "1" and rolled["rolled_back_version"] == "2"
+        assert rolled["stage"]["version"] == 1 and rolled["rolled_back_version"] == 2
         history = up.cli("history", "fraud-detector", "production").stdout
         assert "ROLLBACK" in history.upper()
         audit = up.cli_json("audit", "--model", "fraud-detector")
@@ -101,7 +101,7 @@ class TestCli:
         """A refused request prints one error line naming the rule and exits 1; bad usage 2."""
         up.cli("models", "create", "refusals")
         up.cli("versions", "create", "refusals", "--artifact-uri", "file:///r.bin",
-               "--sha256", "a" * 64, "--size", "1")
+               "--sha256", "a" * 64, "--size-bytes", "1")
         skipped = up.cli("promote", "refusals", "production", "1", check=False)
         assert skipped.returncode == 1
         assert skipped.stderr.count("\n") == 1 and "STAGING_REQUIRED" in skipped.stderr
