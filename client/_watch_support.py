@@ -313,7 +313,8 @@ async def follow_stream(
             if err.code() == grpc.StatusCode.OUT_OF_RANGE:
                 # The server has never reached our revision: its etcd was replaced or restored
                 # from a backup. What we hold may be gone: start over from a snapshot.
-                log.warning("the server's revisions are behind ours (%s); taking a snapshot", why)
+                log.warning("the server's revisions are behind ours (%s); taking a snapshot",
+                            why)
                 counters.last_revision = 0
         except TimeoutError:
             why = f"nothing received for {idle_timeout:g}s"
