@@ -8,11 +8,9 @@ import json
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modelreg.server.embedded_etcd import free_port
@@ -23,18 +21,6 @@ def _etcd_pids(data_dir: Path) -> list[int]:
     found = subprocess.run(["pgrep", "-f", "--", f"--data-dir {data_dir}"], capture_output=True,
                            text=True)
     return [int(p) for p in found.stdout.split()]
-
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    """One ``modelreg up`` for the CLI tests of this module."""
-    server = Up(tmp_path_factory.mktemp("up") / "data")
-    try:
-        server.start()
-        yield server
-    finally:
-        if server.proc is not None:
-            server.stop()
 
 
 class TestModelregUp:
