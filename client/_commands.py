@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from modelreg.client import _render as r
+from modelreg.client import _render_fleet as rf
 from modelreg.client import _requests as rq
 from modelreg.client._sync_client import RegistryClient
 from modelreg.v1 import resources_pb2 as res
@@ -189,12 +190,12 @@ def audit(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 def nodes(c: RegistryClient, a: argparse.Namespace) -> Output:
     found = list(c.iter_nodes(region=a.region, model=a.model))
-    return Output({"nodes": [r.to_json(n) for n in found]}, r.nodes_table(found))
+    return Output({"nodes": [r.to_json(n) for n in found]}, rf.nodes_table(found))
 
 
 def rollout(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.rollout_status(a.model, a.stage, region=a.region)
-    return Output(r.to_json(resp), r.rollout_text(resp))
+    return Output(r.to_json(resp), rf.rollout_text(resp))
 
 
 def watch(c: RegistryClient, a: argparse.Namespace) -> Output:
@@ -212,7 +213,7 @@ def _watch_output(
     for msg in messages:
         if msg.type == ws.WATCH_MESSAGE_TYPE_BOOKMARK and not bookmarks:
             continue
-        yield Output(r.to_json(msg), "\n".join(r.watch_lines(msg, bookmarks=bookmarks)))
+        yield Output(r.to_json(msg), "\n".join(rf.watch_lines(msg, bookmarks=bookmarks)))
 
 
 def _take(items: Iterable[_T], limit: int) -> list[_T]:

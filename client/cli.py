@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--artifact-uri", help="where the artifact lives (file://, s3://, https://)")
     p.add_argument("--sha256", help="lowercase hex sha256 of the artifact")
-    p.add_argument("--size-bytes", type=int, dest="size", help="artifact size in bytes")
+    p.add_argument("--size-bytes", type=int, dest="size", metavar="N", help="artifact size")
     renamed(p, "--size", "size", type=int)
     p.add_argument("--framework", default="", help="e.g. sklearn, pytorch, onnx")
     p.add_argument("--signature", default="", help="input/output signature (JSON recommended)")
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     renamed(p, "--sunset", "sunset", type=r.parse_time)
     p.add_argument(
-        "--clear-sunset-time", action="store_true", dest="clear_sunset", help="remove it"
+        "--clear-sunset-time", action="store_true", dest="clear_sunset", help="remove the sunset"
     )
     renamed(p, "--clear-sunset", "clear_sunset", action="store_true")
     p.add_argument("--etag", type=r.parse_etag, help="only if the version's etag is still this")

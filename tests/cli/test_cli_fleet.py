@@ -26,7 +26,7 @@ from modelreg.client import (
     cli,
 )
 from modelreg.client import _commands as cmd
-from modelreg.client import _render as render
+from modelreg.client import _render_fleet as render
 from modelreg.client import _requests as rq
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import fleet_service_pb2_grpc, watch_service_pb2_grpc

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from modelreg.client import _render as render
+from modelreg.client import _render_fleet as render
 from modelreg.client.artifacts import DigestMismatchError, fetch_artifact
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import fleet_service_pb2_grpc
