@@ -1,10 +1,10 @@
-"""Pure helpers of the CLI: parsing ``k=v``, times and etags, and rendering resources as text
-(the fleet's and ``watch``'s text is in :mod:`modelreg.client._render_fleet`).
+"""Pure helpers of the CLI: parsing ``k=v``, times and etags, and rendering resources as text.
 
-Every table follows the same rules, so ``awk``/``cut`` work on any of them: every column has
-a header; an empty cell prints ``-``; a version prints ``v5``; free text (description, reason,
-a node's error) only in the last column, and lists are joined by ``,`` without spaces; etags
-without their quotes (``11``), as ``--json`` prints them and ``--etag`` takes them.
+The fleet's and ``watch``'s text is in :mod:`modelreg.client._render_fleet`. Every table follows
+the same rules, so ``awk``/``cut`` work on any of them: every column has a header; an empty cell
+prints ``-``; a version prints ``v5``; free text (description, reason, a node's error) only in
+the last column, and lists are joined by ``,`` without spaces; etags without their quotes
+(``11``), as ``--json`` prints them and ``--etag`` takes them.
 """
 
 from __future__ import annotations
