@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from modelreg.client import _render as r
+from modelreg.client import _render_fleet as rf
 from modelreg.client import _requests as rq
 from modelreg.client._sync_client import RegistryClient
 from modelreg.v1 import resources_pb2 as res
@@ -83,7 +84,9 @@ def versions_create(c: RegistryClient, a: argparse.Namespace) -> Output:
             raise UsageError(f"--artifact: {exc}") from None
         uri = uri or a.artifact.resolve().as_uri()
     if not uri or not sha256 or size is None:
-        raise UsageError("give --artifact FILE, or all of --artifact-uri, --sha256 and --size")
+        raise UsageError(
+            "give --artifact FILE, or all of --artifact-uri, --sha256 and --size-bytes"
+        )
     try:
         card = a.model_card_file.read_text(encoding="utf-8") if a.model_card_file else ""
     except OSError as exc:
@@ -125,7 +128,9 @@ def versions_list(c: RegistryClient, a: argparse.Namespace) -> Output:
 def versions_update(c: RegistryClient, a: argparse.Namespace) -> Output:
     tags = {} if a.clear_tags else (dict(a.tag) if a.tag else None)
     if a.description is None and tags is None and a.sunset is None and not a.clear_sunset:
-        raise UsageError("nothing to update: give --description, --tag, --sunset or --clear-sunset")
+        raise UsageError(
+            "nothing to update: give --description, --tag, --sunset-time or --clear-sunset-time"
+        )
     resp = c.update_version(
         a.model,
         a.version,
@@ -156,7 +161,8 @@ def promote(c: RegistryClient, a: argparse.Namespace) -> Output:
         text += f" (archived v{resp.archived_version})"
     if p.backfill_required:
         text += " [hotfix: back-fill through staging required]"
-    return Output(r.to_json(resp), f"{text}\netag {p.etag}, revision {resp.revision}")
+    etag = r.unquote_etag(p.etag)
+    return Output(r.to_json(resp), f"{text}\netag {etag}, revision {resp.revision}")
 
 
 def rollback(c: RegistryClient, a: argparse.Namespace) -> Output:
@@ -171,14 +177,16 @@ def rollback(c: RegistryClient, a: argparse.Namespace) -> Output:
     p = resp.stage
     text = f"{r.last_segment(p.name)}: rolled back v{resp.rolled_back_version} -> v{p.version}"
     skipped = "".join(f"\nskipped v{s.version}: {s.detail}" for s in resp.skipped)
-    return Output(r.to_json(resp), f"{text}{skipped}\netag {p.etag}, revision {resp.revision}")
+    etag = r.unquote_etag(p.etag)
+    return Output(r.to_json(resp), f"{text}{skipped}\netag {etag}, revision {resp.revision}")
 
 
 def stages_clear(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.clear_stage(a.model, a.stage, etag=a.etag, reason=a.reason, force=a.force)
     p = resp.stage
     text = f"{r.last_segment(p.name)}: cleared (was v{resp.cleared_version})"
-    return Output(r.to_json(resp), f"{text}\netag {p.etag}, revision {resp.revision}")
+    etag = r.unquote_etag(p.etag)
+    return Output(r.to_json(resp), f"{text}\netag {etag}, revision {resp.revision}")
 
 
 def history(c: RegistryClient, a: argparse.Namespace) -> Output:
@@ -198,17 +206,17 @@ def audit(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 def nodes(c: RegistryClient, a: argparse.Namespace) -> Output:
     found = list(c.iter_nodes(region=a.region, model=a.model))
-    return Output({"nodes": [r.to_json(n) for n in found]}, r.nodes_table(found))
+    return Output({"nodes": [r.to_json(n) for n in found]}, rf.nodes_table(found))
 
 
 def rollout(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.rollout_status(a.model, a.stage, region=a.region)
-    return Output(r.to_json(resp), r.rollout_text(resp))
+    return Output(r.to_json(resp), rf.rollout_text(resp))
 
 
 def watch(c: RegistryClient, a: argparse.Namespace) -> Output:
     if a.from_revision < 0:
-        raise UsageError("--from-revision must be >= 0")
+        raise UsageError("--start-revision must be >= 0")
     messages = c.watch_stages(
         models=[rq.model_id(a.model)], stages=a.stage, start_revision=a.from_revision
     )
@@ -221,7 +229,7 @@ def _watch_output(
     for msg in messages:
         if msg.type == ws.WATCH_MESSAGE_TYPE_BOOKMARK and not bookmarks:
             continue
-        yield Output(r.to_json(msg), "\n".join(r.watch_lines(msg, bookmarks=bookmarks)))
+        yield Output(r.to_json(msg), "\n".join(rf.watch_lines(msg, bookmarks=bookmarks)))
 
 
 def _take(items: Iterable[_T], limit: int) -> list[_T]:

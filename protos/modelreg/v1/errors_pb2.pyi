@@ -79,6 +79,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAUTHENTICATED: the caller proved no identity the server accepts."""
     PERMISSION_DENIED: _ErrorReason.ValueType  # 27
     """PERMISSION_DENIED: the caller's principal lacks the permission the RPC needs."""
+    USAGE: _ErrorReason.ValueType  # 28
+    """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
+    input it refused before sending anything, so `--json` errors have one vocabulary.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The value of `google.rpc.ErrorInfo.reason` (domain `modelreg.dev`) on every error modelreg
@@ -145,4 +149,8 @@ UNAUTHENTICATED: ErrorReason.ValueType  # 26
 """UNAUTHENTICATED: the caller proved no identity the server accepts."""
 PERMISSION_DENIED: ErrorReason.ValueType  # 27
 """PERMISSION_DENIED: the caller's principal lacks the permission the RPC needs."""
+USAGE: ErrorReason.ValueType  # 28
+"""Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
+input it refused before sending anything, so `--json` errors have one vocabulary.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
