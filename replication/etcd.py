@@ -114,6 +114,9 @@ class Etcd:
                 raise EtcdUnavailable(
                     f"etcd at {self._names[used]} did not answer {method} ({err.code().name})"
                 ) from err
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests" in (
+                    err.details() or ""):  # etcd sheds load while raft catches up: back off
+                raise EtcdUnavailable(f"etcd at {self._names[used]} is overloaded") from err
             if err.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (err.details() or ""):
                 raise Compacted(getattr(request, "revision", 0)) from err
             raise

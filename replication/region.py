@@ -85,8 +85,8 @@ class Region:
         try:
             resp = await self.etcd.txn(request)
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in (
-                    err.details() or ""):
+            details = err.details() or ""
+            if "too large" in details or "larger than max" in details:
                 raise TooLarge(f"a regional Txn of {len(ops)} operations is over the regional "
                                "etcd's --max-request-bytes") from err
             raise

@@ -1,5 +1,6 @@
 """Fixtures of the replication tests: a primary etcd and a regional etcd of their own (a test
-may compact, stop or kill them), on each etcd build, stopped at teardown whatever happened."""
+may compact, stop or kill them), on each etcd build, stopped at teardown whatever happened.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +48,6 @@ def prefix() -> str:
 async def clients(
     pair: tuple[EmbeddedEtcd, EmbeddedEtcd],
 ) -> AsyncIterator[tuple[aetcd.Client, aetcd.Client]]:
-    """aetcd clients of the pair: (primary, region)."""
+    """Aetcd clients of the pair: (primary, region)."""
     async with client(pair[0]) as p, client(pair[1]) as r:
         yield p, r

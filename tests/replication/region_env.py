@@ -1,9 +1,9 @@
 """Building blocks of the replication tests: a primary and a regional etcd, a writer of mixed
 primary traffic that keeps cross-key invariants, and readers of both keyspaces.
 
-The primary etcd runs with ``--max-txn-ops 1024`` (through etcd's ``ETCD_MAX_TXN_OPS``
-environment variable) so that one primary Txn can hold more puts than a regional Txn may (the
-regional etcd keeps etcd's default of 128).
+The primary etcd runs with ``--max-txn-ops 1024`` and ``--max-request-bytes`` 8 MiB (through
+etcd's ``ETCD_*`` environment variables) so that one primary Txn can hold more than a regional
+Txn may (the regional etcd keeps etcd's defaults: 128 operations, 1.5 MiB).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from modelreg.replication.layout import Envelope, State
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 
 PRIMARY_MAX_TXN_OPS = 1024
+PRIMARY_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 BIG = 200
 """Puts in the large primary Txn: more than a regional Txn's 128 operations."""
 
@@ -49,7 +50,8 @@ def start_pair(tmp: Path, binary: Path | None) -> tuple[EmbeddedEtcd, EmbeddedEt
     """A primary etcd that takes large Txns and a regional etcd with etcd's default limits."""
     primary = EmbeddedEtcd(tmp / "primary", binary=binary, name="primary")
     region = EmbeddedEtcd(tmp / "region", binary=binary, name="region")
-    with _env("ETCD_MAX_TXN_OPS", str(PRIMARY_MAX_TXN_OPS)):
+    with _env("ETCD_MAX_TXN_OPS", str(PRIMARY_MAX_TXN_OPS)), \
+            _env("ETCD_MAX_REQUEST_BYTES", str(PRIMARY_MAX_REQUEST_BYTES)):
         primary.start()
     try:
         region.start()
@@ -96,9 +98,12 @@ async def primary_keyspace(c: aetcd.Client, prefix: bytes) -> tuple[dict[bytes, 
     return keys, resp.header.revision
 
 
-async def region_keyspace(c: aetcd.Client, prefix: bytes) -> tuple[State | None, dict[bytes, Envelope]]:
+async def region_keyspace(
+    c: aetcd.Client, prefix: bytes
+) -> tuple[State | None, dict[bytes, Envelope]]:
     """A consistent read of the region, as the layout docstring says to: the state, then the
-    current generation at the same regional revision."""
+    current generation at the same regional revision.
+    """
     resp = await c.kvstub.Range(rpc.RangeRequest(key=layout.state_key(prefix)))
     if not resp.kvs:
         return None, {}
@@ -122,7 +127,8 @@ def digest(keys: dict[bytes, Envelope]) -> str:
 async def converged(primary: aetcd.Client, region: aetcd.Client, prefix: bytes,
                     timeout: float = 60.0) -> tuple[State, dict[bytes, Envelope]]:
     """Waits until the region holds exactly the primary's replicated keys (a bound, so that a
-    broken replicator fails the test instead of hanging it); returns the region's view."""
+    broken replicator fails the test instead of hanging it); returns the region's view.
+    """
     deadline = time.monotonic() + timeout
     while True:
         want, revision = await primary_keyspace(primary, prefix)
@@ -140,7 +146,8 @@ async def converged(primary: aetcd.Client, region: aetcd.Client, prefix: bytes,
 
 async def region_history(c: aetcd.Client, prefix: bytes) -> list[Any]:
     """Every event the regional etcd ever recorded under ``R + "replica/"`` (from revision 1,
-    up to a sentinel written now)."""
+    up to a sentinel written now).
+    """
     root = layout.replica_root(prefix)
     sentinel = root + b"zz-test-sentinel"
     written = await c.kvstub.Put(rpc.PutRequest(key=sentinel, value=b"1"))
@@ -160,7 +167,8 @@ async def region_history(c: aetcd.Client, prefix: bytes) -> list[Any]:
 
 def check_history(events: list[Any], prefix: bytes) -> list[int]:
     """Asserts that every commit in the region's history applied new primary revisions, in
-    order, each once; returns the applied revisions in the order they were written."""
+    order, each once; returns the applied revisions in the order they were written.
+    """
     state_key = layout.state_key(prefix)
     by_revision: dict[int, list[Any]] = {}
     for e in events:
@@ -206,8 +214,9 @@ def _delete(key: bytes, end: bytes = b"") -> Any:
 
 @dataclass
 class Writer:
-    """Mixed primary traffic under one prefix, each call one primary Txn, keeping invariants
-    a reader can check on any consistent cut:
+    """Mixed primary traffic under one prefix, each call one primary Txn.
+
+    It keeps invariants that a reader can check on any consistent cut:
 
     * ``inv/a`` and ``inv/b`` always hold the same value;
     * the ``BIG`` keys ``big/NNN`` always hold the same value (written by one Txn);
@@ -293,7 +302,8 @@ def check_invariants(keys: dict[bytes, Envelope], applied: int) -> None:
 @dataclass
 class Reader:
     """Polls the region with consistent reads and checks every cut: invariants, and an applied
-    revision that never goes back."""
+    revision that never goes back.
+    """
 
     c: aetcd.Client
     prefix: bytes

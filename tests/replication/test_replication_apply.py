@@ -1,13 +1,16 @@
 """The replicator applies every primary revision to the region, in order, with the primary's
-revisions in every value: against real etcd processes, on each etcd build."""
+revisions in every value: against real etcd processes, on each etcd build.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from modelreg.replication import Kind, Replicator
-from modelreg.replication import layout
+import pytest
+
+from modelreg.replication import Kind, Replicator, layout
+from modelreg.replication.errors import TooLarge
 from tests.replication.region_env import (
     BIG,
     Writer,
@@ -31,7 +34,8 @@ async def eventually(condition, timeout: float = 30.0, what: str = "condition") 
 class TestApply:
     async def test_mixed_writes_end_identical_with_primary_revisions(self, pair, clients, prefix):
         """Puts, deletes, multi-key Txns, DeleteRanges and Txns of 200 puts on the primary end as
-        the same keys, values and primary revisions in the region, local keys left out."""
+        the same keys, values and primary revisions in the region, local keys left out.
+        """
         p, r = clients
         key_prefix = prefix.encode()
         writer = Writer(p, key_prefix, big_every=60)
@@ -48,7 +52,8 @@ class TestApply:
     async def test_a_revision_over_the_regional_limits_switches_generations(
             self, pair, clients, prefix):
         """A primary Txn of 200 puts (regional limit: 128 operations) reaches the region in one
-        step: a new generation switched to in one Txn, never half visible to a reader."""
+        step: a new generation switched to in one Txn, never half visible to a reader.
+        """
         p, r = clients
         key_prefix = prefix.encode()
         writer = Writer(p, key_prefix)
@@ -71,7 +76,8 @@ class TestApply:
 
     async def test_lag_and_status_once_caught_up(self, pair, clients, prefix):
         """Once the region has applied everything, the leader reports no lag, and its status
-        record in the regional etcd says the same for a regional server to read."""
+        record in the regional etcd says the same for a regional server to read.
+        """
         p, r = clients
         key_prefix = prefix.encode()
         writer = Writer(p, key_prefix)
@@ -94,3 +100,16 @@ class TestApply:
                 assert time.monotonic() < deadline, "no status record"
                 await asyncio.sleep(0.05)
         assert s.replica == "r1" and s.seconds_behind(s.written_ms) == 0
+
+    async def test_a_value_the_region_cannot_hold_stops_the_replicator(
+            self, pair, clients, prefix):
+        """A single value over the regional etcd's request limit cannot be replicated at all:
+        the replicator stops with TooLarge (and its supervisor's alarms) instead of skipping it
+        or retrying forever.
+        """
+        p, _ = clients
+        await p.put(prefix.encode() + b"models/huge", b"x" * (3 * 1024 * 1024))
+        replicator = Replicator(config(*pair, prefix))
+        with pytest.raises(ExceptionGroup) as caught:
+            await asyncio.wait_for(replicator.run(), 60)
+        assert caught.group_contains(TooLarge)
