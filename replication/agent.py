@@ -88,14 +88,17 @@ class Replicator:
         if leading or status is None:
             applied, head = tracker.applied, tracker.head
             seconds = tracker.seconds() if leading else 0.0
+            connected = leading and tracker.connected()
         else:
+            now_ms = int(time.time() * 1000)
             applied, head = status.applied, status.primary_revision
-            seconds = status.seconds_behind(int(time.time() * 1000))
+            seconds = status.seconds_behind(now_ms)
+            connected = seconds * 1000 <= status.lag_ms  # the leader's record is not overdue
         return Lag(
             region=self.config.region, replica=self.config.replica_id, leader=leading,
             applied_revision=applied, primary_revision=head, revisions=max(0, head - applied),
-            seconds=seconds, connected=tracker.connected() if leading else status is not None,
-            commits=self._region.commits, resyncs=self._replication.resyncs)
+            seconds=seconds, connected=connected, commits=self._region.commits,
+            resyncs=self._replication.resyncs)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ class Lag:
     seconds: float
     """Seconds the region is behind (see the module docstring)."""
     connected: bool
-    """Whether the primary answered recently."""
+    """Whether the primary answered recently (for a follower: whether the leader's status
+    record is current)."""
     commits: int
     """Regional commits this replica made since it started."""
     resyncs: int

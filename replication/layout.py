@@ -48,11 +48,19 @@ the state and, by its ``kind``:
 * ``SWITCHED``: one primary revision too large for one regional Txn. The new generation equals
   the previous one (``state.previous_generation``) plus exactly the changes of ``state.applied``:
   its puts are the keys whose envelope ``mod_revision == state.applied``, its deletes the keys of
-  the previous generation absent from the new one (read both at the switch revision ``r``, or at
-  ``r - 1`` for the previous generation).
+  the previous generation absent from the new one (read both generations at the switch's
+  regional revision: the previous one is deleted only by a later Txn).
 * ``RESYNCED``: the new generation is a snapshot of the primary at ``state.applied`` (after a
   compaction, or the region's first copy); the changes in between are not known one by one, so
   a watch stream resuming across it starts over from a snapshot flagged as a reset.
+
+**Progress.** Once a watcher has handled the regional revision that wrote a state, it has seen
+every primary change up to ``state.applied``: that is its bookmark, with no need of etcd's
+progress notifications; and a read that asks for a minimum primary revision waits for a state
+with ``applied`` at or above it (watch ``state_key(R)``). ``applied`` moves past every primary
+revision that touched ``P`` (those that changed only region-local keys too, within
+``idle_flush``), but not past revisions of other deployments sharing the primary cluster: a
+minimum revision taken from such a revision is reached only with this deployment's next write.
 
 Generations only grow; a switch never skips a primary revision a reader could see, and an old
 generation is deleted only after the switch, so a read at a revision before the switch still

@@ -56,6 +56,7 @@ class Replication:
         """Replicates until cancelled; raises ``NotLeader`` (step down) or ``TooLarge``."""
         reason: str | None = None
         pause = BACKOFF[0]
+        collected = False  # leftovers of an earlier leader: once per term is enough
         while True:
             commits = self._region.commits
             try:
@@ -65,7 +66,9 @@ class Replication:
                 elif reason is None:
                     self._log.info("replication.resuming", applied=state.applied,
                                    generation=state.generation)
-                    await self._region.collect_garbage()
+                    if not collected:
+                        await self._region.collect_garbage()
+                        collected = True
                 if reason is not None:
                     await self._build(None, Kind.RESYNCED, reason)
                     reason = None
