@@ -93,7 +93,7 @@ class Replicator:
             now_ms = int(time.time() * 1000)
             applied, head = status.applied, status.primary_revision
             seconds = status.seconds_behind(now_ms)
-            connected = seconds * 1000 <= status.lag_ms  # the leader's record is not overdue
+            connected = now_ms - status.written_ms <= 2 * status.interval_ms  # not overdue
         return Lag(
             region=self.config.region, replica=self.config.replica_id, leader=leading,
             applied_revision=applied, primary_revision=head, revisions=max(0, head - applied),

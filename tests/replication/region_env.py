@@ -86,6 +86,16 @@ def agent_argv(cfg: AgentConfig) -> list[str]:
             "--status-interval", str(cfg.status_interval), "--log-format", "json"]
 
 
+async def until(condition: Any, timeout: float = 120.0, what: str = "condition") -> None:
+    """Polls ``condition()`` until it is true; ``timeout`` only guards against a hang (tests
+    never assert how long anything takes).
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} never happened"
+        await asyncio.sleep(0.02)
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 

@@ -20,15 +20,8 @@ from tests.replication.region_env import (
     converged,
     reading,
     region_history,
+    until,
 )
-
-
-async def eventually(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    """Polls ``condition()`` (a bound only, so a failure fails instead of hanging)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not reached"
-        await asyncio.sleep(0.05)
 
 
 class TestApply:
@@ -85,7 +78,7 @@ class TestApply:
         async with Replicator(config(*pair, prefix)) as replicator:
             await writer.run(20)
             state, _ = await converged(p, r, key_prefix)
-            await eventually(lambda: replicator.lag().revisions == 0
+            await until(lambda: replicator.lag().revisions == 0
                              and replicator.lag().seconds == 0, what="no lag")
             lag = replicator.lag()
             assert lag.leader and lag.connected and lag.applied_revision == state.applied

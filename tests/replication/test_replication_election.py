@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import urllib.request
 
 import pytest
@@ -25,6 +24,7 @@ from tests.replication.region_env import (
     config,
     converged,
     region_history,
+    until,
 )
 from tests.replication.replica_process import Replica
 
@@ -164,10 +164,3 @@ class TestElection:
             a.shutdown()
             await running
 
-
-async def until(condition, timeout: float = 120.0) -> None:
-    """Polls ``condition()``; ``timeout`` only guards against a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never reached"
-        await asyncio.sleep(0.02)

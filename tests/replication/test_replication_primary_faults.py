@@ -5,23 +5,13 @@ stopped when the primary is back.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
 
 from structlog.testing import capture_logs
 
 from modelreg.replication import Replicator
-from tests.replication.region_env import Writer, config, converged, region_keyspace
-
-
-async def until(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    """Polls ``condition()``; ``timeout`` only guards against a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} never happened"
-        await asyncio.sleep(0.05)
+from tests.replication.region_env import Writer, config, converged, region_keyspace, until
 
 
 class TestPrimaryFaults:
