@@ -13,6 +13,11 @@ leaves a part running.
 ``modelreg serve``/``up`` and the tests build servers only this way, so what is tested is what
 runs. The app holds the store through the domain's ports (``ModelStore``, ``ChangeFeed``);
 :func:`_open_etcd` is the one place that knows they are etcd.
+
+With a topology (``--topology``, ``--region``) the server is one region's: its store is that
+region's etcd (unless ``--etcd`` names others), and outside the primary region it forwards
+every mutation to the primary's servers and reads its replication lag from its region's etcd
+(:func:`_open_region`). In the primary region, or without a topology, it runs as it always did.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from types import TracebackType
 import structlog
 
 from modelreg.server import etcd_lifetime, etcd_ports, etcd_versions
+from modelreg.server.api.forward import Forwarder
 from modelreg.server.api.grpc import (
     CannotListenError,
+    Locality,
     ServerParts,
     add_services,
     build_server,
@@ -41,13 +48,16 @@ from modelreg.server.config import ServerConfig
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.identity import Authenticator, Authorizer
-from modelreg.server.domain.ports import ChangeFeed, ModelStore
+from modelreg.server.domain.ports import ChangeFeed, LagSource, ModelStore
+from modelreg.server.domain.regions import RegionInfo, Regions
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.stage_hub import StageHub
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.etcd_supervisor import EtcdSupervisor
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
+from modelreg.server.store.replica_status import ReplicaStatusLag
+from modelreg.server.topology import Topology
 
 log = structlog.get_logger("modelreg.server")
 
@@ -109,6 +119,10 @@ class App:
     """The etcd endpoints in use: ``config.etcd``, or the embedded etcd's."""
     etcd: EmbeddedEtcd | None = None
     """The embedded etcd, when the config names no cluster."""
+    topology: Topology | None = None
+    """The deployment's regions, when the config names a topology file."""
+    forwarder: Forwarder | None = None
+    """Outside the primary region: the channels mutations are forwarded over."""
 
     def __init__(
         self, config: ServerConfig, *, authenticator: Authenticator, authorizer: Authorizer
@@ -174,11 +188,18 @@ class App:
             raise _cannot_listen("listen", config.listen) from None
         self.port = parts.port
         stack.push_async_callback(parts.server.stop, None)  # also frees a port never served
-        self.endpoints = config.etcd or (await self._start_etcd(stack),)
+        self.topology = topology = config.load_topology()
+        own = topology.region(config.region).etcd if topology is not None else ()
+        self.endpoints = config.etcd or own or (await self._start_etcd(stack),)
         store = await stack.enter_async_context(_open_etcd(self.endpoints, config))
         self.store = store
         self.hub = StageHub(store, _feed(store, config), queue_size=config.watch_queue)
+        lag, self.forwarder = await stack.enter_async_context(_open_region(config, topology))
+        regions = Regions(config.region_name, _regions(config, topology), store, lag=lag,
+                          link=self.forwarder)
+        locality = Locality(config.region_name, store, self.forwarder, config.min_revision_wait)
         add_services(parts, Registry.over(store), hub=self.hub, fleet=Fleet(store),
+                     regions=regions, locality=locality,
                      bookmark_interval=config.bookmark_interval)
 
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -200,7 +221,8 @@ class App:
         await parts.server.start()
         stack.push_async_callback(self._drain, parts, health)
         log.info("serving", listen=self.address, etcd=",".join(self.endpoints),
-                 prefix=config.prefix, metrics=self.metrics_port)
+                 prefix=config.prefix, metrics=self.metrics_port, region=config.region_name,
+                 primary=topology.primary if topology is not None else config.region_name)
 
     async def _bind_metrics(self, stack: AsyncExitStack) -> MetricsEndpoint | None:
         self.metrics_port = None
@@ -277,6 +299,40 @@ def _feed(store: EtcdStore, config: ServerConfig) -> ChangeFeed:
     # watch; twice per bookmark interval, at most once a second.
     progress = min(1.0, config.bookmark_interval / 2, config.etcd_timeout)
     return EtcdChangeFeed(store, progress_interval=progress)
+
+
+def _regions(config: ServerConfig, topology: Topology | None) -> list[RegionInfo]:
+    """The regions ``ListRegions`` lists: the topology's, or this server's one region."""
+    if topology is None:
+        return [RegionInfo(config.region_name, True, ())]
+    return [RegionInfo(r.name, r.name == topology.primary, r.servers) for r in topology.regions]
+
+
+@contextlib.asynccontextmanager
+async def _open_region(
+    config: ServerConfig, topology: Topology | None
+) -> AsyncIterator[tuple[LagSource | None, Forwarder | None]]:
+    """Outside the primary region: the replication lag's source and the forwarder; then closed.
+
+    In the primary region (or without a topology) there is neither: this server commits every
+    mutation itself and is never behind. The lag comes from the replicator's status record in
+    the region's etcd (``Region.prefix``, else ``--prefix``).
+    """
+    if topology is None or config.region == topology.primary:
+        yield None, None
+        return
+    region, primary = topology.region(config.region), topology.primary_region
+    forwarder = Forwarder(region=region.name, primary=primary.name, servers=primary.servers,
+                          timeout=config.forward_timeout,
+                          connect_timeout=config.forward_connect_timeout)
+    status_store = EtcdStore(region.etcd, region.prefix or config.prefix,
+                             timeout=config.etcd_timeout)
+    try:
+        forwarder.connect()
+        yield ReplicaStatusLag(status_store), forwarder
+    finally:
+        await forwarder.close()
+        await status_store.close()
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from modelreg.server.topology import REGION_NAME, Topology
+
 ENV_PREFIX = "MODELREG_"
 CONFIG_FILE_ENV = "MODELREG_CONFIG"
 """Names the TOML file when ``--config`` is not given."""
@@ -78,6 +80,21 @@ class ServerConfig:
         "its client resumes from its last revision)"))
     health_interval: float = field(default=2.0, metadata=about(
         "seconds between the etcd pings that keep the gRPC health status true"))
+    topology: Path | None = field(default=None, metadata=about(
+        "TOML file naming the regions, the primary, each region's etcd and servers (README: "
+        "Regions); none: one region, this server commits its own writes", external_etcd=True))
+    region: str = field(default="", metadata=about(
+        "this server's region, a name in --topology; a server outside the primary region "
+        "forwards every mutation to the primary's servers", external_etcd=True))
+    forward_timeout: float = field(default=10.0, metadata=about(
+        "longest a mutation forwarded to the primary may take, in seconds (less when the "
+        "caller's deadline is nearer)"))
+    forward_connect_timeout: float = field(default=1.0, metadata=about(
+        "seconds a forwarded mutation waits for a connection to the primary's servers before "
+        "it fails UNAVAILABLE (PRIMARY_UNAVAILABLE); a primary known down fails at once"))
+    min_revision_wait: float = field(default=10.0, metadata=about(
+        "longest a call with x-modelreg-min-revision waits for this region to apply that "
+        "revision, in seconds (less when the caller's deadline is nearer)"))
 
     @staticmethod
     def env_var(name: str) -> str:
@@ -120,8 +137,8 @@ class ServerConfig:
                 if kind == tuple[str, ...]:
                     items = value.split(",") if isinstance(value, str) else list(value)
                     converted[name] = tuple(str(i).strip() for i in items if str(i).strip())
-                elif kind is Path:
-                    converted[name] = Path(value).expanduser()
+                elif kind in (Path, Path | None):
+                    converted[name] = Path(value).expanduser() if str(value) else None
                 elif kind in (float, int):
                     converted[name] = kind(value)
                 else:
@@ -170,3 +187,34 @@ class ServerConfig:
                 "etcd_timeout and bookmark_interval must be positive, grace not negative")
         if self.watch_queue < 1 or self.health_interval <= 0:
             raise ValueError("watch_queue and health_interval must be positive")
+        for name in ("forward_timeout", "forward_connect_timeout", "min_revision_wait"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be positive")
+        if self.region and not REGION_NAME.fullmatch(self.region):
+            raise ValueError(f"region: {self.region!r} must be 1-32 characters of a-z, 0-9 "
+                             "and '-'")
+        self.load_topology()
+
+    def load_topology(self) -> Topology | None:
+        """The topology file's regions, checked against ``region``; None without a file.
+
+        Raises:
+            ValueError: The file or ``region`` is wrong (the message names the key).
+            OSError: The file cannot be read.
+
+        """
+        if self.topology is None:
+            return None
+        topology = Topology.from_file(self.topology)
+        if not self.region:
+            raise ValueError(f"region: a server with --topology needs --region, one of "
+                             f"{', '.join(topology.names)}")
+        if self.region not in topology.names:
+            raise ValueError(f"region: {self.region!r} is not a region of {topology.source} "
+                             f"({', '.join(topology.names)})")
+        return topology
+
+    @property
+    def region_name(self) -> str:
+        """This server's region: ``region``, else ``default`` (a deployment of one region)."""
+        return self.region or "default"

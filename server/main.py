@@ -70,7 +70,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             continue
         default = getattr(defaults, f.name)
         shown = (",".join(default) or "none") if isinstance(default, tuple) else (
-            str(default) or "''")
+            "none" if default is None else str(default) or "''")
         parser.add_argument(
             ServerConfig.flag(f.name), dest=f.name, default=None,
             type=types[f.name] if types[f.name] in (int, float) else str,
@@ -93,7 +93,8 @@ def main(argv: list[str]) -> int:
         print(f"modelreg {command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     if command == "up":
-        config = replace(config, etcd=())  # `up` always runs its own etcd
+        # `up` always runs its own etcd, as one region (`up --regions` runs one per region).
+        config = replace(config, etcd=(), topology=None, region="")
         if args.get("log_format") is None and sys.stderr.isatty():
             # Usually a person at a terminal: readable lines unless asked for JSON.
             config = replace(config, log_format="console")

@@ -7,37 +7,34 @@ permission) before the handler runs, and its principal is what the handler sees
 (``errors.to_status``), any other exception becomes INTERNAL with an error id that finds its
 traceback in the log, and every call is logged as one structlog JSON line carrying method,
 actor, request id, model, stage, revision and the code its caller got (CANCELLED or
-DEADLINE_EXCEEDED too), and counted in Prometheus. Health and reflection pass untouched.
+DEADLINE_EXCEEDED too), and counted in Prometheus (:mod:`~modelreg.server.api.outcome`).
+Health and reflection pass untouched.
+
+Regions are handled here too, after the caller is admitted: outside the primary region a
+mutation (``forward.FORWARDED``) goes to the primary's servers instead of its handler
+(:mod:`~modelreg.server.api.forward`), and every other call first waits for the minimum
+revision its metadata may ask for (:mod:`~modelreg.server.api.consistency`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import structlog
-from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from modelreg.server.api import errors, identity
+from modelreg.server.api import consistency, identity
 from modelreg.server.api.fleet_service import FleetServicer
+from modelreg.server.api.forward import FORWARDED, Forwarder
 from modelreg.server.api.metrics import Metrics
 from modelreg.server.api.model_service import SERVICE, ModelServicer
+from modelreg.server.api.outcome import LOGGED_CHARS, Outcome
+from modelreg.server.api.region_service import RegionServicer
 from modelreg.server.api.watch_service import WatchServicer
-from modelreg.server.domain.errors import (
-    FieldViolation,
-    InternalError,
-    InvalidArgumentError,
-    ModelregError,
-    UnavailableError,
-    clip,
-)
+from modelreg.server.domain.errors import FieldViolation, InvalidArgumentError, clip
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.identity import (
     PERMISSIONS,
@@ -45,7 +42,10 @@ from modelreg.server.domain.identity import (
     Authorizer,
     Caller,
     Permission,
+    Principal,
 )
+from modelreg.server.domain.ports import ModelStore
+from modelreg.server.domain.regions import Regions
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.stage_hub import StageHub
 from modelreg.v1 import (
@@ -53,12 +53,12 @@ from modelreg.v1 import (
     fleet_service_pb2_grpc,
     model_service_pb2,
     model_service_pb2_grpc,
+    region_service_pb2,
+    region_service_pb2_grpc,
     watch_service_pb2,
     watch_service_pb2_grpc,
 )
 from modelreg.v1.errors_pb2 import ErrorReason
-
-log = structlog.get_logger("modelreg.rpc")
 
 API_PREFIX = "/modelreg.v1."
 """Every method of every modelreg service goes through the interceptor."""
@@ -77,28 +77,6 @@ SERVER_OPTIONS = [
 MAX_CONCURRENT_RPCS = 50_000
 """Streams and calls in flight per server; past it new calls get RESOURCE_EXHAUSTED at once,
 so a reconnect storm cannot take unbounded memory (bench: 10,000 streams use ~300 MiB)."""
-
-
-LOGGED_CHARS = 64
-"""Characters of a request value (model, stage, request id) put in a log line."""
-
-
-def _context_fields(request: object) -> dict[str, Any]:
-    """Request id, model and stage named by a request, for the log line (bounded)."""
-    fields: dict[str, Any] = {}
-    if getattr(request, "request_id", ""):
-        fields["request_id"] = clip(request.request_id, LOGGED_CHARS)  # type: ignore[attr-defined]
-    for attr in ("name", "parent", "model"):
-        value = getattr(request, attr, None)
-        if isinstance(value, Message):
-            value = getattr(value, "name", "")
-        if isinstance(value, str) and value.startswith("models/"):
-            parts = value.split("/", 4)
-            fields["model"] = clip(parts[1], LOGGED_CHARS)
-            if len(parts) >= 4 and parts[2] == "stages":
-                fields["stage"] = clip(parts[3], LOGGED_CHARS)
-            break
-    return fields
 
 
 @dataclass(frozen=True)
@@ -135,60 +113,18 @@ def _decoded(request: object) -> Any:
     return request
 
 
-def _deadline_passed(context: Any) -> bool:
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+@dataclass(frozen=True)
+class Locality:
+    """Where this server stands among the regions: what the interceptor needs to know of it."""
 
-
-class _Outcome:
-    """What one call's caller got, logged as one line and counted once when the call ends."""
-
-    def __init__(self, metrics: Metrics, method: str, request: object) -> None:
-        self.metrics = metrics
-        self.method = method
-        self.fields = _context_fields(request)
-        self.code = grpc.StatusCode.OK
-        self.started = time.perf_counter()
-
-    def succeeded(self, context: Any, response: object = None) -> None:
-        """The handler finished; past the deadline the caller has DEADLINE_EXCEEDED already."""
-        if _deadline_passed(context):
-            self.code = grpc.StatusCode.DEADLINE_EXCEEDED
-        if getattr(response, "revision", 0):
-            self.fields["revision"] = response.revision  # type: ignore[attr-defined]
-
-    def failed(self, err: BaseException, context: Any) -> grpc.Status | None:
-        """The status to abort with, or None when ``err`` must propagate as it is."""
-        if isinstance(err, asyncio.CancelledError | GeneratorExit):
-            # grpc cancels the handler when the client cancels or the deadline passes.
-            self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context)
-                         else grpc.StatusCode.CANCELLED)
-            return None
-        if isinstance(err, ModelregError):
-            self.code = errors.status_code(err)
-            self.fields.update(reason=err.reason, error=err.message)
-            if isinstance(err, UnavailableError):
-                self.metrics.etcd_errors.inc()
-            return errors.to_status(err)
-        if not isinstance(err, Exception) or isinstance(err, grpc.aio.AbortError):
-            # KeyboardInterrupt and the like, or a handler that aborted by itself (none does:
-            # handlers raise and this maps): grpc ends the call; its code is not known here.
-            self.code = grpc.StatusCode.UNKNOWN
-            return None
-        internal = InternalError(uuid.uuid4().hex[:16])
-        self.code = grpc.StatusCode.INTERNAL
-        self.fields.update(reason=internal.reason, error_id=internal.error_id)
-        log.error("rpc_failed", method=self.method, exc_info=err, **self.fields)
-        return errors.to_status(internal)
-
-    def done(self) -> None:
-        """Counts and logs the call with the code its caller got."""
-        elapsed = time.perf_counter() - self.started
-        self.metrics.rpcs.labels(self.method, self.code.name).inc()
-        self.metrics.latency.labels(self.method).observe(elapsed)
-        level = log.info if self.code == grpc.StatusCode.OK else log.warning
-        level("rpc", method=self.method, code=self.code.name,
-              duration_ms=round(elapsed * 1000, 3), **self.fields)
+    region: str
+    """This server's region (named in errors)."""
+    store: ModelStore
+    """The store the region's reads come from (minimum revisions wait for it)."""
+    forwarder: Forwarder | None = None
+    """Outside the primary region: where mutations go. None: this server commits them."""
+    min_revision_wait: float = 10.0
+    """Longest wait for a call's minimum revision, in seconds."""
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
@@ -201,10 +137,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._authenticator = authenticator
         self._authorizer = authorizer
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self.locality: Locality | None = None
+        """Set by :func:`add_services`, before the first call (the store exists only then)."""
 
     async def _admit(
-        self, method: str, permission: Permission, context: Any, outcome: _Outcome
-    ) -> None:
+        self, method: str, permission: Permission, context: Any, outcome: Outcome
+    ) -> Principal:
         """Authenticates and authorises the caller; its principal is the handler's from here.
 
         Each RPC runs in its own asyncio task (grpc.aio), so the principal set here is seen by
@@ -213,8 +151,27 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         caller = Caller(tuple(context.invocation_metadata() or ()), context.peer())
         principal = await self._authenticator.authenticate(caller)
         outcome.fields["actor"] = clip(principal.name, LOGGED_CHARS)
+        if principal.via:
+            outcome.fields["forwarded_by"] = clip(principal.via, LOGGED_CHARS)
         await self._authorizer.authorize(principal, method, permission)
         identity.set_principal(principal)
+        return principal
+
+    async def _settle(self, context: Any, outcome: Outcome) -> None:
+        """Waits until the store has applied the call's minimum revision, if it names one."""
+        wanted = consistency.min_revision(tuple(context.invocation_metadata() or ()))
+        where = self.locality
+        if wanted and where is not None:
+            outcome.fields["min_revision"] = wanted
+            await consistency.wait_for_revision(
+                where.store, wanted, region=where.region, remaining=context.time_remaining(),
+                max_wait=where.min_revision_wait)
+
+    def _forwarder(self, method: str) -> Forwarder | None:
+        """Where ``method`` goes instead of its handler: the primary, for a mutation here."""
+        if self.locality is None or method not in FORWARDED:
+            return None
+        return self.locality.forwarder
 
     async def intercept_service(
         self,
@@ -242,13 +199,21 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
         metrics, admit, permission = self._metrics, self._admit, PERMISSIONS[method]
+        settle, forwarder = self._settle, self._forwarder(method)
         short = method.rsplit("/", 1)[-1]
 
         async def wrapped(request: object, context: Any) -> Any:
-            outcome = _Outcome(metrics, short, request)
+            outcome = Outcome(metrics, short, request)
             try:
-                await admit(method, permission, context, outcome)
-                response = await inner(_decoded(request), context)
+                principal = await admit(method, permission, context, outcome)
+                request = _decoded(request)
+                if forwarder is not None:
+                    outcome.fields["forwarded_to"] = forwarder.primary
+                    response = await forwarder.forward(
+                        method, request, principal, context.time_remaining())  # type: ignore[arg-type]
+                else:
+                    await settle(context, outcome)
+                    response = await inner(request, context)
                 outcome.succeeded(context, response)
                 return response
             except BaseException as err:
@@ -269,12 +234,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self, handler: grpc.RpcMethodHandler[Any, Any], inner: Any, method: str
     ) -> grpc.RpcMethodHandler[Any, Any]:
         metrics, admit, permission = self._metrics, self._admit, PERMISSIONS[method]
-        short = method.rsplit("/", 1)[-1]
+        settle, short = self._settle, method.rsplit("/", 1)[-1]
 
         async def wrapped(request: object, context: Any) -> AsyncIterator[Any]:
-            outcome = _Outcome(metrics, short, request)
+            outcome = Outcome(metrics, short, request)
             try:
                 await admit(method, permission, context, outcome)
+                await settle(context, outcome)
                 async for message in inner(_decoded(request), context):
                     yield message
                 outcome.succeeded(context)
@@ -309,12 +275,14 @@ class ServerParts:
     port: int
     health: health.aio.HealthServicer
     metrics: Metrics
+    interceptor: RpcInterceptor
 
 
 SERVICES = (
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
     watch_service_pb2.DESCRIPTOR.services_by_name["WatchService"],
     fleet_service_pb2.DESCRIPTOR.services_by_name["FleetService"],
+    region_service_pb2.DESCRIPTOR.services_by_name["RegionService"],
 )
 """The modelreg services this server runs: every one of their RPCs goes through the
 interceptor and needs a row in the permission table."""
@@ -346,8 +314,9 @@ def build_server(
     unguarded = unguarded_methods()
     if unguarded:
         raise RuntimeError(f"the permission table does not match the RPCs: {unguarded}")
-    server = grpc.aio.server(interceptors=[RpcInterceptor(metrics, authenticator, authorizer)],
-                             options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+    interceptor = RpcInterceptor(metrics, authenticator, authorizer)
+    server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS,
+                             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError:  # grpc >= 1.5x: "Failed to bind to address ..."
@@ -356,7 +325,7 @@ def build_server(
         raise CannotListenError(listen)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return ServerParts(server, port, health_servicer, metrics)
+    return ServerParts(server, port, health_servicer, metrics, interceptor)
 
 
 def add_services(
@@ -365,14 +334,22 @@ def add_services(
     *,
     hub: StageHub,
     fleet: Fleet,
+    regions: Regions,
+    locality: Locality,
     bookmark_interval: float = 10.0,
 ) -> None:
-    """Adds every modelreg service, and reflection over them and health, to a built server."""
+    """Adds every modelreg service, and reflection over them and health, to a built server.
+
+    ``locality`` tells the interceptor this server's region: whether mutations are forwarded
+    to the primary, and which store minimum revisions wait for.
+    """
     server = parts.server
+    parts.interceptor.locality = locality
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
     watch_service_pb2_grpc.add_WatchServiceServicer_to_server(
         WatchServicer(hub, bookmark_interval=bookmark_interval), server)
     fleet_service_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(fleet), server)
+    region_service_pb2_grpc.add_RegionServiceServicer_to_server(RegionServicer(regions), server)
     names = (*(s.full_name for s in SERVICES),
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)

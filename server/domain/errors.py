@@ -17,6 +17,8 @@ status code in a single table (``modelreg.server.api.errors``) and sends ``reaso
     ├── PermissionDeniedError       the principal may not call the RPC  → PERMISSION_DENIED
     ├── SlowConsumerError           a watch stream fell too far behind  → RESOURCE_EXHAUSTED
     ├── UnavailableError            etcd cannot be reached              → UNAVAILABLE
+    │   ├── PrimaryUnavailableError     a mutation cannot be forwarded to the primary
+    │   └── RevisionNotYetAppliedError  the region lags behind the call's minimum revision
     └── InternalError               a server bug, found by its error id → INTERNAL
 
 Everything an error carries goes back to the caller in the status trailers (message, metadata,
@@ -225,6 +227,39 @@ class UnavailableError(ModelregError):
     """etcd could not be reached or did not answer in time; the request may be retried."""
 
     reason = ErrorReason.Name(ErrorReason.STORE_UNAVAILABLE)
+
+
+class PrimaryUnavailableError(UnavailableError):
+    """A server outside the primary region reached none of the primary's servers.
+
+    Raised before anything was sent (or, for a call that carries a request id, after every
+    server was tried), so nothing was written unless the message says the call was sent.
+    """
+
+    reason = ErrorReason.Name(ErrorReason.PRIMARY_UNAVAILABLE)
+
+    def __init__(self, primary: str, servers: Sequence[str], why: str) -> None:
+        super().__init__(
+            f"the primary region {primary} is unreachable ({why}); mutations commit there "
+            f"only, reads and watches here go on",
+            metadata={"primary": primary, "servers": ",".join(servers)},
+        )
+        self.primary = primary
+
+
+class RevisionNotYetAppliedError(UnavailableError):
+    """This region had not applied the minimum revision a call asked for within its deadline."""
+
+    reason = ErrorReason.Name(ErrorReason.REVISION_NOT_YET_APPLIED)
+
+    def __init__(self, region: str, applied: int, wanted: int) -> None:
+        super().__init__(
+            f"region {region} has applied revision {applied}, not yet {wanted} "
+            f"(x-modelreg-min-revision); retry, or read in the primary region",
+            metadata={"region": region, "applied_revision": str(applied),
+                      "min_revision": str(wanted)},
+        )
+        self.applied = applied
 
 
 class InternalError(ModelregError):

@@ -35,6 +35,9 @@ class Principal:
 
     name: str
     """Recorded as the actor of every audit event the call writes."""
+    via: str = ""
+    """The server that vouched for ``name`` when it forwarded the call ("" when the caller
+    called this server itself): a regional server forwarding a mutation to the primary."""
 
 
 class Permission(StrEnum):
@@ -50,6 +53,7 @@ class Permission(StrEnum):
     AUDIT_READ = "audit.read"
     FLEET_READ = "fleet.read"
     FLEET_REPORT = "fleet.report"
+    REGIONS_READ = "regions.read"
 
 
 _MODEL = "/modelreg.v1.ModelService/"
@@ -77,6 +81,8 @@ PERMISSIONS: Mapping[str, Permission] = MappingProxyType({
     "/modelreg.v1.FleetService/DeleteNode": _P.FLEET_REPORT,
     "/modelreg.v1.FleetService/ListNodes": _P.FLEET_READ,
     "/modelreg.v1.FleetService/GetRolloutStatus": _P.FLEET_READ,
+    "/modelreg.v1.RegionService/ListRegions": _P.REGIONS_READ,
+    "/modelreg.v1.RegionService/GetRegionStatus": _P.REGIONS_READ,
 })
 """The one table of RPC → permission: every RPC of ``modelreg.v1``, by its full method path.
 

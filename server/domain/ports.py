@@ -201,6 +201,25 @@ class ModelStore(Protocol):
         """
         ...
 
+    async def wait_for(self, revision: int, *, timeout: float) -> int:  # noqa: ASYNC109
+        """Waits until fresh reads reflect every change up to ``revision``, for ``timeout`` s.
+
+        Returns the revision fresh reads are at now (what a fresh ``read([])`` reports): at
+        least ``revision`` when it was reached, below it when ``timeout`` passed first (the
+        caller then says how far the store got). Returns at once when the store is at or past
+        ``revision`` already (always for ``revision`` <= 0). A store over the committing
+        cluster is past every revision it handed out, so it waits only for one it has not
+        reached yet (another writer's); a regional store waits for its replica to apply it.
+        This is read-your-writes across regions (``x-modelreg-min-revision``). (A bound
+        rather than ``asyncio.timeout`` around it, because the revision reached is the answer
+        either way.)
+
+        Raises:
+            UnavailableError: The store cannot be reached.
+
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class Change:
@@ -255,5 +274,34 @@ class ChangeFeed(Protocol):
         A follower that has applied the change at the first number has seen every change of
         the range up to the second (the range's keys are never deleted), so it may take the
         second as its own revision: the proof behind ``Progress`` and fresh snapshots.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class ReplicationLag:
+    """How far a region's store is behind the committing cluster, as its replicator measured."""
+
+    revisions: int
+    """Revisions of the committing cluster heard of but not applied."""
+    seconds: float
+    """Seconds behind; includes the age of the figures once they are overdue."""
+    primary_revision: int
+    """The newest revision of the committing cluster the replicator had heard of."""
+    written_ms: int
+    """When the figures were written, Unix milliseconds (the replicator's clock); 0: now."""
+    current: bool
+    """Whether the figures are renewed on time (a replicator is applying)."""
+
+
+class LagSource(Protocol):
+    """A region's replication lag (the replicator's status record, or zero in the primary)."""
+
+    async def lag(self) -> ReplicationLag | None:
+        """The latest figures, or None when none are known (no replicator has reported).
+
+        Raises:
+            UnavailableError: The store holding the figures cannot be reached.
+
         """
         ...

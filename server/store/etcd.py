@@ -252,6 +252,25 @@ class EtcdStore:
     async def _range(self, key: str, revision: int = 0) -> Any:
         return await self._call("Range", rpc.RangeRequest(key=self._key(key), revision=revision))
 
+    async def wait_for(self, revision: int, *, timeout: float) -> int:  # noqa: ASYNC109
+        """The current etcd revision once it reaches ``revision``, or after ``timeout`` seconds.
+
+        etcd is the committing cluster: it is past every revision it handed out, so this
+        returns after one count-only Range unless ``revision`` is one it has not reached
+        (another writer's next commit, or a revision of a replaced cluster); that it polls
+        for, every 10 ms backing off to 200 ms, until ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.01
+        while True:
+            current = (await self.read([], fresh=True)).revision
+            left = deadline - loop.time()
+            if current >= revision or left <= 0:
+                return current
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.2)
+
     async def scan(self, start: str, end: str, *, limit: int, reverse: bool = False) -> Page:
         """Reads part of a range in key order (or reverse), fresh."""
         request = rpc.RangeRequest(

@@ -127,6 +127,16 @@ class MemoryStore:
         self._record(revision, [Change(key, None)])
         return revision, True
 
+    async def wait_for(self, revision: int, *, timeout: float) -> int:  # noqa: ASYNC109
+        """The current revision once it reaches ``revision``, or after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.revision < revision:
+                    await self._changed.wait()
+        except TimeoutError:
+            pass
+        return self.revision
+
     def _record(self, revision: int, changes: list[Change]) -> None:
         """Moves to ``revision`` if anything changed (as etcd does) and wakes the watches."""
         if not changes:

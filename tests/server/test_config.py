@@ -75,13 +75,16 @@ class TestDerivedNames:
     @pytest.mark.parametrize("command", ["serve", "up"])
     def test_every_setting_has_a_flag(self, command: str):
         """`modelreg serve`/`up` take one flag per field, named after it, with the field's
-        type; `up` has no --etcd, since it always runs its own.
+        type; `up` has no --etcd, --topology or --region, since it always runs its own etcd
+        as one region.
         """
         parser = main.build_parser(command)
         flags = {a.dest: a for a in parser._actions}
-        expected = {f.name for f in fields(ServerConfig)} - ({"etcd"} if command == "up" else set())
+        serve_only = {"etcd", "topology", "region"}
+        expected = {f.name for f in fields(ServerConfig)} - (serve_only if command == "up"
+                                                              else set())
         assert expected <= set(flags)
-        assert "etcd" not in flags if command == "up" else "etcd" in flags
+        assert not serve_only & set(flags) if command == "up" else serve_only <= set(flags)
         args = vars(parser.parse_args(["--health-interval", "0.5", "--watch-queue", "8"]))
         assert args["health_interval"] == 0.5 and args["watch_queue"] == 8
         assert args["listen"] is None  # unset: the environment and the file show through

@@ -79,6 +79,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAUTHENTICATED: the caller proved no identity the server accepts."""
     PERMISSION_DENIED: _ErrorReason.ValueType  # 27
     """PERMISSION_DENIED: the caller's principal lacks the permission the RPC needs."""
+    PRIMARY_UNAVAILABLE: _ErrorReason.ValueType  # 29
+    """UNAVAILABLE: this server is outside the primary region and reached none of the primary's
+    servers to forward a mutation to; nothing was written. Metadata: `primary` (the region),
+    `servers` (what was tried). Reads and watches keep working from the region's own store.
+    """
+    REVISION_NOT_YET_APPLIED: _ErrorReason.ValueType  # 30
+    """UNAVAILABLE: the call asked for `x-modelreg-min-revision` and this region had not applied
+    that revision when the call's deadline (or the server's --min-revision-wait) came near.
+    Metadata: `region`, `applied_revision`, `min_revision`. Retry, here or in another region.
+    """
+    NOT_THIS_REGION: _ErrorReason.ValueType  # 31
+    """FAILED_PRECONDITION: the request names another region than the server's own; ask a
+    server of that region (`servers` in the metadata).
+    """
     USAGE: _ErrorReason.ValueType  # 28
     """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
     input it refused before sending anything, so `--json` errors have one vocabulary.
@@ -149,6 +163,20 @@ UNAUTHENTICATED: ErrorReason.ValueType  # 26
 """UNAUTHENTICATED: the caller proved no identity the server accepts."""
 PERMISSION_DENIED: ErrorReason.ValueType  # 27
 """PERMISSION_DENIED: the caller's principal lacks the permission the RPC needs."""
+PRIMARY_UNAVAILABLE: ErrorReason.ValueType  # 29
+"""UNAVAILABLE: this server is outside the primary region and reached none of the primary's
+servers to forward a mutation to; nothing was written. Metadata: `primary` (the region),
+`servers` (what was tried). Reads and watches keep working from the region's own store.
+"""
+REVISION_NOT_YET_APPLIED: ErrorReason.ValueType  # 30
+"""UNAVAILABLE: the call asked for `x-modelreg-min-revision` and this region had not applied
+that revision when the call's deadline (or the server's --min-revision-wait) came near.
+Metadata: `region`, `applied_revision`, `min_revision`. Retry, here or in another region.
+"""
+NOT_THIS_REGION: ErrorReason.ValueType  # 31
+"""FAILED_PRECONDITION: the request names another region than the server's own; ask a
+server of that region (`servers` in the metadata).
+"""
 USAGE: ErrorReason.ValueType  # 28
 """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
 input it refused before sending anything, so `--json` errors have one vocabulary.

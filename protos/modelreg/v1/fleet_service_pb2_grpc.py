@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class FleetServiceStub:
-    """Serving nodes report here, on a lease; operators see what each node really serves.
+    """Serving nodes report here, on a lease; operators see what each node really serves. Node
+    reports stay in the node's own region (a regional server keeps them in its region's etcd).
+    Calls honour `x-modelreg-min-revision` (see ModelService).
     """
 
     def __init__(self, channel):
@@ -58,7 +60,9 @@ class FleetServiceStub:
 
 
 class FleetServiceServicer:
-    """Serving nodes report here, on a lease; operators see what each node really serves.
+    """Serving nodes report here, on a lease; operators see what each node really serves. Node
+    reports stay in the node's own region (a regional server keeps them in its region's etcd).
+    Calls honour `x-modelreg-min-revision` (see ModelService).
     """
 
     def ReportNode(self, request, context):
@@ -125,7 +129,9 @@ def add_FleetServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FleetService:
-    """Serving nodes report here, on a lease; operators see what each node really serves.
+    """Serving nodes report here, on a lease; operators see what each node really serves. Node
+    reports stay in the node's own region (a regional server keeps them in its region's etcd).
+    Calls honour `x-modelreg-min-revision` (see ModelService).
     """
 
     @staticmethod

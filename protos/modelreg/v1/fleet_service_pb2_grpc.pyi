@@ -27,7 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class FleetServiceStub:
-    """Serving nodes report here, on a lease; operators see what each node really serves."""
+    """Serving nodes report here, on a lease; operators see what each node really serves. Node
+    reports stay in the node's own region (a regional server keeps them in its region's etcd).
+    Calls honour `x-modelreg-min-revision` (see ModelService).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -50,7 +53,10 @@ class FleetServiceStub:
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
-    """Serving nodes report here, on a lease; operators see what each node really serves."""
+    """Serving nodes report here, on a lease; operators see what each node really serves. Node
+    reports stay in the node's own region (a regional server keeps them in its region's etcd).
+    Calls honour `x-modelreg-min-revision` (see ModelService).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReportNode: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.ReportNodeRequest, _fleet_service_pb2.ReportNodeResponse]  # type: ignore[assignment]
@@ -69,7 +75,10 @@ class FleetServiceAsyncStub(FleetServiceStub):
     """Per stage: the committed version and how many live nodes serve it."""
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Serving nodes report here, on a lease; operators see what each node really serves."""
+    """Serving nodes report here, on a lease; operators see what each node really serves. Node
+    reports stay in the node's own region (a regional server keeps them in its region's etcd).
+    Calls honour `x-modelreg-min-revision` (see ModelService).
+    """
 
     @_abc_1.abstractmethod
     def ReportNode(

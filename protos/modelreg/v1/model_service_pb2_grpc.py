@@ -28,6 +28,22 @@ if _version_not_supported:
 class ModelServiceStub:
     """Registry of models, their immutable versions and the stage pointers that say which version
     serves where.
+
+    Regions: every server answers reads from its own region's store, at the primary's revisions
+    (etags and `revision` mean the same in every region). A server outside the primary region
+    forwards each mutation (Create*, Update*, Delete*, PromoteVersion, RollbackStage,
+    ClearStage) to a server of the primary region, with the caller's deadline, request id and
+    principal; the response and any error (code, reason, details) are the primary's, unchanged.
+    If it reaches none of them, the mutation fails at once with UNAVAILABLE (reason
+    PRIMARY_UNAVAILABLE) and nothing is written; reads and watches go on.
+
+    Read-your-writes: every call a server answers from its own store (reads here, WatchStages,
+    FleetService, RegionService) honours the request metadata `x-modelreg-min-revision: N` (a
+    decimal revision, e.g. the `revision` a mutation returned): the server answers once its
+    region has applied revision N, waiting until shortly before the call's deadline at most
+    (and at most its --min-revision-wait); then it fails UNAVAILABLE, reason
+    REVISION_NOT_YET_APPLIED, with the region's `applied_revision` in the metadata. UNAVAILABLE
+    because waiting longer, or asking another region, can succeed: the state is transient.
     """
 
     def __init__(self, channel):
@@ -121,6 +137,22 @@ class ModelServiceStub:
 class ModelServiceServicer:
     """Registry of models, their immutable versions and the stage pointers that say which version
     serves where.
+
+    Regions: every server answers reads from its own region's store, at the primary's revisions
+    (etags and `revision` mean the same in every region). A server outside the primary region
+    forwards each mutation (Create*, Update*, Delete*, PromoteVersion, RollbackStage,
+    ClearStage) to a server of the primary region, with the caller's deadline, request id and
+    principal; the response and any error (code, reason, details) are the primary's, unchanged.
+    If it reaches none of them, the mutation fails at once with UNAVAILABLE (reason
+    PRIMARY_UNAVAILABLE) and nothing is written; reads and watches go on.
+
+    Read-your-writes: every call a server answers from its own store (reads here, WatchStages,
+    FleetService, RegionService) honours the request metadata `x-modelreg-min-revision: N` (a
+    decimal revision, e.g. the `revision` a mutation returned): the server answers once its
+    region has applied revision N, waiting until shortly before the call's deadline at most
+    (and at most its --min-revision-wait); then it fails UNAVAILABLE, reason
+    REVISION_NOT_YET_APPLIED, with the region's `applied_revision` in the metadata. UNAVAILABLE
+    because waiting longer, or asking another region, can succeed: the state is transient.
     """
 
     def CreateModel(self, request, context):
@@ -332,6 +364,22 @@ def add_ModelServiceServicer_to_server(servicer, server):
 class ModelService:
     """Registry of models, their immutable versions and the stage pointers that say which version
     serves where.
+
+    Regions: every server answers reads from its own region's store, at the primary's revisions
+    (etags and `revision` mean the same in every region). A server outside the primary region
+    forwards each mutation (Create*, Update*, Delete*, PromoteVersion, RollbackStage,
+    ClearStage) to a server of the primary region, with the caller's deadline, request id and
+    principal; the response and any error (code, reason, details) are the primary's, unchanged.
+    If it reaches none of them, the mutation fails at once with UNAVAILABLE (reason
+    PRIMARY_UNAVAILABLE) and nothing is written; reads and watches go on.
+
+    Read-your-writes: every call a server answers from its own store (reads here, WatchStages,
+    FleetService, RegionService) honours the request metadata `x-modelreg-min-revision: N` (a
+    decimal revision, e.g. the `revision` a mutation returned): the server answers once its
+    region has applied revision N, waiting until shortly before the call's deadline at most
+    (and at most its --min-revision-wait); then it fails UNAVAILABLE, reason
+    REVISION_NOT_YET_APPLIED, with the region's `applied_revision` in the metadata. UNAVAILABLE
+    because waiting longer, or asking another region, can succeed: the state is transient.
     """
 
     @staticmethod

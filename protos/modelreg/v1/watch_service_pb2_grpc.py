@@ -51,7 +51,10 @@ class WatchServiceServicer:
     def WatchStages(self, request, context):
         """A snapshot of the selected pointers (unless resuming), then their changes in revision
         order, with bookmarks while idle. A client that falls too far behind is cut off with
-        RESOURCE_EXHAUSTED and resumes from its last revision + 1.
+        RESOURCE_EXHAUSTED and resumes from its last revision + 1. With the request metadata
+        `x-modelreg-min-revision: N` the stream opens only once the server's region has applied
+        revision N (see ModelService); revisions are the primary's in every region, so a stream
+        moves between regions with `start_revision` = its last revision + 1.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,10 @@ class WatchServiceStub:
     WatchStages: _grpc.UnaryStreamMultiCallable[_watch_service_pb2.WatchStagesRequest, _watch_service_pb2.WatchStagesResponse]
     """A snapshot of the selected pointers (unless resuming), then their changes in revision
     order, with bookmarks while idle. A client that falls too far behind is cut off with
-    RESOURCE_EXHAUSTED and resumes from its last revision + 1.
+    RESOURCE_EXHAUSTED and resumes from its last revision + 1. With the request metadata
+    `x-modelreg-min-revision: N` the stream opens only once the server's region has applied
+    revision N (see ModelService); revisions are the primary's in every region, so a stream
+    moves between regions with `start_revision` = its last revision + 1.
     """
 
 @_typing.type_check_only
@@ -51,7 +54,10 @@ class WatchServiceAsyncStub(WatchServiceStub):
     WatchStages: _aio.UnaryStreamMultiCallable[_watch_service_pb2.WatchStagesRequest, _watch_service_pb2.WatchStagesResponse]  # type: ignore[assignment]
     """A snapshot of the selected pointers (unless resuming), then their changes in revision
     order, with bookmarks while idle. A client that falls too far behind is cut off with
-    RESOURCE_EXHAUSTED and resumes from its last revision + 1.
+    RESOURCE_EXHAUSTED and resumes from its last revision + 1. With the request metadata
+    `x-modelreg-min-revision: N` the stream opens only once the server's region has applied
+    revision N (see ModelService); revisions are the primary's in every region, so a stream
+    moves between regions with `start_revision` = its last revision + 1.
     """
 
 class WatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -67,7 +73,10 @@ class WatchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_watch_service_pb2.WatchStagesResponse], _abc.AsyncIterator[_watch_service_pb2.WatchStagesResponse]]:
         """A snapshot of the selected pointers (unless resuming), then their changes in revision
         order, with bookmarks while idle. A client that falls too far behind is cut off with
-        RESOURCE_EXHAUSTED and resumes from its last revision + 1.
+        RESOURCE_EXHAUSTED and resumes from its last revision + 1. With the request metadata
+        `x-modelreg-min-revision: N` the stream opens only once the server's region has applied
+        revision N (see ModelService); revisions are the primary's in every region, so a stream
+        moves between regions with `start_revision` = its last revision + 1.
         """
 
 def add_WatchServiceServicer_to_server(servicer: WatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
