@@ -45,6 +45,11 @@ from any server of the deployment means the same thing to every other. Concretel
    deletions made at C, and no error says so. The stage hub is safe because stage pointers are
    never deleted (``keys``). A feed over keys that are deleted must treat R = C as compacted.
 
+7. **Waiting for a revision.** ``wait_for(R)`` returns as soon as fresh reads are at or past
+   R, with the revision they are at: at once for a revision the committing cluster handed
+   out, through any store of it; otherwise when a commit (or, in a region, the replica)
+   reaches R; or, at its bound, with the revision reached, below R.
+
 An adapter that serves reads from somewhere else (a regional replica) keeps all of this: it
 reports the primary revisions its replica applied, never the replica's own revisions. It
 commits on the primary, and after a commit or a read it waits until the replica reaches that

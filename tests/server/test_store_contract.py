@@ -253,6 +253,25 @@ class StoreContract:
         got = await follow(impl.feed, revisions[1] + 1, lambda i: i.revision >= revisions[2])
         assert batches(got) == [Batch(revisions[2], (Change("w/1", b"2"),))]
 
+    async def test_wait_for_returns_once_fresh_reads_reach_a_revision(self, impl):
+        """wait_for returns at once for a revision handed out through any store of the
+        deployment, waits for one not committed yet until commits reach it, and at its bound
+        returns the revision reached, below the one asked for.
+        """
+        revision = await put(impl.peer, ("w/1", b"1"))
+        assert await impl.store.wait_for(revision, timeout=10) >= revision
+        assert await impl.store.wait_for(0, timeout=0) >= revision
+        waiting = asyncio.create_task(impl.store.wait_for(revision + 2, timeout=60))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await put(impl.peer, ("w/1", b"2"))
+        await put(impl.peer, ("w/1", b"3"))
+        reached = await waiting
+        assert reached >= revision + 2
+        assert (await impl.store.read(["w/1"], fresh=True)).get("w/1").value == b"3"
+        now = await current(impl.store)
+        assert now <= await impl.store.wait_for(now + 1000, timeout=0.2) < now + 1000
+
 
 class TestEtcdStore(StoreContract):
     """``EtcdStore`` and ``EtcdChangeFeed`` on a real etcd, once per etcd build."""
