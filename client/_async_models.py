@@ -45,22 +45,28 @@ class AsyncModelsAndVersions(AsyncTransport):
         self,
         model: str,
         *,
+        min_revision: int = 0,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.GetModelResponse:
         """Read one model."""
         req = pb.GetModelRequest(name=rq.model_name(model))
-        return await self._call(lambda s: s.models.GetModel, req, timeout)
+        return await self._call(
+            lambda s: s.models.GetModel, req, timeout, min_revision=min_revision
+        )
 
     async def list_models(
         self,
         *,
         page_size: int = 0,
         page_token: str = "",
+        min_revision: int = 0,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.ListModelsResponse:
         """Read one page of models in name order (``page_size`` 0: the server's default)."""
         req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
-        return await self._call(lambda s: s.models.ListModels, req, timeout)
+        return await self._call(
+            lambda s: s.models.ListModels, req, timeout, min_revision=min_revision
+        )
 
     iter_models = _paging.apaged(list_models, lambda page: page.models)
 
@@ -150,11 +156,14 @@ class AsyncModelsAndVersions(AsyncTransport):
         model: str,
         version: int,
         *,
+        min_revision: int = 0,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.GetModelVersionResponse:
         """Read one version with its derived state and stages."""
         req = pb.GetModelVersionRequest(name=rq.version_name(model, version))
-        return await self._call(lambda s: s.models.GetModelVersion, req, timeout)
+        return await self._call(
+            lambda s: s.models.GetModelVersion, req, timeout, min_revision=min_revision
+        )
 
     async def list_versions(
         self,
@@ -163,6 +172,7 @@ class AsyncModelsAndVersions(AsyncTransport):
         state: res.VersionState.ValueType | None = None,
         page_size: int = 0,
         page_token: str = "",
+        min_revision: int = 0,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.ListModelVersionsResponse:
         """Read one page of a model's versions in number order, optionally in one state only."""
@@ -172,7 +182,9 @@ class AsyncModelsAndVersions(AsyncTransport):
             page_size=page_size,
             page_token=page_token,
         )
-        return await self._call(lambda s: s.models.ListModelVersions, req, timeout)
+        return await self._call(
+            lambda s: s.models.ListModelVersions, req, timeout, min_revision=min_revision
+        )
 
     iter_versions = _paging.apaged(list_versions, lambda page: page.model_versions)
 

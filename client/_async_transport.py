@@ -2,9 +2,11 @@
 
 The asyncio source of a blocking twin (edit here, then run
 ``python -m modelreg.client._unasync``). One channel, from the channel factory, carries the
-three services (``ModelService``, ``FleetService``, ``WatchService``); their stubs are created
-together, with the channel, and handed to calls as one :class:`AsyncStubs`. Every retry
-decision is the config's :class:`~modelreg.client._config.RetryPolicy`.
+four services (``ModelService``, ``FleetService``, ``WatchService``, ``RegionService``);
+their stubs are created together, with the channel, and handed to calls as one
+:class:`AsyncStubs`. Every retry decision is the config's
+:class:`~modelreg.client._config.RetryPolicy`; a call's metadata is the config's
+(:meth:`~modelreg.client._config.ClientConfig.call_metadata`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from modelreg.client._config import ClientConfig, ConnectOptions
 from modelreg.client.errors import from_rpc_error
 from modelreg.v1 import fleet_service_pb2_grpc as fs_grpc
 from modelreg.v1 import model_service_pb2_grpc as pb_grpc
+from modelreg.v1 import region_service_pb2_grpc as rs_grpc
 from modelreg.v1 import watch_service_pb2_grpc as ws_grpc
 
 if TYPE_CHECKING:
     from modelreg.v1.fleet_service_pb2_grpc import FleetServiceAsyncStub
     from modelreg.v1.model_service_pb2_grpc import ModelServiceAsyncStub
+    from modelreg.v1.region_service_pb2_grpc import RegionServiceAsyncStub
     from modelreg.v1.watch_service_pb2_grpc import WatchServiceAsyncStub
 
 _Req = TypeVar("_Req")
@@ -42,6 +46,7 @@ class AsyncStubs:
     models: ModelServiceAsyncStub
     fleet: FleetServiceAsyncStub
     watch: WatchServiceAsyncStub
+    regions: RegionServiceAsyncStub
 
     @classmethod
     def on(cls, channel: aio.Channel) -> AsyncStubs:
@@ -50,6 +55,7 @@ class AsyncStubs:
             pb_grpc.ModelServiceStub(channel),
             fs_grpc.FleetServiceStub(channel),
             ws_grpc.WatchServiceStub(channel),
+            rs_grpc.RegionServiceStub(channel),
         )
 
 
@@ -118,7 +124,9 @@ class AsyncTransport:
         call_timeout: float | None,
         *,
         idempotent: bool = True,
+        min_revision: int = 0,
     ) -> _Resp:
+        metadata = self._config.call_metadata(min_revision)
         multi_callable = method(await self._get_stubs())
         cfg = self._config
         deadline = time.monotonic() + cfg.budget(call_timeout)
@@ -126,7 +134,7 @@ class AsyncTransport:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return await multi_callable(request, timeout=remaining, metadata=cfg.metadata)
+                return await multi_callable(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
                 remaining = deadline - time.monotonic()
@@ -142,13 +150,16 @@ class AsyncTransport:
         self,
         method: Callable[[AsyncStubs], aio.UnaryStreamMultiCallable[_Req, _Resp]],
         request: _Req,
+        *,
+        min_revision: int = 0,
     ) -> AsyncIterator[_Resp]:
         """Yield the messages of one server stream: no deadline, no retry, typed errors.
 
         The call starts on the first iteration and is cancelled when the iteration stops,
         whether the stream ended, failed, or the caller closed the generator.
         """
-        call = method(await self._get_stubs())(request, metadata=self._config.metadata)
+        metadata = self._config.call_metadata(min_revision)
+        call = method(await self._get_stubs())(request, metadata=metadata)
         try:
             async for message in call:
                 yield message

@@ -8,10 +8,14 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
+
+from modelreg.client import _regions as rg
 from modelreg.client import _render as r
 from modelreg.client import _render_fleet as rf
 from modelreg.client import _requests as rq
 from modelreg.client._sync_client import RegistryClient
+from modelreg.client.errors import RegistryError
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 
@@ -146,6 +150,32 @@ def versions_update(c: RegistryClient, a: argparse.Namespace) -> Output:
 def stages_list(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.list_stages(a.model)
     return Output(r.to_json(resp), r.stages_table(resp.stages))
+
+
+def status(c: RegistryClient, a: argparse.Namespace) -> Output:
+    """Every stage of a model; with regions, also the version each region has, and its lag."""
+    try:
+        listed = rg.list_regions(c)
+    except RegistryError as exc:
+        if exc.code != grpc.StatusCode.UNIMPLEMENTED:  # a server from before regions
+            raise
+        listed = ("", [])
+    if len(listed[1]) <= 1:
+        return stages_list(c, a)
+    views = rg.survey(c, a, rg.model_status(a.model), listed)
+    own = next(v for v in views if v.region.name == listed[0])
+    if own.stages is None:
+        raise own.error or RuntimeError("no stages")  # the model is missing here: exit 1
+    text = "\n\n".join((r.stages_table(own.stages.stages), rg.stages_by_region(views),
+                         rg.regions_table(views)))
+    data = {**r.to_json(own.stages), "regions": [rg.view_json(v) for v in views]}
+    return Output(data, text)
+
+
+def regions(c: RegistryClient, a: argparse.Namespace) -> Output:
+    """Every region of the topology, each asked through its own servers."""
+    views = rg.survey(c, a, rg.region_status)
+    return Output({"regions": [rg.view_json(v) for v in views]}, rg.regions_table(views))
 
 
 def stages_get(c: RegistryClient, a: argparse.Namespace) -> Output:

@@ -33,6 +33,10 @@ ACTOR_ENV = "MODELREG_ACTOR"
 ACTOR_METADATA_KEY = "x-modelreg-actor"
 """gRPC metadata key that names the calling actor; the server records it in the audit trail."""
 
+MIN_REVISION_METADATA_KEY = "x-modelreg-min-revision"
+"""gRPC metadata key of a read's minimum revision: the server answers once its region has
+applied it (read-your-writes across regions)."""
+
 Options = Sequence[tuple[str, Any]]
 """gRPC channel options, as ``grpc.insecure_channel`` takes them."""
 
@@ -166,6 +170,19 @@ class ClientConfig:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata sent with every call."""
         return ((ACTOR_METADATA_KEY, self.actor),)
+
+    def call_metadata(self, min_revision: int = 0) -> tuple[tuple[str, str], ...]:
+        """Metadata of one call: :attr:`metadata`, and its minimum revision when it has one.
+
+        Raises:
+            ValueError: ``min_revision`` is negative.
+
+        """
+        if min_revision < 0:
+            raise ValueError(f"min_revision must be >= 0, not {min_revision}")
+        if not min_revision:
+            return self.metadata
+        return (*self.metadata, (MIN_REVISION_METADATA_KEY, str(int(min_revision))))
 
     def budget(self, timeout: float | None) -> float:
         """Return a call's total deadline in seconds: its own ``timeout`` or the default."""

@@ -15,6 +15,7 @@ from modelreg.client import _requests as rq
 from modelreg.client._sync_models import ModelsAndVersions
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
+from modelreg.v1 import region_service_pb2 as rs
 from modelreg.v1 import watch_service_pb2 as ws
 
 
@@ -22,13 +23,18 @@ class RegistryClient(ModelsAndVersions):
     """Typed blocking client of the modelreg services; safe to share between threads.
 
     It speaks ``ModelService`` (models, versions, stage pointers, audit), ``FleetService``
-    (serving nodes, rollout status) and ``WatchService`` (live stage pointers), on one channel.
+    (serving nodes, rollout status), ``WatchService`` (live stage pointers) and
+    ``RegionService`` (regions, replication lag), on one channel.
 
     The channel is created on first use (behind a lock) and closed by :meth:`close` or at the
     end of ``with``. Model arguments take an id (``fraud-detector``) or a full name
     (``models/fraud-detector``). Every method takes ``timeout``: the call's deadline in seconds,
     retries included, defaulting to the client's (a gRPC deadline the server sees too, hence a
-    parameter). Mutations take ``request_id``, an idempotency key; when ``None`` a uuid4 is
+    parameter). Reads (and ``watch_stages``) take ``min_revision``: the server answers only
+    once its region has applied that revision, so passing the ``revision`` a mutation returned
+    reads that mutation in any region (read-your-writes); past the deadline they raise
+    :class:`~modelreg.client.UnavailableError` with reason ``REVISION_NOT_YET_APPLIED``.
+    Mutations take ``request_id``, an idempotency key; when ``None`` a uuid4 is
     generated so the client's own retries are applied once, and ``""`` sends none and disables
     retrying. Failures raise :class:`~modelreg.client.RegistryError` subclasses, never raw gRPC
     errors.
@@ -55,21 +61,27 @@ class RegistryClient(ModelsAndVersions):
         model: str,
         stage: str,
         *,
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.GetStageResponse:
         """Read one stage pointer (version 0: the stage is empty)."""
         req = pb.GetStageRequest(name=rq.stage_name(model, stage))
-        return self._call(lambda s: s.models.GetStage, req, timeout)
+        return self._call(
+            lambda s: s.models.GetStage, req, timeout, min_revision=min_revision
+        )
 
     def list_stages(
         self,
         model: str,
         *,
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.ListStagesResponse:
         """Read every stage pointer of a model, empty ones included."""
         req = pb.ListStagesRequest(parent=rq.model_name(model))
-        return self._call(lambda s: s.models.ListStages, req, timeout)
+        return self._call(
+            lambda s: s.models.ListStages, req, timeout, min_revision=min_revision
+        )
 
     def promote(
         self,
@@ -157,13 +169,16 @@ class RegistryClient(ModelsAndVersions):
         *,
         page_size: int = 0,
         page_token: str = "",
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.ListStageHistoryResponse:
         """Read one page of a stage pointer's moves, newest first."""
         req = pb.ListStageHistoryRequest(
             name=rq.stage_name(model, stage), page_size=page_size, page_token=page_token
         )
-        return self._call(lambda s: s.models.ListStageHistory, req, timeout)
+        return self._call(
+            lambda s: s.models.ListStageHistory, req, timeout, min_revision=min_revision
+        )
 
     iter_stage_history = _paging.paged(stage_history, lambda page: page.entries)
 
@@ -176,6 +191,7 @@ class RegistryClient(ModelsAndVersions):
         end_time: datetime | None = None,
         page_size: int = 0,
         page_token: str = "",
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.ListAuditEventsResponse:
         """Read one page of audit events, newest first, filtered by model, actor and time.
@@ -190,7 +206,9 @@ class RegistryClient(ModelsAndVersions):
             page_size=page_size,
             page_token=page_token,
         )
-        return self._call(lambda s: s.models.ListAuditEvents, req, timeout)
+        return self._call(
+            lambda s: s.models.ListAuditEvents, req, timeout, min_revision=min_revision
+        )
 
     iter_audit_events = _paging.paged(list_audit_events, lambda page: page.audit_events)
 
@@ -201,6 +219,7 @@ class RegistryClient(ModelsAndVersions):
         model: str | None = None,
         page_size: int = 0,
         page_token: str = "",
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> fs.ListNodesResponse:
         """Read one page of live serving nodes in id order, optionally of a region or model."""
@@ -210,7 +229,9 @@ class RegistryClient(ModelsAndVersions):
             page_size=page_size,
             page_token=page_token,
         )
-        return self._call(lambda s: s.fleet.ListNodes, req, timeout)
+        return self._call(
+            lambda s: s.fleet.ListNodes, req, timeout, min_revision=min_revision
+        )
 
     iter_nodes = _paging.paged(list_nodes, lambda page: page.nodes)
 
@@ -230,11 +251,14 @@ class RegistryClient(ModelsAndVersions):
         stage: str,
         *,
         region: str | None = None,
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> fs.GetRolloutStatusResponse:
         """Read a stage's committed version and how many live nodes serve which version."""
         req = fs.GetRolloutStatusRequest(name=rq.stage_name(model, stage), region=region or "")
-        return self._call(lambda s: s.fleet.GetRolloutStatus, req, timeout)
+        return self._call(
+            lambda s: s.fleet.GetRolloutStatus, req, timeout, min_revision=min_revision
+        )
 
     def watch_stages(
         self,
@@ -243,6 +267,7 @@ class RegistryClient(ModelsAndVersions):
         model_prefix: str = "",
         stages: Sequence[str] | None = None,
         start_revision: int = 0,
+        min_revision: int = 0,
     ) -> Iterator[ws.WatchStagesResponse]:
         """Follow stage pointers live: yield the messages of ONE ``WatchStages`` stream.
 
@@ -264,4 +289,37 @@ class RegistryClient(ModelsAndVersions):
             stages=rq.stage_ids(stages),
             start_revision=int(start_revision),
         )
-        return self._stream(lambda s: s.watch.WatchStages, req)
+        return self._stream(lambda s: s.watch.WatchStages, req, min_revision=min_revision)
+
+    def list_regions(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        min_revision: int = 0,
+        timeout: float | None = None,
+    ) -> rs.ListRegionsResponse:
+        """Read one page of the deployment's regions, as the server's topology lists them."""
+        req = rs.ListRegionsRequest(page_size=page_size, page_token=page_token)
+        return self._call(
+            lambda s: s.regions.ListRegions, req, timeout, min_revision=min_revision
+        )
+
+    iter_regions = _paging.paged(list_regions, lambda page: page.regions)
+
+    def region_status(
+        self,
+        region: str = "",
+        *,
+        min_revision: int = 0,
+        timeout: float | None = None,
+    ) -> rs.GetRegionStatusResponse:
+        """Read how the server's own region is doing: applied revision, lag, primary reachable.
+
+        ``region`` (``eu`` or ``regions/eu``) must be the server's own region; empty means it.
+        """
+        name = "regions/" + region.removeprefix("regions/") if region else ""
+        req = rs.GetRegionStatusRequest(name=name)
+        return self._call(
+            lambda s: s.regions.GetRegionStatus, req, timeout, min_revision=min_revision
+        )

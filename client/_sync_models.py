@@ -46,22 +46,28 @@ class ModelsAndVersions(Transport):
         self,
         model: str,
         *,
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.GetModelResponse:
         """Read one model."""
         req = pb.GetModelRequest(name=rq.model_name(model))
-        return self._call(lambda s: s.models.GetModel, req, timeout)
+        return self._call(
+            lambda s: s.models.GetModel, req, timeout, min_revision=min_revision
+        )
 
     def list_models(
         self,
         *,
         page_size: int = 0,
         page_token: str = "",
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.ListModelsResponse:
         """Read one page of models in name order (``page_size`` 0: the server's default)."""
         req = pb.ListModelsRequest(page_size=page_size, page_token=page_token)
-        return self._call(lambda s: s.models.ListModels, req, timeout)
+        return self._call(
+            lambda s: s.models.ListModels, req, timeout, min_revision=min_revision
+        )
 
     iter_models = _paging.paged(list_models, lambda page: page.models)
 
@@ -151,11 +157,14 @@ class ModelsAndVersions(Transport):
         model: str,
         version: int,
         *,
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.GetModelVersionResponse:
         """Read one version with its derived state and stages."""
         req = pb.GetModelVersionRequest(name=rq.version_name(model, version))
-        return self._call(lambda s: s.models.GetModelVersion, req, timeout)
+        return self._call(
+            lambda s: s.models.GetModelVersion, req, timeout, min_revision=min_revision
+        )
 
     def list_versions(
         self,
@@ -164,6 +173,7 @@ class ModelsAndVersions(Transport):
         state: res.VersionState.ValueType | None = None,
         page_size: int = 0,
         page_token: str = "",
+        min_revision: int = 0,
         timeout: float | None = None,
     ) -> pb.ListModelVersionsResponse:
         """Read one page of a model's versions in number order, optionally in one state only."""
@@ -173,7 +183,9 @@ class ModelsAndVersions(Transport):
             page_size=page_size,
             page_token=page_token,
         )
-        return self._call(lambda s: s.models.ListModelVersions, req, timeout)
+        return self._call(
+            lambda s: s.models.ListModelVersions, req, timeout, min_revision=min_revision
+        )
 
     iter_versions = _paging.paged(list_versions, lambda page: page.model_versions)
 

@@ -37,7 +37,8 @@ SERVER_COMMANDS = {
 
 _DESCRIPTION = """\
 Operate the modelreg registry (models, versions, stage pointers, audit), see what the serving
-fleet runs (nodes, rollout), follow stage pointers live (watch), or start its server.
+fleet runs (nodes, rollout) and how each region is doing (regions), follow stage pointers live
+(watch), or start its server.
 
 exit codes: 0 ok (also when a reader such as `| head` closes stdout early), 1 refused by the
             server, 2 usage error, 3 server or etcd unavailable (or deadline exceeded),
@@ -242,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="why (recorded; required with --force)")
     p.add_argument("--force", action="store_true", help="required to clear production")
     p.add_argument("--etag", help="only if the stage's etag is still this")
-    model_arg(leaf(cmds, "status", cmd.stages_list, "show every stage of a model with its version"))
+    model_arg(leaf(cmds, "status", cmd.status, "show every stage of a model with its version, "
+                   "and with regions the version in each region and its lag"))
+    leaf(cmds, "regions", cmd.regions,
+         "list the deployment's regions: health, applied revision, replication lag")
 
     p = leaf(cmds, "promote", cmd.promote, "point a stage at a version, under the lifecycle rules")
     model_arg(p)

@@ -344,7 +344,8 @@ class TestSyncClient:
             }
 
         assert surface(RegistryClient) == surface(AsyncRegistryClient)
-        assert len(surface(RegistryClient)) == 26  # + clear_stage, delete_node (issue 14)
+        # + clear_stage, delete_node (issue 14); list_regions, iter_regions, region_status (8)
+        assert len(surface(RegistryClient)) == 29
 
     async def test_errors_and_retries(self, service: tuple[FakeService, str]) -> None:
         """The blocking client decodes rich errors and retries reads like the async one."""
