@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from modelreg.client import AsyncRegistryClient, RegistryClient, UnavailableError
 from modelreg.server.api.consistency import MIN_REVISION_HEADER
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import region_service_pb2 as rs
@@ -150,3 +151,34 @@ class TestReadYourWritesAcrossRegions:
             cleared = await eu.ClearStage(svc.ClearStageRequest(name=stage("staging")),
                                           metadata=at_least(promoted.revision + 10**6))
             assert cleared.cleared_version == 1
+
+
+class TestClientMinRevision:
+    async def test_the_typed_clients_send_it_on_reads(self, server, stub):
+        """`min_revision=` on the asyncio and blocking clients' reads waits for the revision,
+        and one the region does not reach in the call's timeout raises UnavailableError
+        (REVISION_NOT_YET_APPLIED) naming the applied revision.
+        """
+        await make_model(stub, versions=1)
+        promoted = await stub.PromoteVersion(svc.PromoteVersionRequest(name=stage("staging"),
+                                                                       version=1))
+        async with AsyncRegistryClient(server.target, actor="alice") as client:
+            got = await client.get_stage(MODEL, "staging", min_revision=promoted.revision)
+            assert got.stage.version == 1
+            with pytest.raises(UnavailableError) as err:
+                await client.list_stages(MODEL, min_revision=promoted.revision + 1000,
+                                         timeout=1.0)
+            assert err.value.reason == "REVISION_NOT_YET_APPLIED"
+            assert int(err.value.metadata["applied_revision"]) >= promoted.revision
+            with pytest.raises(ValueError, match="min_revision"):
+                await client.get_model(MODEL, min_revision=-1)
+
+        def blocking() -> None:
+            with RegistryClient(server.target, actor="alice") as client:
+                versions = client.list_versions(MODEL, min_revision=promoted.revision)
+                assert [v.version for v in versions.model_versions] == [1]
+                with pytest.raises(UnavailableError):
+                    client.get_version(MODEL, 1, min_revision=promoted.revision + 1000,
+                                       timeout=1.0)
+
+        await asyncio.to_thread(blocking)
