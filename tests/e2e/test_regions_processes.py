@@ -80,6 +80,26 @@ def ok(target: str, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
+def replicate(log_path: Path, primary: EmbeddedEtcd, region: EmbeddedEtcd
+              ) -> subprocess.Popen[bytes]:
+    """``modelreg replicate`` of region eu (``python -m modelreg.replication``), short timers."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "modelreg.replication", "--primary", primary.endpoint,
+             "--region-etcd", region.endpoint, "--region", "eu", "--prefix", PREFIX,
+             "--replica-id", "r1", "--lease-ttl", "2", "--probe-interval", "0.2",
+             "--status-interval", "0.3", "--log-format", "json"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+
+def follow(target: str) -> subprocess.Popen[str]:
+    """``modelreg watch MODEL staging --bookmarks --json`` through ``target``, lines on a pipe."""
+    return subprocess.Popen(
+        [MODELREG, "--target", target, "--json", "watch", MODEL, "staging", "--bookmarks"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True)
+
+
 @pytest.fixture
 def clusters(tmp_path: Path) -> Iterator[tuple[EmbeddedEtcd, EmbeddedEtcd]]:
     """The primary's etcd and eu's, on loopback."""
@@ -115,14 +135,7 @@ class TestTwoRegionsAsProcesses:
             eu = Serve(tmp_path, topology, "eu", eu_addr, "--etcd", primary_etcd.endpoint,
                        "--bookmark-interval", "0.3", "--forward-connect-timeout", "0.5")
             procs.append(eu)
-            with open(tmp_path / "replicate.log", "ab") as log:
-                replicator = subprocess.Popen(
-                    [sys.executable, "-m", "modelreg.replication", "--primary",
-                     primary_etcd.endpoint, "--region-etcd", eu_etcd.endpoint, "--region", "eu",
-                     "--prefix", PREFIX, "--replica-id", "r1", "--lease-ttl", "2",
-                     "--probe-interval", "0.2", "--status-interval", "0.3",
-                     "--log-format", "json"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            replicator = replicate(tmp_path / "replicate.log", primary_etcd, eu_etcd)
             await us.serving()
             await eu.serving()
 
@@ -135,10 +148,7 @@ class TestTwoRegionsAsProcesses:
             assert on_primary["stage"]["etag"] == promoted["stage"]["etag"]
             assert on_primary["stage"]["updated_by"] == "ops"
 
-            watch = subprocess.Popen(
-                [MODELREG, "--target", eu_addr, "--json", "watch", MODEL, "staging",
-                 "--bookmarks"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+            watch = follow(eu_addr)
             assert watch.stdout is not None
             lines = watch.stdout
             first = json.loads(await asyncio.to_thread(lines.readline))
