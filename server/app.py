@@ -191,6 +191,10 @@ class App:
         self.topology = topology = config.load_topology()
         own = topology.region(config.region).etcd if topology is not None else ()
         self.endpoints = config.etcd or own or (await self._start_etcd(stack),)
+        # The store seam. Outside the primary region the store must read the region's replica
+        # (replication/layout.py) at the primary's revisions and commit to the primary: the
+        # regional store goes here; a plain EtcdStore serves a region only over the primary's
+        # own etcd (--etcd), as the tests' stand-in does.
         store = await stack.enter_async_context(_open_etcd(self.endpoints, config))
         self.store = store
         self.hub = StageHub(store, _feed(store, config), queue_size=config.watch_queue)

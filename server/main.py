@@ -143,6 +143,8 @@ async def run(config: ServerConfig) -> int:
             _tune_gc()
             where = (f"embedded etcd at {app.etcd.client_url} (data in {config.data_dir})"
                      if app.etcd is not None else f"etcd at {','.join(app.endpoints)}")
+            if app.topology is not None:
+                where += f"; region {config.region} (primary {app.topology.primary})"
             print(f"modelreg serving gRPC on {app.address}; {where}", flush=True)
             await stop.wait()
     except asyncio.CancelledError:
