@@ -45,10 +45,13 @@ from any server of the deployment means the same thing to every other. Concretel
    deletions made at C, and no error says so. The stage hub is safe because stage pointers are
    never deleted (``keys``). A feed over keys that are deleted must treat R = C as compacted.
 
-An adapter that serves reads from somewhere else (a regional replica) keeps all of this: it
-reports the primary revisions its replica applied, never the replica's own revisions. It
-commits on the primary, and after a commit or a read it waits until the replica reaches that
-revision before answering a fresh read, which keeps clauses 1 and 2.
+An adapter that serves reads from somewhere else (a regional replica,
+``modelreg.server.store.regional``) keeps all of this: it reports the primary revisions its
+replica applied, never the replica's own revisions, and commits on the primary. After each of
+its successful commits it waits (bounded) until the replica has applied it, so clauses 1 and 2
+hold for what is written through the stores of one region; a revision learned elsewhere (from
+the primary's servers, another region, a client) is waited for with ``ReadYourWrites``. A
+failed commit's revision is the primary's, which the replica may not have applied yet.
 ``tests/server/test_store_contract.py`` checks these clauses against etcd (every build the
 tests know) and against the fake; a new adapter gets a class there.
 """
@@ -57,7 +60,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -255,5 +258,26 @@ class ChangeFeed(Protocol):
         A follower that has applied the change at the first number has seen every change of
         the range up to the second (the range's keys are never deleted), so it may take the
         second as its own revision: the proof behind ``Progress`` and fresh snapshots.
+        """
+        ...
+
+
+@runtime_checkable
+class ReadYourWrites(Protocol):
+    """A store whose fresh reads can lag the primary (a regional replica): wait first.
+
+    A regional server calls it before it answers with the revision of a mutation it forwarded
+    to the primary, or with a client's minimum revision. Stores that read the primary itself
+    need no such wait and do not implement it.
+    """
+
+    async def wait_for(
+        self, revision: int, *, timeout: float | None = None  # noqa: ASYNC109 - a bound, whose
+    ) -> int:  # error names the revision reached (asyncio.timeout could not)
+        """Once fresh reads reflect every change up to ``revision``: the revision they are at.
+
+        Raises ``UnavailableError`` after ``timeout`` seconds (``None``: the store's default),
+        naming in its message and in its metadata (``applied_revision``, ``revision``) the
+        revision the store had reached.
         """
         ...
