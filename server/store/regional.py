@@ -42,7 +42,6 @@ RegionalChangeFeed`.
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,7 +51,6 @@ from aetcd import rpc
 from modelreg.replication import layout
 from modelreg.replication.errors import Compacted
 from modelreg.replication.etcd import Etcd
-from modelreg.server.domain import keys as key_schema
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import (
     CommitResult,
@@ -67,54 +65,14 @@ from modelreg.server.domain.ports import (
     Write,
 )
 from modelreg.server.store.etcd import EtcdStore
+from modelreg.server.store.regional_keys import REGION_HELD, Source, segments, source
 from modelreg.server.store.regional_replica import Cut, Replica, unavailable
 
 log = structlog.get_logger(__name__)
 
-REGION_HELD: tuple[str, ...] = (key_schema.NODES_START,)
-"""Region-local families kept in the regional etcd: node reports describe their own region and
-live on leases of its cluster."""
-PRIMARY_HELD: tuple[str, ...] = tuple(
-    f.decode() for f in layout.LOCAL_FAMILIES if f.decode() not in REGION_HELD)
-"""The other region-local families: idempotency records, written with the mutation on the
-primary, whose records are the only ones that exist."""
-assert set(REGION_HELD) < {f.decode() for f in layout.LOCAL_FAMILIES}
 CUT_ATTEMPTS = 5
-"""Reads retried when the regional etcd compacted their cut meanwhile (a newer one exists)."""
-
-
-class Source(enum.Enum):
-    """Where a key lives, seen from a regional server."""
-
-    REPLICA = "replica"
-    REGION = "region"
-    PRIMARY = "primary"
-
-
-def source(key: str) -> Source:
-    """Where ``key`` (relative to the prefix) is read."""
-    if key.startswith(REGION_HELD):
-        return Source.REGION
-    if key.startswith(PRIMARY_HELD):
-        return Source.PRIMARY
-    return Source.REPLICA
-
-
-def segments(start: str, end: str) -> list[tuple[Source, str, str]]:
-    """``[start, end)`` cut where its source changes, in key order."""
-    out: list[tuple[Source, str, str]] = []
-    cursor = start
-    for family in sorted(REGION_HELD + PRIMARY_HELD):
-        family_end = key_schema.prefix_end(family)
-        if family_end <= cursor or family >= end:
-            continue
-        if cursor < family:
-            out.append((Source.REPLICA, cursor, family))
-        low, cursor = max(cursor, family), min(end, family_end)
-        out.append((source(family), low, cursor))
-    if cursor < end:
-        out.append((Source.REPLICA, cursor, end))
-    return out
+"""Cuts a read takes before giving up: a new one when the regional etcd compacted the last one
+meanwhile, or after waiting for the region to reach a ``requests/`` record read on the primary."""
 
 
 class _Behind(Exception):
@@ -232,7 +190,8 @@ class RegionalStore:
                 continue
             except _Behind as behind:
                 await self.wait_for(behind.revision)
-        raise UnavailableError("the regional etcd compacted every cut a read took; retry")
+        raise UnavailableError(f"no consistent read of the region in {CUT_ATTEMPTS} attempts "
+                               "(its etcd compacted each cut, or the primary kept moving); retry")
 
     def _entry(self, cut: Cut, key: str, kv: Any, src: Source) -> Entry:
         if src is Source.REGION:

@@ -147,6 +147,64 @@ class TestRegionLocalKeys:
             assert await keys_under(p, prefix.encode()) == []
 
 
+class TestMixedReads:
+    async def test_a_scan_reads_each_family_from_its_home_in_key_order(self, pair, prefix):
+        """A scan across replicated keys, node reports (regional etcd) and idempotency records
+        (primary) returns them in key order, page by page with ``more`` right at every bound,
+        forwards and in reverse, at the region's applied revision.
+        """
+        primary, region = pair
+        store = regional(primary, region, prefix)
+        direct = EtcdStore([primary.endpoint], prefix)
+        replicated = ["a/1", "m/1", "o/1", "s/1"]
+        try:
+            async with Replicator(config(primary, region, prefix)):
+                await store.wait_for(1)
+                await store.commit([], [Put(k, k.encode()) for k in replicated])
+                await store.put_ephemeral(keys.node("n1"), b"node", 30)
+                record = await direct.commit([], [Put(keys.request("r1"), b"rec", ttl=60)])
+                await store.wait_for(record.revision)
+                every = sorted([*replicated, keys.node("n1"), keys.request("r1")])
+                for reverse in (False, True):
+                    want = sorted(every, reverse=reverse)
+                    whole = await store.scan("a", "z", limit=0, reverse=reverse)
+                    assert [e.key for e in whole.entries] == want and not whole.more
+                    for size in range(1, len(want) + 1):
+                        page = await store.scan("a", "z", limit=size, reverse=reverse)
+                        assert [e.key for e in page.entries] == want[:size]
+                        assert page.more == (size < len(want))
+                        assert page.revision == whole.revision >= record.revision
+        finally:
+            await store.close()
+            await direct.close()
+
+    async def test_a_record_newer_than_the_region_waits_for_it(self, pair, prefix):
+        """A read of an idempotency record that the region has not caught up with waits until
+        it has, so the answer is one revision; past the bound it fails naming the region's
+        applied revision.
+        """
+        primary, region = pair
+        store = regional(primary, region, prefix, wait_timeout=0.3)
+        direct = EtcdStore([primary.endpoint], prefix)
+        cfg = config(primary, region, prefix)
+        wanted = ["models/m", keys.request("r1")]
+        try:
+            async with Replicator(cfg):
+                await store.wait_for(1)
+            written = await direct.commit([], [Put("models/m", b"1"),
+                                               Put(keys.request("r1"), b"rec", ttl=60)])
+            with pytest.raises(UnavailableError, match="applied the primary up to"):
+                await store.read(wanted, fresh=True)
+            store.wait_timeout = 60
+            async with Replicator(cfg):
+                snap = await store.read(wanted, fresh=True)
+        finally:
+            await store.close()
+            await direct.close()
+        assert snap.revision >= written.revision
+        assert [snap.get(k).mod_revision for k in wanted] == [written.revision] * 2
+
+
 class TestReadYourWrites:
     async def test_waiting_for_a_revision_the_region_lacks_names_what_it_has(self, pair,
                                                                              prefix):
