@@ -9,6 +9,7 @@ import asyncio
 import os
 import random
 import signal
+from dataclasses import replace
 
 import pytest
 from aetcd import rpc
@@ -85,6 +86,41 @@ class TestSameAsThePrimary:
         finally:
             await store.close()
             await direct.close()
+
+    async def test_a_watch_moved_to_another_region_misses_nothing(self, pair, prefix):
+        """A watch of region "eu" stopped half way and resumed in region "ap" (each under its
+        own regional prefix, filled by its own replicator) from the next revision yields, in
+        all, exactly what one watch of the primary yields: one revision space.
+        """
+        primary, region = pair
+        names = ("eu", "ap")
+        stores = {name: regional(primary, region, prefix, region_prefix=f"/{name}{prefix}")
+                  for name in names}
+        direct = EtcdStore([primary.endpoint], prefix)
+        configs = [replace(config(primary, region, prefix, replica_id=name,
+                                  region_prefix=f"/{name}{prefix}"), region=name)
+                   for name in names]
+        try:
+            async with client(primary) as p, Replicator(configs[0]), Replicator(configs[1]):
+                for store in stores.values():
+                    await store.wait_for(1)
+                first = (await direct.read([], fresh=True)).revision + 1
+                writer = Writer(p, prefix.encode())
+                await writer.setup()
+                await writer.run(80)
+                last = (await direct.read([], fresh=True)).revision
+                for store in stores.values():
+                    await store.wait_for(last)
+                want = await replay(EtcdChangeFeed(direct, progress_interval=0.05), first, last)
+                middle = want[len(want) // 2][0]
+                eu = await replay(RegionalChangeFeed(stores["eu"]), first, middle)
+                ap = await replay(RegionalChangeFeed(stores["ap"]), eu[-1][0] + 1, last)
+        finally:
+            for store in stores.values():
+                await store.close()
+            await direct.close()
+        assert eu[-1][0] == middle
+        assert eu + ap == want
 
     async def test_an_oversized_revision_arrives_as_one_batch(self, pair, prefix):
         """A primary Txn too large for one regional Txn (a generation switch) reaches the feed
