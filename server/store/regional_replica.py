@@ -128,6 +128,8 @@ class Replica:
         ``by_value`` sorts by value, descending: on envelopes that is by primary
         ``mod_revision``, since an envelope starts with a constant format byte and then the
         ``mod_revision`` as a big-endian integer (non-negative, so byte order is numeric order).
+        Should the envelope become a protobuf message, this must go (the contract test of
+        ``latest`` would fail first).
         Raises ``Compacted`` if ``at`` was compacted meanwhile.
         """
         if by_value:
