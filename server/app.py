@@ -56,6 +56,8 @@ from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.etcd_supervisor import EtcdSupervisor
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
+from modelreg.server.store.regional import RegionalStore
+from modelreg.server.store.regional_feed import RegionalChangeFeed
 from modelreg.server.store.replica_status import ReplicaStatusLag
 from modelreg.server.topology import Topology
 
@@ -189,15 +191,24 @@ class App:
         self.port = parts.port
         stack.push_async_callback(parts.server.stop, None)  # also frees a port never served
         self.topology = topology = config.load_topology()
+        regional = topology is not None and config.region != topology.primary and not config.etcd
         own = topology.region(config.region).etcd if topology is not None else ()
         self.endpoints = config.etcd or own or (await self._start_etcd(stack),)
-        # The store seam. Outside the primary region the store must read the region's replica
-        # (replication/layout.py) at the primary's revisions and commit to the primary: the
-        # regional store goes here; a plain EtcdStore serves a region only over the primary's
-        # own etcd (--etcd), as the tests' stand-in does.
-        store = await stack.enter_async_context(_open_etcd(self.endpoints, config))
+        # The store seam. Outside the primary region the store reads the region's replica
+        # (replication/layout.py) at the primary's revisions and commits to the primary. An
+        # explicit --etcd there names a cluster to use directly: a region without an etcd of
+        # its own, served from the primary's across the link.
+        store: ModelStore
+        feed: ChangeFeed
+        if regional:
+            assert topology is not None
+            rstore = await stack.enter_async_context(_open_regional(config, topology))
+            store, feed = rstore, RegionalChangeFeed(rstore, progress_interval=_progress(config))
+        else:
+            estore = await stack.enter_async_context(_open_etcd(self.endpoints, config))
+            store, feed = estore, _feed(estore, config)
         self.store = store
-        self.hub = StageHub(store, _feed(store, config), queue_size=config.watch_queue)
+        self.hub = StageHub(store, feed, queue_size=config.watch_queue)
         lag, self.forwarder = await stack.enter_async_context(_open_region(config, topology))
         regions = Regions(config.region_name, _regions(config, topology), store, lag=lag,
                           link=self.forwarder)
@@ -298,11 +309,29 @@ class App:
         await parts.server.stop(self.config.grace)
 
 
-def _feed(store: EtcdStore, config: ServerConfig) -> ChangeFeed:
-    # Progress requests keep the hub's revision (and so bookmarks) current and detect a silent
+def _progress(config: ServerConfig) -> float:
+    # Progress checks keep the hub's revision (and so bookmarks) current and detect a silent
     # watch; twice per bookmark interval, at most once a second.
-    progress = min(1.0, config.bookmark_interval / 2, config.etcd_timeout)
-    return EtcdChangeFeed(store, progress_interval=progress)
+    return min(1.0, config.bookmark_interval / 2, config.etcd_timeout)
+
+
+def _feed(store: EtcdStore, config: ServerConfig) -> ChangeFeed:
+    return EtcdChangeFeed(store, progress_interval=_progress(config))
+
+
+@contextlib.asynccontextmanager
+async def _open_regional(config: ServerConfig, topology: Topology) -> AsyncIterator[RegionalStore]:
+    """The regional store: the region's replica for reads, the primary's etcd for commits."""
+    region, primary = topology.region(config.region), topology.primary_region
+    store = RegionalStore(primary.etcd, region.etcd, config.prefix,
+                          region_prefix=region.prefix, region_name=region.name,
+                          timeout=config.etcd_timeout)
+    try:
+        log.info("regional_store", region=region.name, region_etcd=",".join(region.etcd),
+                 primary=primary.name, primary_etcd=",".join(primary.etcd))
+        yield store
+    finally:
+        await store.close()
 
 
 def _regions(config: ServerConfig, topology: Topology | None) -> list[RegionInfo]:

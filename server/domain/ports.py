@@ -50,10 +50,13 @@ from any server of the deployment means the same thing to every other. Concretel
    out, through any store of it; otherwise when a commit (or, in a region, the replica)
    reaches R; or, at its bound, with the revision reached, below R.
 
-An adapter that serves reads from somewhere else (a regional replica) keeps all of this: it
-reports the primary revisions its replica applied, never the replica's own revisions. It
-commits on the primary, and after a commit or a read it waits until the replica reaches that
-revision before answering a fresh read, which keeps clauses 1 and 2.
+An adapter that serves reads from somewhere else (a regional replica,
+``modelreg.server.store.regional``) keeps all of this: it reports the primary revisions its
+replica applied, never the replica's own revisions, and commits on the primary. After each of
+its successful commits it waits (bounded) until the replica has applied it, so clauses 1 and 2
+hold for what is written through the stores of one region; a revision learned elsewhere (from
+the primary's servers, another region, a client) is waited for with ``wait_for`` (clause 7). A
+failed commit's revision is the primary's, which the replica may not have applied yet.
 ``tests/server/test_store_contract.py`` checks these clauses against etcd (every build the
 tests know) and against the fake; a new adapter gets a class there.
 """

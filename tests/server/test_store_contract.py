@@ -1,22 +1,28 @@
 """The revision contract of the storage ports (``modelreg.server.domain.ports``), clause by
 clause, against every implementation: ``EtcdStore``/``EtcdChangeFeed`` on a real etcd of each
-build, and the in-memory fake the domain tests run on.
+build, the regional store (``RegionalStore``/``RegionalChangeFeed``, reading a regional etcd
+that a real replicator fills from a primary etcd) on a pair of each build, and the in-memory
+fake the domain tests run on.
 
 The tests live in ``StoreContract``; each ``TestX`` subclass supplies its implementation
-through the ``impl`` fixture. The regional store of the next issue gets a class here too: its
-revisions and etags must be the primary's, which is what these clauses pin.
+through the ``impl`` fixture. The regional store's revisions and etags must be the primary's,
+which is what these clauses pin.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aetcd
 import grpc
 import pytest
+from aetcd import rpc
 
+from modelreg.replication import Replicator, State, layout
 from modelreg.server.domain.ports import (
     Batch,
     Change,
@@ -29,10 +35,15 @@ from modelreg.server.domain.ports import (
     RangeUnchanged,
     Unchanged,
 )
+from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
 from modelreg.server.store.memory import MemoryStore
+from modelreg.server.store.regional import RegionalStore
+from modelreg.server.store.regional_feed import RegionalChangeFeed
+from tests.conftest import ETCD_BUILDS, etcd_binary
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
+from tests.replication.region_env import client, config, start_pair
 
 W, W_END = "w/", "w0"
 """The watched range of the feed tests; keys outside it start with ``x/``."""
@@ -290,6 +301,55 @@ class TestEtcdStore(StoreContract):
         finally:
             await store.close()
             await peer.close()
+
+
+@pytest.fixture(scope="module", params=sorted(ETCD_BUILDS), ids=lambda b: f"etcd{b}")
+def region_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[EmbeddedEtcd, EmbeddedEtcd]]:
+    """A primary and a regional etcd of one build, for the module (each test its own prefix)."""
+    tmp: Path = tmp_path_factory.mktemp(f"pair-{request.param}")
+    primary, region = start_pair(tmp, etcd_binary(request.param))
+    try:
+        yield primary, region
+    finally:
+        region.stop()
+        primary.stop()
+
+
+class TestRegionalStore(StoreContract):
+    """``RegionalStore`` and ``RegionalChangeFeed`` over a regional etcd that a replicator fills
+    from the primary: the peer is another server of the same region. Commits wait for the
+    region to apply them (``wait_for``), so what one server of the region wrote, the other reads.
+    """
+
+    @pytest.fixture
+    async def impl(self, region_pair) -> AsyncIterator[Impl]:
+        primary, region = region_pair
+        prefix = f"/c-{uuid.uuid4().hex[:8]}/"
+        stores = [RegionalStore([primary.endpoint], [region.endpoint], prefix, region_name="eu")
+                  for _ in range(2)]
+
+        async def compact(revision: int) -> None:
+            # The history this store replays is the region's: forget it up to the replicator
+            # commit that left the region just below ``revision``.
+            key = layout.state_key(prefix.encode())
+            async with client(region) as c:
+                at = (await c.kvstub.Range(rpc.RangeRequest(key=key))).header.revision
+                while True:
+                    kv = (await c.kvstub.Range(rpc.RangeRequest(key=key, revision=at))).kvs[0]
+                    if State.decode(bytes(kv.value)).applied < revision:
+                        break
+                    at = kv.mod_revision - 1
+                await c.kvstub.Compact(rpc.CompactionRequest(revision=at, physical=True))
+
+        try:
+            async with Replicator(config(primary, region, prefix)):
+                await stores[0].wait_for(1)  # the region's first copy
+                yield Impl(stores[0], RegionalChangeFeed(stores[0], progress_interval=0.05),
+                           stores[1], compact)
+        finally:
+            for store in stores:
+                await store.close()
 
 
 class TestMemoryStore(StoreContract):
