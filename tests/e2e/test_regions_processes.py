@@ -1,9 +1,9 @@
 """Two regions as real processes: ``modelreg serve`` per region from one topology file, the
 region's ``modelreg replicate``, two etcd clusters, and the real CLI and watch.
 
-The eu server's store is a plain ``EtcdStore`` over the primary's etcd (``--etcd``, which wins
-over the topology's), standing in for the regional store that reads eu's replica; its lag
-figures come from eu's own etcd, where the replicator writes them.
+The eu server runs on the regional store: it reads eu's own etcd, which only the replicator
+writes, at the primary's revisions, and forwards mutations to the primary's server; its lag
+figures come from eu's etcd too, where the replicator writes them.
 """
 
 from __future__ import annotations
@@ -132,10 +132,10 @@ class TestTwoRegionsAsProcesses:
         try:
             us = Serve(tmp_path, topology, "us", us_addr)
             procs.append(us)
-            eu = Serve(tmp_path, topology, "eu", eu_addr, "--etcd", primary_etcd.endpoint,
+            replicator = replicate(tmp_path / "replicate.log", primary_etcd, eu_etcd)
+            eu = Serve(tmp_path, topology, "eu", eu_addr,
                        "--bookmark-interval", "0.3", "--forward-connect-timeout", "0.5")
             procs.append(eu)
-            replicator = replicate(tmp_path / "replicate.log", primary_etcd, eu_etcd)
             await us.serving()
             await eu.serving()
 

@@ -344,7 +344,7 @@ class TestRegionalStore(StoreContract):
 
         try:
             async with Replicator(config(primary, region, prefix)):
-                await stores[0].wait_for(1)  # the region's first copy
+                await stores[0].wait_applied(1)  # the region's first copy
                 yield Impl(stores[0], RegionalChangeFeed(stores[0], progress_interval=0.05),
                            stores[1], compact)
         finally:
