@@ -51,6 +51,18 @@ def hops(logs: list[dict[str, Any]], method: str) -> list[tuple[str, ...]]:
     return sorted(found)
 
 
+async def logged(logs: list[dict[str, Any]], method: str, count: int = 2) -> None:
+    """Waits (up to 10 s) until ``count`` rpc lines of ``method`` are captured.
+
+    A server logs a call once it has sent the answer, so the caller may hold the answer a
+    moment before the line exists: leaving ``capture_logs`` at once could miss it.
+    """
+    for _ in range(1000):
+        if len(hops(logs, method)) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 async def regions(etcd_server, etcd_prefix, tmp_path: Path):
     async with deployment(etcd_server.endpoint, etcd_prefix, tmp_path,
@@ -68,6 +80,7 @@ class TestForwardedMutations:
         with capture_logs() as logs:
             promoted = await eu.PromoteVersion(svc.PromoteVersionRequest(
                 name=stage("staging"), version=2, reason="from eu"))
+            await logged(logs, "PromoteVersion")
         assert hops(logs, "PromoteVersion") == [("eu->us", "alice", "", "OK"),
                                                 ("primary<-eu", "alice", "", "OK")]
         on_primary = (await us.GetStage(svc.GetStageRequest(name=stage("staging")))).stage
@@ -92,8 +105,10 @@ class TestForwardedMutations:
             name=stage("staging"), version=2, etag=etag))
         assert second.revision > first.revision
         stale = svc.PromoteVersionRequest(name=stage("staging"), version=1, etag=etag)
-        with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as through_eu:
-            await eu.PromoteVersion(stale)
+        with capture_logs() as logs:
+            with pytest.raises(grpc.aio.AioRpcError) as through_eu:
+                await eu.PromoteVersion(stale)
+            await logged(logs, "PromoteVersion")
         with pytest.raises(grpc.aio.AioRpcError) as direct:
             await us.PromoteVersion(stale)
         assert failure(through_eu.value) == failure(direct.value)
@@ -113,8 +128,10 @@ class TestForwardedMutations:
         """
         eu, us = regions.model_stub(regions.eu), regions.model_stub(regions.us[0])
         await make_model(us, versions=1)
-        with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError) as through_eu:
-            await eu.PromoteVersion(request_)
+        with capture_logs() as logs:
+            with pytest.raises(grpc.aio.AioRpcError) as through_eu:
+                await eu.PromoteVersion(request_)
+            await logged(logs, "PromoteVersion")
         with pytest.raises(grpc.aio.AioRpcError) as direct:
             await us.PromoteVersion(request_)
         assert failure(through_eu.value) == failure(direct.value)
@@ -132,6 +149,7 @@ class TestForwardedMutations:
         request = svc.PromoteVersionRequest(name=stage("staging"), version=1, request_id="r-42")
         with capture_logs() as logs:
             first = await eu.PromoteVersion(request)
+            await logged(logs, "PromoteVersion")
         assert hops(logs, "PromoteVersion") == [("eu->us", "alice", "r-42", "OK"),
                                                 ("primary<-eu", "alice", "r-42", "OK")]
         again = await us.PromoteVersion(request)
@@ -199,6 +217,7 @@ class TestFailover:
             with capture_logs() as logs:
                 promoted = await eu.PromoteVersion(svc.PromoteVersionRequest(
                     name=stage("staging"), version=2))
+                await logged(logs, "PromoteVersion")
             assert hops(logs, "PromoteVersion") == [("eu->us", "alice", "", "OK"),
                                                     ("primary<-eu", "alice", "", "OK")]
             us = env.model_stub(env.us[1])
