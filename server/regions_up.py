@@ -49,7 +49,7 @@ from modelreg.server import etcd_lifetime, regions_plan
 from modelreg.server.child_process import ChildProcess, stop_leftover
 from modelreg.server.config import default_data_dir
 from modelreg.server.embedded_etcd import EmbeddedEtcd, EtcdNotFoundError, EtcdStartError
-from modelreg.server.etcd_ports import free_port, port_in_use, who_listens
+from modelreg.server.etcd_ports import free_ports, port_in_use, who_listens
 from modelreg.server.latency_proxy import LatencyProxy
 from modelreg.server.regions_plan import Endpoints
 
@@ -199,27 +199,32 @@ class Cluster:
             if pid_file.name != etcd_lifetime.PID_FILE:  # the etcds clear their own
                 stop_leftover(pid_file)
 
-    def _ports(self) -> list[int]:
+    def _check_base_ports(self) -> None:
         base, count = self.options.base_port, len(self.options.regions)
-        ports = list(range(base, base + count)) if base else [free_port(HOST) for _ in range(count)]
-        for port in ports if base else ():
+        for port in range(base, base + count) if base else ():
             if port_in_use(HOST, port):
                 who = ", ".join(map(etcd_lifetime.describe, who_listens(port))) or "a process"
                 raise StartError(f"port {port} on {HOST} is in use by {who}; end it or choose "
                                  "another --base-port (0 picks free ports)")
-        return ports
 
     async def start_etcds(self) -> None:
-        """Lock the data dir, choose ports, start every region's etcd."""
+        """Lock the data dir, check the server ports, start every region's etcd."""
         if self._lock is None:
             self._take_data_dir()
-        ports = self._ports()
-        for name, port in zip(self.options.regions, ports, strict=True):
-            region_dir = self.data_dir / name
-            self.regions[name] = region = _Region(
-                name, region_dir, EmbeddedEtcd(region_dir, name=name), f"{HOST}:{port}",
-                f"{HOST}:{free_port(HOST)}", f"{HOST}:{free_port(HOST)}")
-            await region.etcd.start_async()
+        self._check_base_ports()
+        names = self.options.regions
+        # Chosen while the etcds hold theirs, in one call so that they differ from each other;
+        # only a process outside the cluster can take one before its child binds it.
+        for name in names:
+            etcd = EmbeddedEtcd(self.data_dir / name, name=name)
+            self.regions[name] = _Region(name, self.data_dir / name, etcd, "", "", "")
+            await etcd.start_async()
+        picked = iter(free_ports(HOST, len(names) * (2 if self.options.base_port else 3)))
+        for i, region in enumerate(self.regions.values()):
+            port = self.options.base_port + i if self.options.base_port else next(picked)
+            region.listen = f"{HOST}:{port}"
+            region.metrics = f"{HOST}:{next(picked)}"
+            region.replicator_metrics = f"{HOST}:{next(picked)}"
 
     async def start_links(self) -> None:
         """One proxy per ordered pair of regions and per service (etcd, server)."""
@@ -264,10 +269,31 @@ class Cluster:
                 prefix=self.options.prefix, log_level=self.options.log_level)
             region.replicator = self._child(region, "replicator", argv)
             self._spawn(region.replicator)
-        await asyncio.sleep(0.2)  # an immediate failure (bad flags) shows as a start error
-        for region in self.regions.values():
-            if region.replicator is not None and region.replicator.poll() is not None:
-                raise self._exited(region.replicator)
+        await asyncio.gather(*(self._wait_listening(r.replicator, r.replicator_metrics)
+                               for r in self.regions.values() if r.replicator is not None))
+
+    async def _wait_listening(self, child: ChildProcess, address: str) -> None:
+        """Until ``child`` listens on ``address``; StartError if it exits or never does.
+
+        A replicator binds its metrics endpoint once its settings are checked: past that, a
+        failure is the supervisor's to handle.
+        """
+        host, _, port = address.rpartition(":")
+        deadline = time.monotonic() + self.options.start_timeout
+        while True:
+            if child.poll() is not None:
+                raise self._exited(child)
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise StartError(f"{child.name} not listening on {address} after "
+                                     f"{self.options.start_timeout:g} s; its log "
+                                     f"({child.log_path}) ends:\n{child.log_tail()}") from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            return
 
     async def start_servers(self) -> None:
         """Every region's server; returns when each says SERVING."""
@@ -418,9 +444,13 @@ class Cluster:
                              f"pid {r.replicator.pid}, from {self.primary} etcd via "
                              f"{r.links[self.primary, 'etcd'].address}, metrics "
                              f"{r.replicator_metrics}"))
-            for (other, service), proxy in r.links.items():
-                rows.append((f"{name}->{other}", f"link ({service})", proxy.address,
-                             f"to {proxy.target}, {latency}"))
+            for other in self.regions:
+                if other != name:
+                    links = [r.links[other, service] for service in ("server", "etcd")]
+                    rows.append((name, f"links to {other}", "-", ", ".join(
+                        f"{service} {p.address} -> {p.target}"
+                        for service, p in zip(("server", "etcd"), links, strict=True))
+                        + f"; {latency}"))
         return rows
 
 
