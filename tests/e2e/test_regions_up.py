@@ -134,6 +134,23 @@ class TestClusterParts:
         cluster.regions["eu"].links["us", "etcd"].heal()
         assert (await wait_converged(cluster, "eu")).applied >= revision
 
+    async def test_cut_and_heal_act_on_every_link(self, cluster: Cluster) -> None:
+        """The launcher's cut (SIGUSR1) resets connections on every link between regions;
+        after its heal (SIGUSR2) every region catches up with a write made during the cut.
+        """
+        cluster.cut()
+        links = [p for r in cluster.regions.values() for p in r.links.values()]
+        assert all(p.cut_mode == "reset" for p in links)
+        for link in links[:2]:
+            reader, writer = await asyncio.open_connection(*link.address.split(":"))
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(1), 10)
+            writer.close()
+        revision = await create_model(cluster.regions["us"].listen, "during-cut")
+        cluster.heal()
+        for region in ("eu", "ap"):
+            assert (await wait_converged(cluster, region)).applied >= revision
+
     async def test_a_killed_replicator_is_started_again(self, cluster: Cluster) -> None:
         """SIGKILL of a region's replicator: the launcher starts it again, and the region
         catches up with a write made meanwhile.
@@ -317,6 +334,27 @@ class TestUpRegionsCluster:
             for region in regions.values():
                 assert region["server"] in table and region["etcd"] in table
             revision = await create_model(regions["eu"]["server"], "through-eu")
+            async with etcd_client(regions["us"]["etcd"]) as p, \
+                    etcd_client(regions["ap"]["etcd"]) as r:
+                state, _ = await converged(p, r, PREFIX.encode())
+            assert state.applied >= revision
+            up.proc.send_signal(signal.SIGUSR1)  # cut every link between regions
+            link = regions["ap"]["links"]["us/etcd"]
+
+            async def link_is_cut() -> bool:
+                async with etcd_client(link) as c:
+                    try:
+                        await asyncio.wait_for(c.get(b"probe"), 5)
+                    except Exception:  # whatever aetcd makes of a reset connection
+                        return True
+                return False
+
+            deadline = time.monotonic() + 30
+            while not await link_is_cut():
+                assert time.monotonic() < deadline, "SIGUSR1 did not cut the links"
+                await asyncio.sleep(0.1)
+            up.proc.send_signal(signal.SIGUSR2)  # heal them
+            revision = await create_model(regions["us"]["server"], "after-heal")
             async with etcd_client(regions["us"]["etcd"]) as p, \
                     etcd_client(regions["ap"]["etcd"]) as r:
                 state, _ = await converged(p, r, PREFIX.encode())
