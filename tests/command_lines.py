@@ -27,10 +27,14 @@ SERVE_HAS_TOPOLOGY = {"--region", "--topology"} <= _options(server_main.build_pa
 
 
 def check_modelreg_command(
-    argv: Sequence[str], env: Mapping[str, str] | None = None
+    argv: Sequence[str], env: Mapping[str, str] | None = None,
+    files: Mapping[str, Path] | None = None,
 ) -> argparse.Namespace:
     """Parses ``argv`` (``modelreg WORD ...``) as the installed command would; for ``serve`` and
     ``replicate`` also builds and validates the process's config from the flags and ``env``.
+
+    ``files`` maps a path as the command names it (inside a container, say) to the local file
+    the config check reads instead.
 
     Raises:
         AssertionError: The parser or the config refuses it; the message is theirs.
@@ -51,7 +55,7 @@ def check_modelreg_command(
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
             args = parser.parse_args(rest)
-        flags = {k: v for k, v in vars(args).items() if k != "config"}
+        flags = {k: (files or {}).get(str(v), v) for k, v in vars(args).items() if k != "config"}
         if word == "serve":
             ServerConfig.from_sources(flags, env or {})
         elif word == "replicate":

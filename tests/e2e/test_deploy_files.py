@@ -56,14 +56,15 @@ def _compose() -> dict[str, Any]:
 
 def _modelreg_commands() -> list[Any]:
     """Every `modelreg` command of both deployments, as pytest params (serve: marked)."""
-    found = [(f"kubernetes:{name}", c["command"], {e["name"]: "x" for e in c.get("env", [])})
+    found = [("kubernetes", name, c["command"], {e["name"]: "x" for e in c.get("env", [])})
              for name, c in _containers() if c["command"][0] == "modelreg"]
-    found += [(f"compose:{name}", s["command"], s.get("environment", {}))
+    found += [("compose", name, s["command"], s.get("environment", {}))
               for name, s in _compose()["services"].items() if s["command"][0] == "modelreg"]
     wait = pytest.mark.skipif(not SERVE_HAS_TOPOLOGY,
                               reason="needs `modelreg serve --region/--topology`")
-    return [pytest.param(argv, env, id=where, marks=[wait] if argv[1] == "serve" else [])
-            for where, argv, env in found]
+    return [pytest.param(where, argv, env, id=f"{where}:{name}",
+                         marks=[wait] if argv[1] == "serve" else [])
+            for where, name, argv, env in found]
 
 
 class TestKubernetesManifests:
@@ -170,10 +171,16 @@ class TestComposeFile:
 
 
 class TestModelregCommands:
-    @pytest.mark.parametrize(("argv", "env"), _modelreg_commands())
-    def test_every_modelreg_command_is_accepted(self, argv: list[str], env: dict[str, str]
-                                                ) -> None:
+    @pytest.mark.parametrize(("where", "argv", "env"), _modelreg_commands())
+    def test_every_modelreg_command_is_accepted(
+        self, where: str, argv: list[str], env: dict[str, str], tmp_path: Path
+    ) -> None:
         """Each `modelreg` command line in the deployments parses with the real command's
-        parser, and its settings pass the process's own config validation.
+        parser, and its settings pass the process's own config validation (the topology file
+        it mounts included).
         """
-        check_modelreg_command(argv, env)
+        mounted = COMPOSE / "topology.toml"
+        if where == "kubernetes":
+            mounted = tmp_path / "topology.toml"
+            mounted.write_text(_one("ConfigMap", "modelreg-topology")["data"]["topology.toml"])
+        check_modelreg_command(argv, env, {"/etc/modelreg/topology.toml": mounted})

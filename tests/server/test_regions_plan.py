@@ -89,10 +89,17 @@ class TestCommandLines:
     @pytest.mark.skipif(not SERVE_HAS_TOPOLOGY,
                         reason="`modelreg serve --region/--topology` (regional server mode) "
                                "is not in this build yet")
-    def test_server_command_is_accepted_by_modelreg_serve(self) -> None:
-        """A region's server command line is `modelreg serve` with flags its parser takes."""
-        argv = server_command("eu", listen="127.0.0.1:1", etcd="127.0.0.1:2",
-                              metrics="127.0.0.1:3", topology=Path("/t.toml"), prefix="/p/",
+    def test_server_command_is_accepted_by_modelreg_serve(self, tmp_path: Path) -> None:
+        """A region's server command line is `modelreg serve` with flags its parser takes, and
+        its config accepts the topology file the launcher writes.
+        """
+        topology = tmp_path / "topology.toml"
+        topology.write_text(topology_toml("us", {
+            "us": Endpoints(("127.0.0.1:1",), ("127.0.0.1:2",)),
+            "eu": Endpoints(("127.0.0.1:3",), ("127.0.0.1:4",)),
+        }, seen_from="eu"))
+        argv = server_command("eu", listen="127.0.0.1:4", etcd="127.0.0.1:3",
+                              metrics="127.0.0.1:5", topology=topology, prefix="/p/",
                               grace=1.0, log_level="info")
         check_modelreg_command(["modelreg", *argv[len(MODELREG):]])
 
