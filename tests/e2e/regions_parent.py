@@ -1,5 +1,5 @@
 """A stand-in for ``modelreg up --regions`` that a test can SIGKILL: starts the parts of a
-cluster that run without the regional server mode (tests/e2e/regions_cluster.py), writes
+cluster that run without the regional server mode (tests/e2e/regions_env.py), writes
 ``cluster.json``, prints ``ready`` and waits.
 
 Usage: python -m tests.e2e.regions_parent DATA_DIR
@@ -11,8 +11,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from modelreg.server.regions_up import Cluster
-from tests.e2e.regions_cluster import options, server_command_today, start_parts
+from modelreg.server.regions_cluster import Cluster
+from tests.e2e.regions_env import options, server_command_today, start_parts
 
 
 async def main(data_dir: Path) -> None:

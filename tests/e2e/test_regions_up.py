@@ -25,11 +25,11 @@ import pytest
 
 from modelreg.replication.layout import State
 from modelreg.server import etcd_lifetime
-from modelreg.server.regions_up import Cluster, StartError
+from modelreg.server.regions_cluster import Cluster, StartError
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 from tests.command_lines import SERVE_HAS_TOPOLOGY
-from tests.e2e.regions_cluster import (
+from tests.e2e.regions_env import (
     PREFIX,
     described_pids,
     etcd_client,

@@ -16,8 +16,8 @@ from typing import Any
 
 import aetcd
 
+from modelreg.server.regions_cluster import Cluster, Options
 from modelreg.server.regions_plan import server_command
-from modelreg.server.regions_up import Cluster, Options
 from tests.command_lines import SERVE_HAS_TOPOLOGY
 
 PREFIX = "/modelreg/"
