@@ -109,11 +109,8 @@ class Cluster:
         self._lock: int | None = None
         self.regions: dict[str, _Region] = {}
         self._last_start: dict[str, float] = {}
-
-    @property
-    def data_dir(self) -> Path:
+        self.data_dir = options.data_dir
         """The cluster's directory."""
-        return self.options.data_dir
 
     # -- start ------------------------------------------------------------------------------
 
@@ -336,9 +333,9 @@ class Cluster:
                 await proxy.close()
         for region in regions:
             await asyncio.to_thread(region.etcd.stop, grace)
-        with contextlib.suppress(OSError):
-            (self.data_dir / "cluster.json").unlink()
-        if self._lock is not None:
+        if self._lock is not None:  # else the dir, and its cluster.json, are another's
+            with contextlib.suppress(OSError):
+                (self.data_dir / "cluster.json").unlink()
             etcd_lifetime.release_data_dir(self._lock)
             self._lock = None
 

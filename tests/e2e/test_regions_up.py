@@ -273,8 +273,11 @@ class TestUpRegionsCommand:
         assert leftovers(tmp_path / "d", []) == []
 
     def test_a_held_data_dir_exits_4_naming_the_holder(self, tmp_path: Path) -> None:
-        """A data dir another launcher holds is refused with exit 4, naming that process."""
+        """A data dir another launcher holds is refused with exit 4, naming that process, and
+        that launcher's files are left alone.
+        """
         (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "cluster.json").write_text("{}")
         lock = etcd_lifetime.take_data_dir(tmp_path / "d")
         try:
             done = _up("--regions", "us,eu", "--base-port", "0", "--data-dir",
@@ -283,6 +286,7 @@ class TestUpRegionsCommand:
             etcd_lifetime.release_data_dir(lock)
         assert done.returncode == 4, done.stderr
         assert f"in use by a running modelreg, pid {os.getpid()}" in done.stderr
+        assert (tmp_path / "d" / "cluster.json").read_text() == "{}"
 
 
 class UpRegions:
