@@ -235,10 +235,13 @@ class Cluster:
             return
 
     async def start_servers(self) -> None:
-        """Every region's server; returns when each says SERVING."""
-        for name in self.regions:
+        """The primary's server, then (once it serves, so they find it up) the others."""
+        self.spawn_server(self.primary)
+        await self.wait_serving(self.primary)
+        others = [name for name in self.regions if name != self.primary]
+        for name in others:
             self.spawn_server(name)
-        await asyncio.gather(*(self.wait_serving(name) for name in self.regions))
+        await asyncio.gather(*(self.wait_serving(name) for name in others))
 
     def spawn_server(self, name: str) -> None:
         """Start region ``name``'s server process (:meth:`wait_serving` waits for it)."""
@@ -309,15 +312,13 @@ class Cluster:
 
     def cut(self) -> None:
         """Cut every link between regions (connections reset)."""
-        for region in self.regions.values():
-            for proxy in region.links.values():
-                proxy.cut()
+        for proxy in (p for r in self.regions.values() for p in r.links.values()):
+            proxy.cut()
 
     def heal(self) -> None:
         """Heal every link."""
-        for region in self.regions.values():
-            for proxy in region.links.values():
-                proxy.heal()
+        for proxy in (p for r in self.regions.values() for p in r.links.values()):
+            proxy.heal()
 
     # -- stop -------------------------------------------------------------------------------
 
