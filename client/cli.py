@@ -32,8 +32,10 @@ SERVER_COMMANDS = {
         "run the gRPC server against an etcd cluster (--etcd host:port,...) or an embedded one"
     ),
     "up": "run a local server on an embedded etcd with a persistent data dir; Ctrl-C stops both",
+    "replicate": "run a region's replicator: copy the primary's etcd prefix into the region's",
 }
-"""Commands owned by ``modelreg.server.main``: their arguments are passed through untouched."""
+"""Commands owned by ``modelreg.server.main`` (``replicate``: ``modelreg.replication.main``):
+their arguments are passed through untouched."""
 
 _DESCRIPTION = """\
 Operate the modelreg registry (models, versions, stage pointers, audit), see what the serving
@@ -440,15 +442,20 @@ def _version() -> str:
 
 
 def _run_server(command: str, rest: list[str]) -> int:
-    # The one sanctioned import of server code (see the import-linter contract in pyproject):
-    # lazy, so the client never loads the server, and the server owns these flags and --help.
+    # The sanctioned imports of server and replicator code (see the import-linter contract in
+    # pyproject): lazy, so the client never loads them, and they own these flags and --help.
     try:
-        from modelreg.server import main as server_main
+        if command == "replicate":
+            from modelreg.replication.main import main as replicate
+        else:
+            from modelreg.server import main as server_main
     except ModuleNotFoundError as exc:
         # A base install (an inference node's) has the CLI but not the server's packages.
         print(f"error: modelreg {command} needs the server extra (missing {exc.name}): "
               "pip install 'modelreg[server]'", file=sys.stderr)
         return EXIT_LOCAL
+    if command == "replicate":
+        return replicate(rest)
     return server_main.main([command, *rest])
 
 

@@ -59,7 +59,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                "environment or in the TOML file given by --config. Health: grpc.health.v1 says "
                "SERVING once etcd answers. Exit codes: 0 stopped by Ctrl-C or SIGTERM, 2 bad "
                "setting, 4 cannot start here (address in use, data dir held, no etcd), 130 "
-               "interrupted while starting.",
+               "interrupted while starting." + (
+                   " With --regions A,B,...: a local multi-region cluster (modelreg up "
+                   "--regions us,eu --help)." if up else ""),
     )
     parser.add_argument("--config", type=Path,
                         help=f"TOML file with settings, same names (or ${CONFIG_FILE_ENV})")
@@ -83,6 +85,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Entry point for ``modelreg serve|up ARGS``; returns the process exit code."""
     command, rest = argv[0], argv[1:]
+    if command == "up" and any(a == "--regions" or a.startswith("--regions=") for a in rest):
+        from modelreg.server import regions_up  # a local multi-region cluster, its own flags
+
+        return regions_up.main(rest)
     args = vars(build_parser(command).parse_args(rest))
     config_file = args.pop("config") or (
         Path(os.environ[CONFIG_FILE_ENV]) if os.environ.get(CONFIG_FILE_ENV) else None
