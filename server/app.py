@@ -191,18 +191,20 @@ class App:
         self.port = parts.port
         stack.push_async_callback(parts.server.stop, None)  # also frees a port never served
         self.topology = topology = config.load_topology()
-        regional = topology is not None and config.region != topology.primary and not config.etcd
+        regional = (topology is not None and config.region != topology.primary
+                    and config.region_reads == "replica")
         own = topology.region(config.region).etcd if topology is not None else ()
         self.endpoints = config.etcd or own or (await self._start_etcd(stack),)
         # The store seam. Outside the primary region the store reads the region's replica
-        # (replication/layout.py) at the primary's revisions and commits to the primary. An
-        # explicit --etcd there names a cluster to use directly: a region without an etcd of
-        # its own, served from the primary's across the link.
+        # (replication/layout.py) at the primary's revisions and commits to the primary; with
+        # --region-reads direct it reads its etcd as is (a region without an etcd of its own,
+        # served from the primary's across the link).
         store: ModelStore
         feed: ChangeFeed
         if regional:
             assert topology is not None
-            rstore = await stack.enter_async_context(_open_regional(config, topology))
+            rstore = await stack.enter_async_context(
+                _open_regional(config, topology, self.endpoints))
             store, feed = rstore, RegionalChangeFeed(rstore, progress_interval=_progress(config))
         else:
             estore = await stack.enter_async_context(_open_etcd(self.endpoints, config))
@@ -320,14 +322,16 @@ def _feed(store: EtcdStore, config: ServerConfig) -> ChangeFeed:
 
 
 @contextlib.asynccontextmanager
-async def _open_regional(config: ServerConfig, topology: Topology) -> AsyncIterator[RegionalStore]:
-    """The regional store: the region's replica for reads, the primary's etcd for commits."""
+async def _open_regional(
+    config: ServerConfig, topology: Topology, endpoints: tuple[str, ...]
+) -> AsyncIterator[RegionalStore]:
+    """The regional store: the replica in ``endpoints`` for reads, the primary's for commits."""
     region, primary = topology.region(config.region), topology.primary_region
-    store = RegionalStore(primary.etcd, region.etcd, config.prefix,
+    store = RegionalStore(primary.etcd, endpoints, config.prefix,
                           region_prefix=region.prefix, region_name=region.name,
                           timeout=config.etcd_timeout)
     try:
-        log.info("regional_store", region=region.name, region_etcd=",".join(region.etcd),
+        log.info("regional_store", region=region.name, region_etcd=",".join(endpoints),
                  primary=primary.name, primary_etcd=",".join(primary.etcd))
         yield store
     finally:

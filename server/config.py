@@ -86,6 +86,11 @@ class ServerConfig:
     region: str = field(default="", metadata=about(
         "this server's region, a name in --topology; a server outside the primary region "
         "forwards every mutation to the primary's servers", external_etcd=True))
+    region_reads: str = field(default="replica", metadata=about(
+        "outside the primary region, where reads come from: the region's replica, kept in its "
+        "etcd (--etcd, else the topology's) by modelreg replicate; or direct: the --etcd "
+        "cluster read as is (a region without an etcd of its own, served from the primary's)",
+        choices=("replica", "direct"), external_etcd=True))
     forward_timeout: float = field(default=10.0, metadata=about(
         "longest a mutation forwarded to the primary may take, in seconds (less when the "
         "caller's deadline is nearer)"))

@@ -247,7 +247,7 @@ class Cluster:
         """Start region ``name``'s server process (:meth:`wait_serving` waits for it)."""
         region = self.regions[name]
         argv = self._server_command(
-            name, listen=region.listen, etcd=region.etcd.endpoint, metrics=region.metrics,
+            name, listen=region.listen, metrics=region.metrics,
             topology=region.dir / "topology.toml", prefix=self.options.prefix,
             grace=self.options.grace, log_level=self.options.log_level)
         region.server = self._child(region, "server", argv)

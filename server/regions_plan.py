@@ -115,16 +115,16 @@ def topology_toml(primary: str, regions: Mapping[str, Endpoints], *, seen_from: 
 
 
 def server_command(
-    region: str, *, listen: str, etcd: str, metrics: str, topology: Path, prefix: str,
+    region: str, *, listen: str, metrics: str, topology: Path, prefix: str,
     grace: float, log_level: str,
 ) -> list[str]:
     """The one command line of a region's server (primary or regional).
 
-    ``--region`` and ``--topology`` make it serve ``region`` of the topology: the primary
-    commits to its etcd; a regional server reads its regional etcd and forwards mutations to
-    the primary named in the topology file.
+    ``--region`` and ``--topology`` make it serve ``region`` of the topology, on the etcd the
+    topology names for it: the primary commits to its etcd; a regional server reads its
+    region's replica through the regional store and forwards mutations to the primary.
     """
-    return [*MODELREG, "serve", "--listen", listen, "--etcd", etcd, "--metrics-listen", metrics,
+    return [*MODELREG, "serve", "--listen", listen, "--metrics-listen", metrics,
             "--prefix", prefix, "--region", region, "--topology", str(topology),
             "--grace", f"{grace:g}", "--log-level", log_level, "--log-format", "json"]
 

@@ -22,7 +22,6 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
     return {option for action in parser._actions for option in action.option_strings}
 
 
-SERVE_HAS_TOPOLOGY = {"--region", "--topology"} <= _options(server_main.build_parser("serve"))
 """Whether ``modelreg serve`` has the regional server mode's flags (another branch adds them)."""
 
 

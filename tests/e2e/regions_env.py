@@ -1,10 +1,5 @@
 """Building blocks of the ``modelreg up --regions`` tests: a cluster on free ports in a temp
-dir, the parts of it that run without the regional server mode, and a scan for leftovers.
-
-The regional server mode (``modelreg serve --region/--topology``) comes from another branch.
-Until this build has it, :func:`server_command_today` starts the primary's server without those
-two flags (it is then a plain single-region server over the primary etcd) and the tests start
-no regional server; with it, the real command line is used unchanged.
+dir, the parts of it that run with the primary's server only, and a scan for leftovers.
 """
 
 from __future__ import annotations
@@ -12,25 +7,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import aetcd
 
 from modelreg.server.regions_cluster import Cluster, Options
-from modelreg.server.regions_plan import server_command
-from tests.command_lines import SERVE_HAS_TOPOLOGY
 
 PREFIX = "/modelreg/"
 
-
-def server_command_today(region: str, **kw: Any) -> list[str]:
-    """The launcher's server command, minus ``--region``/``--topology`` until serve has them."""
-    argv = server_command(region, **kw)
-    if not SERVE_HAS_TOPOLOGY:
-        at = argv.index("--region")
-        assert argv[at + 2] == "--topology"
-        del argv[at:at + 4]
-    return argv
 
 
 def options(data_dir: Path, regions: tuple[str, ...] = ("us", "eu", "ap"),

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 from modelreg.server.regions_cluster import Cluster
-from tests.e2e.regions_env import options, server_command_today, start_parts
+from modelreg.server.regions_plan import server_command
+from tests.e2e.regions_env import options, start_parts
 
 
 async def main(data_dir: Path) -> None:
-    cluster = Cluster(options(data_dir), server_command=server_command_today)
+    cluster = Cluster(options(data_dir), server_command=server_command)
     await start_parts(cluster)
     print("ready", flush=True)
     await asyncio.Event().wait()

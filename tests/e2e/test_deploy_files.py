@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.command_lines import SERVE_HAS_TOPOLOGY, check_modelreg_command
+from tests.command_lines import check_modelreg_command
 
 ROOT = Path(__file__).parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -55,15 +55,12 @@ def _compose() -> dict[str, Any]:
 
 
 def _modelreg_commands() -> list[Any]:
-    """Every `modelreg` command of both deployments, as pytest params (serve: marked)."""
+    """Every `modelreg` command of both deployments, as pytest params."""
     found = [("kubernetes", name, c["command"], {e["name"]: "x" for e in c.get("env", [])})
              for name, c in _containers() if c["command"][0] == "modelreg"]
     found += [("compose", name, s["command"], s.get("environment", {}))
               for name, s in _compose()["services"].items() if s["command"][0] == "modelreg"]
-    wait = pytest.mark.skipif(not SERVE_HAS_TOPOLOGY,
-                              reason="needs `modelreg serve --region/--topology`")
-    return [pytest.param(where, argv, env, id=f"{where}:{name}",
-                         marks=[wait] if argv[1] == "serve" else [])
+    return [pytest.param(where, argv, env, id=f"{where}:{name}")
             for where, name, argv, env in found]
 
 

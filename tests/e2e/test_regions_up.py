@@ -1,10 +1,8 @@
 """``modelreg up --regions``: a local multi-region cluster of real etcds, servers, replicators
 and latency proxies, started, faulted and stopped for real.
 
-The tests marked ``needs_regional_serve`` run the whole installed command and need
-``modelreg serve --region/--topology`` (the regional server mode, another branch); the others
-drive the launcher's parts (:class:`~modelreg.server.regions_up.Cluster`) with the primary's
-server only, which works on every build.
+Some tests run the whole installed command; the others drive the launcher's parts
+(:class:`~modelreg.server.regions_cluster.Cluster`) with the primary's server only.
 """
 
 from __future__ import annotations
@@ -26,16 +24,15 @@ import pytest
 from modelreg.replication.layout import State
 from modelreg.server import etcd_lifetime
 from modelreg.server.regions_cluster import Cluster, StartError
+from modelreg.server.regions_plan import server_command
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-from tests.command_lines import SERVE_HAS_TOPOLOGY
 from tests.e2e.regions_env import (
     PREFIX,
     described_pids,
     etcd_client,
     leftovers,
     options,
-    server_command_today,
     start_parts,
 )
 from tests.helpers import ActorStub
@@ -46,9 +43,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and prctl"),
 ]
-needs_regional_serve = pytest.mark.skipif(
-    not SERVE_HAS_TOPOLOGY,
-    reason="needs `modelreg serve --region/--topology` (the regional server mode)")
 ROOT = Path(__file__).parents[2]
 
 
@@ -57,7 +51,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     """A three-region cluster's parts (every region's etcd, links and replicator, the
     primary's server) with 10 ms links; stopped at teardown.
     """
-    c = Cluster(options(tmp_path / "cluster"), server_command=server_command_today)
+    c = Cluster(options(tmp_path / "cluster"), server_command=server_command)
     await start_parts(c)
     try:
         yield c
@@ -172,7 +166,7 @@ class TestClusterParts:
         """After stop no etcd, server or replicator of the cluster runs, and a new cluster
         starts on the same data dir with the data kept.
         """
-        first = Cluster(options(tmp_path / "c", ("us", "eu")), server_command=server_command_today)
+        first = Cluster(options(tmp_path / "c", ("us", "eu")), server_command=server_command)
         await start_parts(first)
         pids = described_pids(tmp_path / "c")
         revision = await create_model(first.regions["us"].listen, "kept")
@@ -181,7 +175,7 @@ class TestClusterParts:
         assert not [pid for pid in pids if alive(pid)]
         assert leftovers(tmp_path / "c", etcd_endpoints(first)) == []
         second = Cluster(options(tmp_path / "c", ("us", "eu")),
-                         server_command=server_command_today)
+                         server_command=server_command)
         await start_parts(second)
         try:
             assert (await wait_converged(second, "eu")).applied >= revision
@@ -194,7 +188,7 @@ class TestClusterParts:
         """
 
         def broken(region: str, **kw: object) -> list[str]:
-            return [*server_command_today(region, **kw), "--no-such-flag"]
+            return [*server_command(region, **kw), "--no-such-flag"]
 
         c = Cluster(options(tmp_path / "c", ("us", "eu")), server_command=broken)
         with pytest.raises(StartError, match=r"(us|eu) server exited(.|\n)*no-such-flag"):
@@ -228,7 +222,7 @@ class TestLauncherCrash:
             await parent.wait()
             await wait_for(lambda: not [p for p in pids if alive(p)], 30, "children gone")
             assert leftovers(data_dir, endpoints) == []
-            again = Cluster(options(data_dir), server_command=server_command_today)
+            again = Cluster(options(data_dir), server_command=server_command)
             await start_parts(again)
             await again.stop()
         finally:
@@ -318,7 +312,6 @@ class UpRegions:
             self.proc.wait()
 
 
-@needs_regional_serve
 class TestUpRegionsCluster:
     async def test_a_write_through_a_regional_server_reaches_every_region_and_stop_is_clean(
         self, tmp_path: Path

@@ -1,10 +1,10 @@
 """Building blocks of the region tests: a topology file, the primary's servers and a regional one.
 
 The regional server (``eu``) runs with a topology and its region, so it forwards mutations to
-the primary's servers (``us``). Its store is a plain ``EtcdStore`` over the primary's etcd
-(``--etcd`` wins over the topology's), standing in for the regional store, which reads a
-replica of the same keys at the same revisions; the topology's ``eu`` etcd is where its
-replicator's lag figures are read from.
+the primary's servers (``us``). It reads the primary's etcd directly (``--region-reads
+direct``, a region without an etcd of its own), which holds the same keys at the same
+revisions as a replica would; the topology's ``eu`` etcd is where its replicator's lag figures
+are read from.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ async def deployment(
     """Starts the primary's servers and the regional one; stops whatever is still running.
 
     Args:
-        etcd: The primary's etcd (and the stand-in store of ``eu``).
+        etcd: The primary's etcd (which ``eu`` reads directly too).
         prefix: The deployment's key prefix.
         tmp_path: Where the topology file goes.
         primary_servers: How many servers the primary runs.
@@ -107,8 +107,11 @@ async def deployment(
     try:
         for listen in listens:
             env.us.append(await env.start_primary(listen))
+        # eu reads the primary's etcd directly (no replica of its own): these tests are about
+        # forwarding; the regional store and its replicator have their own (tests/replication,
+        # tests/e2e/test_regions_processes.py).
         env.eu = await start_server(etcd, prefix, listen=eu_listen, topology=path,
-                                    region="eu", **(eu or {}))
+                                    region="eu", region_reads="direct", **(eu or {}))
         env.started.append(env.eu)
         yield env
     finally:

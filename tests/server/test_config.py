@@ -75,12 +75,12 @@ class TestDerivedNames:
     @pytest.mark.parametrize("command", ["serve", "up"])
     def test_every_setting_has_a_flag(self, command: str):
         """`modelreg serve`/`up` take one flag per field, named after it, with the field's
-        type; `up` has no --etcd, --topology or --region, since it always runs its own etcd
-        as one region.
+        type; `up` has no --etcd, --topology, --region or --region-reads: it always runs its
+        own etcd as one region.
         """
         parser = main.build_parser(command)
         flags = {a.dest: a for a in parser._actions}
-        serve_only = {"etcd", "topology", "region"}
+        serve_only = {"etcd", "topology", "region", "region_reads"}
         expected = {f.name for f in fields(ServerConfig)} - (serve_only if command == "up"
                                                               else set())
         assert expected <= set(flags)

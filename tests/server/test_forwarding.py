@@ -38,7 +38,7 @@ def hops(logs: list[dict[str, Any]], method: str) -> list[tuple[str, ...]]:
 
     The regional server's line says ``forwarded_to`` the primary, the primary's line says
     ``forwarded_by`` the region: proof that the call went through the forwarder (the
-    regional server's stand-in store could commit by itself).
+    regional server, reading the primary's etcd directly, could commit by itself).
     """
     found = []
     for line in logs:

@@ -19,7 +19,7 @@ from modelreg.server.regions_plan import (
     table,
     topology_toml,
 )
-from tests.command_lines import SERVE_HAS_TOPOLOGY, check_modelreg_command
+from tests.command_lines import check_modelreg_command
 
 
 class TestLatencyFlag:
@@ -86,9 +86,6 @@ class TestCommandLines:
         assert (args.primary, args.region_etcd, args.region) == ("127.0.0.1:1", "127.0.0.1:2",
                                                                   "eu")
 
-    @pytest.mark.skipif(not SERVE_HAS_TOPOLOGY,
-                        reason="`modelreg serve --region/--topology` (regional server mode) "
-                               "is not in this build yet")
     def test_server_command_is_accepted_by_modelreg_serve(self, tmp_path: Path) -> None:
         """A region's server command line is `modelreg serve` with flags its parser takes, and
         its config accepts the topology file the launcher writes.
@@ -98,7 +95,7 @@ class TestCommandLines:
             "us": Endpoints(("127.0.0.1:1",), ("127.0.0.1:2",)),
             "eu": Endpoints(("127.0.0.1:3",), ("127.0.0.1:4",)),
         }, seen_from="eu"))
-        argv = server_command("eu", listen="127.0.0.1:4", etcd="127.0.0.1:3",
+        argv = server_command("eu", listen="127.0.0.1:4",
                               metrics="127.0.0.1:5", topology=topology, prefix="/p/",
                               grace=1.0, log_level="info")
         check_modelreg_command(["modelreg", *argv[len(MODELREG):]])
