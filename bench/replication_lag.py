@@ -5,16 +5,17 @@ child process (``python -m modelreg.replication``), then writes promotion-shaped
 primary at a steady rate (pointer, history entry and audit event: three puts of about the sizes
 the server writes, over ``MODELS`` models in turn) and watches the region's state key. A
 write's lag is the time from its Txn's response to the first regional state whose applied
-revision covers it. Loopback only: the injected inter-region latency is the multi-region
-launcher's business (issue 8, item 8). The writer is sequential, so the rate it reaches is
-bounded by the primary's commit latency.
+revision covers it. ``--latency 40`` puts the latency proxy (``modelreg.server.latency_proxy``,
+the one ``modelreg up --regions`` uses) between the replicator and the primary's etcd, delaying
+each direction by that many milliseconds, as a replicator in another region would see it. The
+writer is sequential, so the rate it reaches is bounded by the primary's commit latency.
 
 Last lines::
 
     replication lag      p50 X.XX ms  p99 X.XX ms  at N writes/s (M writes)
     regional commits     K for M primary revisions (R revisions per commit)
 
-Run: ``python bench/replication_lag.py [--rate 100] [--seconds 20] [--warmup 2]``.
+Run: ``python bench/replication_lag.py [--rate 100] [--seconds 20] [--warmup 2] [--latency 0]``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from aetcd import rpc
 
 from modelreg.replication import layout
 from modelreg.server.embedded_etcd import EmbeddedEtcd
+from modelreg.server.latency_proxy import LatencyProxy
 
 PREFIX = "/bench/"
 SIZES = (180, 260, 420)
@@ -118,30 +120,37 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="primary writes per second")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="one-way milliseconds between the replicator and the primary")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="mr-bench-repl-", dir=os.environ.get("BENCH_TMPDIR")))
     primary = start_etcd(base, "primary")
     region = start_etcd(base, "region")
-    replicator = subprocess.Popen(  # noqa: ASYNC220 - once, before anything is measured
-        [sys.executable, "-m", "modelreg.replication", "--primary", primary.endpoint,
-         "--region-etcd", region.endpoint, "--region", "bench", "--prefix", PREFIX,
-         "--replica-id", "bench", "--log-level", "warning"],
-        stdin=subprocess.DEVNULL)
     try:
-        async with aetcd.Client(primary.host, primary.client_port) as p, \
-                aetcd.Client(region.host, region.client_port) as r:
-            await measure(p, r, args.rate, args.seconds, args.warmup)
+        async with LatencyProxy(primary.endpoint, args.latency / 1000, name="us->bench") as link:
+            replicator = subprocess.Popen(  # noqa: ASYNC220 - once, before anything is measured
+                [sys.executable, "-m", "modelreg.replication", "--primary", link.address,
+                 "--region-etcd", region.endpoint, "--region", "bench", "--prefix", PREFIX,
+                 "--replica-id", "bench", "--log-level", "error"],
+                stdin=subprocess.DEVNULL)
+            try:
+                print(f"injected latency     {args.latency:g} ms one way "
+                      "(replicator <-> primary)")
+                async with aetcd.Client(primary.host, primary.client_port) as p, \
+                        aetcd.Client(region.host, region.client_port) as r:
+                    await measure(p, r, args.rate, args.seconds, args.warmup)
+            finally:
+                # Before the proxy closes, so the replicator has nothing to complain about.
+                replicator.terminate()
+                try:
+                    replicator.wait(10)
+                except subprocess.TimeoutExpired:
+                    replicator.kill()
+                    replicator.wait()
     finally:
-        replicator.terminate()
-        try:
-            replicator.wait(10)
-        except subprocess.TimeoutExpired:
-            replicator.kill()
-            replicator.wait()
         region.stop()
         primary.stop()
         shutil.rmtree(base, ignore_errors=True)
-
 
 if __name__ == "__main__":
     asyncio.run(main())
