@@ -135,8 +135,11 @@ class TestReplacedEtcd:
             second = await start_server(own_etcd.endpoint, etcd_prefix, listen=target)
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = ActorStub(channel, "alice")
+                # The port was the first server's a moment ago: a connection attempt can still
+                # land on its closing listener (grpc binds with SO_REUSEPORT) and be refused.
                 await stub.CreateModel(svc.CreateModelRequest(
-                    model_id=MODEL, model=res.RegisteredModel(custom_stages=["canary"])))
+                    model_id=MODEL, model=res.RegisteredModel(custom_stages=["canary"])),
+                    wait_for_ready=True)
                 await register(stub, tmp_path, 1)
                 moved = await stub.PromoteVersion(
                     svc.PromoteVersionRequest(name=stage("canary"), version=1))
