@@ -1,0 +1,112 @@
+"""The primary cut off through the latency proxy: a region keeps serving what it has, refuses
+mutations at once, and converges when the link heals.
+
+Real processes throughout: the cluster ``modelreg up --regions us,eu`` runs (an etcd, a server
+and, in eu, a replicator per region; a proxy on every link between them), with eu's server on
+the regional store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from modelreg.server.regions_cluster import Cluster
+from modelreg.v1 import model_service_pb2 as svc
+from modelreg.v1 import watch_service_pb2 as ws
+from modelreg.v1 import watch_service_pb2_grpc
+from tests.e2e.regions_env import options
+from tests.helpers import MODEL, ActorStub, error_info, make_model, stage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    """Regions us (primary) and eu, 5 ms links, bookmarks every 0.3 s; stopped at teardown."""
+    monkeypatch.setenv("MODELREG_BOOKMARK_INTERVAL", "0.3")  # the servers' environment
+    c = Cluster(options(tmp_path / "c", ("us", "eu"), latency=0.005))
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+async def _next(stream: AsyncIterator[ws.WatchStagesResponse], kind: int) -> ws.WatchStagesResponse:
+    async with asyncio.timeout(30):
+        async for message in stream:
+            if message.type == kind:
+                return message
+    raise AssertionError("the watch stream ended")
+
+
+class TestPrimaryCutOff:
+    async def test_reads_watches_and_bookmarks_go_on_mutations_fail_fast_then_converge(
+        self, cluster: Cluster
+    ) -> None:
+        """With every link cut, eu answers reads from its replica, its watch stream keeps
+        bookmarking, and a promotion through it fails UNAVAILABLE PRIMARY_UNAVAILABLE with
+        nothing written; once healed, a promotion through eu commits on the primary, reaches
+        eu's stream, and both regions read the same pointer and etag.
+        """
+        us_addr, eu_addr = cluster.regions["us"].listen, cluster.regions["eu"].listen
+        async with grpc.aio.insecure_channel(us_addr) as c_us, \
+                grpc.aio.insecure_channel(eu_addr) as c_eu:
+            us, eu = ActorStub(c_us, "alice"), ActorStub(c_eu, "alice")
+            await make_model(eu, versions=2)
+            promoted = await eu.PromoteVersion(
+                svc.PromoteVersionRequest(name=stage("staging"), version=1))
+            fresh = (("x-modelreg-actor", "alice"),
+                     ("x-modelreg-min-revision", str(promoted.revision)))
+            before = await eu.GetStage(svc.GetStageRequest(name=stage("staging")),
+                                       metadata=fresh)
+            assert (before.stage.version, before.stage.etag) == (1, promoted.stage.etag)
+
+            stream = watch_service_pb2_grpc.WatchServiceStub(c_eu).WatchStages(
+                ws.WatchStagesRequest(models=[MODEL], stages=["staging"]),
+                metadata=(("x-modelreg-actor", "alice"),))
+            try:
+                await _next(stream, ws.WATCH_MESSAGE_TYPE_SNAPSHOT)
+                cluster.cut()
+
+                read = await eu.GetStage(svc.GetStageRequest(name=stage("staging")))
+                assert read.stage.version == 1
+                first = await _next(stream, ws.WATCH_MESSAGE_TYPE_BOOKMARK)
+                second = await _next(stream, ws.WATCH_MESSAGE_TYPE_BOOKMARK)
+                assert second.revision >= first.revision >= promoted.revision
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await eu.PromoteVersion(
+                        svc.PromoteVersionRequest(name=stage("staging"), version=2))
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                reason, metadata, _ = error_info(refused.value)
+                assert (reason, metadata["primary"]) == ("PRIMARY_UNAVAILABLE", "us")
+                on_primary = await us.GetStage(svc.GetStageRequest(name=stage("staging")))
+                assert on_primary.stage.etag == promoted.stage.etag  # nothing was written
+
+                cluster.heal()
+                moved = None
+                async with asyncio.timeout(60):
+                    while moved is None:
+                        try:
+                            moved = await eu.PromoteVersion(
+                                svc.PromoteVersionRequest(name=stage("staging"), version=2))
+                        except grpc.aio.AioRpcError as err:
+                            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                                raise
+                            await asyncio.sleep(0.2)
+                change = await _next(stream, ws.WATCH_MESSAGE_TYPE_CHANGES)
+                assert change.revision == moved.revision
+                assert [c.stage.version for c in change.changes] == [2]
+            finally:
+                stream.cancel()
+            fresh = (("x-modelreg-actor", "alice"),
+                     ("x-modelreg-min-revision", str(moved.revision)))
+            in_eu = await eu.GetStage(svc.GetStageRequest(name=stage("staging")), metadata=fresh)
+            in_us = await us.GetStage(svc.GetStageRequest(name=stage("staging")))
+            assert (in_eu.stage.version, in_eu.stage.etag) == (2, in_us.stage.etag)
+            assert in_us.stage.etag == moved.stage.etag
