@@ -154,12 +154,7 @@ def stages_list(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 def status(c: RegistryClient, a: argparse.Namespace) -> Output:
     """Every stage of a model; with regions, also the version each region has, and its lag."""
-    try:
-        listed = rg.list_regions(c)
-    except RegistryError as exc:
-        if exc.code != grpc.StatusCode.UNIMPLEMENTED:  # a server from before regions
-            raise
-        listed = ("", [])
+    listed = _regions_or_none(c) or ("", [])
     if len(listed[1]) <= 1:
         return stages_list(c, a)
     views = rg.survey(c, a, rg.model_status(a.model), listed)
@@ -240,8 +235,26 @@ def nodes(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 
 def rollout(c: RegistryClient, a: argparse.Namespace) -> Output:
-    resp = c.rollout_status(a.model, a.stage, region=a.region)
-    return Output(r.to_json(resp), rf.rollout_text(resp))
+    """A stage's rollout: the server's fleet view; with regions, every region's, added up."""
+    listed = _regions_or_none(c) if not a.region else None
+    if listed is None or len(listed[1]) <= 1:
+        resp = c.rollout_status(a.model, a.stage, region=a.region)
+        return Output(r.to_json(resp), rf.rollout_text(resp))
+    views = rg.survey(c, a, rg.model_rollout(a.model, a.stage), listed)
+    parts = [rg.rollouts_by_region(views)]
+    parts += [f"{r.last_segment(v.region.name)}:\n{rf.rollout_text(v.rollout)}" for v in views
+              if v.rollout is not None and v.rollout.lagging]
+    return Output(rg.rollout_json(views), "\n\n".join(parts))
+
+
+def _regions_or_none(c: RegistryClient) -> tuple[str, list[Any]] | None:
+    """The deployment's regions, or None from a server that predates them."""
+    try:
+        return rg.list_regions(c)
+    except RegistryError as exc:
+        if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        return None
 
 
 def watch(c: RegistryClient, a: argparse.Namespace) -> Output:

@@ -26,6 +26,7 @@ from modelreg.client import _render as r
 from modelreg.client._json import error_to_json
 from modelreg.client._sync_client import RegistryClient
 from modelreg.client.errors import DeadlineExceededError, RegistryError, UnavailableError
+from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
 from modelreg.v1 import region_service_pb2 as rs
 
@@ -42,6 +43,7 @@ class RegionView:
     """The address that answered (``target`` for the server the CLI was pointed at), or ""."""
     status: rs.RegionStatus | None = None
     stages: pb.ListStagesResponse | None = None
+    rollout: fs.GetRolloutStatusResponse | None = None
     error: RegistryError | None = None
 
     @property
@@ -133,6 +135,66 @@ def model_status(model: str) -> Callable[[RegistryClient, rs.Region], RegionView
         return RegionView(region, client.config.target, status=status, stages=stages)
 
     return ask
+
+
+def model_rollout(model: str, stage: str) -> Callable[[RegistryClient, rs.Region], RegionView]:
+    """What ``modelreg rollout MODEL STAGE`` asks a region's server: its own fleet's view.
+
+    Node reports stay in their region, so each region's servers are the ones to ask; the
+    command adds the figures up.
+    """
+
+    def ask(client: RegistryClient, region: rs.Region) -> RegionView:
+        try:
+            got = client.rollout_status(model, stage)
+        except NO_ANSWER:
+            raise
+        except RegistryError as exc:  # e.g. NOT_FOUND: the model has not reached the region
+            return RegionView(region, client.config.target, error=exc)
+        return RegionView(region, client.config.target, rollout=got)
+
+    return ask
+
+
+def rollouts_by_region(views: list[RegionView]) -> str:
+    """One row per region (its committed version, nodes, how many serve it), and the total."""
+    rows: list[tuple[object, ...]] = []
+    total = on_committed = 0
+    for v in views:
+        if v.rollout is None:
+            rows.append((r.last_segment(v.region.name), "-", "-", "-", _error_text(v)))
+            continue
+        got = v.rollout
+        serving = sum(c.nodes for c in got.serving if c.version == got.stage.version)
+        total, on_committed = total + got.total_nodes, on_committed + serving
+        rows.append((r.last_segment(v.region.name), r.version_label(got.stage.version),
+                     got.total_nodes, serving, got.summary or "-"))
+    rows.append(("all", "-", total, on_committed, f"{on_committed}/{total} nodes serve the "
+                 "version their region has committed"))
+    return r.table(["region", "committed", "nodes", "on committed", "summary"], rows)
+
+
+def rollout_json(views: list[RegionView]) -> dict[str, Any]:
+    """``--json`` of a rollout across regions: each region's answer (or error) and the totals."""
+    regions: list[dict[str, Any]] = []
+    total = on_committed = 0
+    for v in views:
+        entry: dict[str, Any] = {"region": r.last_segment(v.region.name), "server": v.server}
+        if v.rollout is not None:
+            got = v.rollout
+            total += got.total_nodes
+            on_committed += sum(c.nodes for c in got.serving if c.version == got.stage.version)
+            entry["rollout"] = r.to_json(got)
+        else:
+            entry["error"] = error_to_json(v.error) if v.error is not None else None
+        regions.append(entry)
+    return {"regions": regions, "total_nodes": total, "on_committed": on_committed}
+
+
+def _error_text(view: RegionView) -> str:
+    if view.error is None:
+        return "no answer"
+    return f"{view.error.code.name}: {view.error.message}"
 
 
 def _lag(view: RegionView) -> tuple[str, str]:

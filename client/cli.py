@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only nodes of this region")
     p.add_argument("--model", help="only nodes following a stage of this model")
     p = leaf(
-        cmds, "rollout", cmd.rollout, "show how many live nodes serve a stage's committed version"
+        cmds, "rollout", cmd.rollout,
+        "show how many live nodes serve a stage's committed version, in every region",
     )
     model_arg(p)
     p.add_argument("stage", help="staging, production or a custom stage")
