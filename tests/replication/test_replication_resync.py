@@ -4,6 +4,8 @@ replicator was down. The region switches to a fresh copy in one step, deletions 
 
 from __future__ import annotations
 
+import asyncio
+
 from aetcd import rpc
 
 from modelreg.replication import Kind, Replicator, layout
@@ -59,6 +61,11 @@ class TestResync:
             async with Replicator(cfg) as replicator:
                 after, keys = await converged(p, r, key_prefix)
                 assert replicator.lag().resyncs == 1
+            # The reader polls on its own schedule: let it take a sample of the new copy (on a
+            # loaded machine the region converges before its next read).
+            async with asyncio.timeout(30):
+                while after.generation not in reader.generations:
+                    await asyncio.sleep(0.01)
         assert after.kind is Kind.RESYNCED and after.generation > before.generation
         assert after.applied >= compacted
         check_invariants(keys, after.applied)
