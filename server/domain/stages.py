@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from modelreg.server.domain import keys, lifecycle, names, outcomes, records, validation
 from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
-from modelreg.server.domain.ports import Entry, Put
+from modelreg.server.domain.ports import Entry, Put, Write
 from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
+
+
+def _move_writes(model_id: str, stage: str, move: lifecycle.Move) -> list[Write]:
+    """What every pointer move writes: the pointer, and its history entry under its generation."""
+    return [
+        Put(keys.stage(model_id, stage), records.encode(move.pointer)),
+        Put(keys.history(model_id, stage, move.pointer.generation), records.encode(move.history)),
+    ]
 
 
 def _pointer(entry: Entry | None, model_id: str, stage: str) -> res.StagePointer:
@@ -130,11 +138,7 @@ class Stages(Operations):
                 actor=call.actor,
                 now=r.now,
             )
-            writes = [
-                Put(stage_key, records.encode(move.pointer)),
-                Put(keys.history(model_id, stage, move.pointer.generation),
-                    records.encode(move.history)),
-            ]
+            writes = _move_writes(model_id, stage, move)
             if stage == lifecycle.STAGING:
                 production = _pointer(await r.get(production_key), model_id, lifecycle.PRODUCTION)
                 cleared = lifecycle.clear_backfill(production, req.version)
@@ -199,11 +203,7 @@ class Stages(Operations):
                 actor=call.actor,
                 now=r.now,
             )
-            writes = [
-                Put(stage_key, records.encode(move.pointer)),
-                Put(keys.history(model_id, stage, move.pointer.generation),
-                    records.encode(move.history)),
-            ]
+            writes = _move_writes(model_id, stage, move)
             audit = res.AuditEvent(
                 action=res.AUDIT_ACTION_ROLLBACK,
                 resource=req.name,
@@ -241,11 +241,7 @@ class Stages(Operations):
                 model_id, stage, _pointer(entry, model_id, stage), force=req.force,
                 reason=req.reason, actor=call.actor, now=r.now,
             )
-            writes = [
-                Put(stage_key, records.encode(move.pointer)),
-                Put(keys.history(model_id, stage, move.pointer.generation),
-                    records.encode(move.history)),
-            ]
+            writes = _move_writes(model_id, stage, move)
             audit = res.AuditEvent(
                 action=res.AUDIT_ACTION_CLEAR_STAGE,
                 resource=req.name,
