@@ -18,6 +18,14 @@ through this server, took the whole store down. ``Range`` checks the same contex
 fails the request. A caller's cancellation still reaches etcd (so etcd stops the work it no
 longer needs), just never on the Txn path. Every Txn this module sends has writes; those are
 applied by etcd's raft loop without the caller's context.
+
+**Failing fast while etcd hangs.** A refused connection fails at once (gRPC knows the channel is
+down), but an etcd that is frozen or cut off behind a silent network holds every call for the
+whole ``timeout``: each request, and each of a handler's sequential reads, would cost seconds.
+So the first call that times out opens a breaker: until a probe (a count-only Range, retried in
+the background) gets an answer, every call fails at once with ``STORE_UNAVAILABLE`` saying since
+when etcd has been silent. A regional server forwarding a mutation to this one passes that fast
+answer on, so a region learns in milliseconds that the primary cannot commit (static stability).
 """
 
 from __future__ import annotations
@@ -63,6 +71,10 @@ CHANNEL_OPTIONS = {
 LEASE_ROTATION = 3600.0
 """Seconds one lease serves expiring keys before a new one is granted."""
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+PROBE_TIMEOUT = 1.0
+"""Seconds one probe of a silent etcd waits (at most the store's own timeout)."""
+PROBE_PAUSE = 0.1
+"""Seconds between probes of a silent etcd."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,9 @@ class EtcdStore:
         self._leases: dict[int, tuple[int, float]] = {}
         self._ephemeral: dict[str, tuple[int, int]] = {}
         """Lease id and TTL of each key written by ``put_ephemeral``."""
+        self._silent: tuple[str, float] | None = None
+        """While the breaker is open: the endpoint that timed out and since when (monotonic)."""
+        self._probe: asyncio.Task[None] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -130,6 +145,12 @@ class EtcdStore:
 
     async def close(self) -> None:
         """Closes the connection; the store reconnects if used again."""
+        if self._probe is not None and self._probe is not asyncio.current_task():
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+            self._silent = None
         async with self._lock:
             if self._client is not None:
                 await self._client.close()
@@ -137,6 +158,14 @@ class EtcdStore:
                 self._leases.clear()
 
     async def _call(self, method: str, request: Any) -> Any:
+        if self._silent is not None:
+            endpoint, since = self._silent
+            silent_for = time.monotonic() - since
+            raise UnavailableError(
+                f"etcd at {endpoint} has not answered for {silent_for:.1f} s (a call timed out "
+                f"after {self._timeout:g} s); failing fast until a probe gets an answer",
+                metadata={"endpoint": endpoint},
+            )
         client = await self._kv()
         used, failed = self._current, self.endpoint
         try:
@@ -151,11 +180,40 @@ class EtcdStore:
             if len(self.endpoints) > 1 and self._current == used:
                 self._current = (used + 1) % len(self.endpoints)  # before the await: no race
                 await self.close()
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._open_breaker(failed)
             log.warning("etcd_unavailable", endpoint=failed, code=err.code().name)
             raise UnavailableError(
                 f"etcd at {failed} is unavailable ({err.code().name}: {err.details()})",
                 metadata={"endpoint": failed},
             ) from err
+
+    def _open_breaker(self, endpoint: str) -> None:
+        if self._silent is not None:
+            return
+        self._silent = (endpoint, time.monotonic())
+        log.warning("etcd_silent", endpoint=endpoint, timeout=self._timeout,
+                    action="failing fast until a probe gets an answer")
+        self._probe = asyncio.create_task(self._probe_until_answered())
+
+    async def _probe_until_answered(self) -> None:
+        """Closes the breaker once a count-only Range of the current member gets an answer."""
+        request = rpc.RangeRequest(key=self._prefix_bytes, count_only=True, limit=1)
+        while self._silent is not None:
+            try:
+                client = await self._kv()
+                await client.kvstub.Range(request, timeout=min(PROBE_TIMEOUT, self._timeout),
+                                          metadata=client.metadata)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE and len(self.endpoints) > 1:
+                    self._current = (self._current + 1) % len(self.endpoints)
+                    await self.close()
+                await asyncio.sleep(PROBE_PAUSE)
+                continue
+            since = self._silent[1]
+            log.info("etcd_answering", endpoint=self.endpoint,
+                     silent_for=round(time.monotonic() - since, 3))
+            self._silent = None
 
     # -- encoding ---------------------------------------------------------------------------
 

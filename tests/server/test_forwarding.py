@@ -325,7 +325,54 @@ class TestPrimaryUnavailable:
                         model=res.RegisteredModel(name=PARENT, description="frozen"),
                         update_mask=field_mask_pb2.FieldMask(paths=["description"])),
                         timeout=60)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                # Once the primary's own etcd call has timed out, its store fails fast: the
+                # next mutation through eu is refused UNAVAILABLE, inside a deadline shorter
+                # than the primary's etcd timeout, with the primary's answer passed on.
+                refused = await _until_refused(lambda: eu.UpdateModel(svc.UpdateModelRequest(
+                    model=res.RegisteredModel(name=PARENT, description="frozen"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["description"])),
+                    timeout=0.9))
+                assert refused.code() == grpc.StatusCode.UNAVAILABLE
+                reason, metadata, _ = error_info(refused)
+                assert reason == "STORE_UNAVAILABLE"
+                assert "has not answered" in refused.details()
+                assert metadata["endpoint"] == own_etcd.endpoint
             finally:
                 os.kill(own_etcd.pid, signal.SIGCONT)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # etcd answers again: so does the primary, through eu. (The first update may have
+            # been applied when etcd woke: it was sent, which is why it was not UNAVAILABLE.)
+            await _until_ok(lambda: eu.UpdateModel(svc.UpdateModelRequest(
+                model=res.RegisteredModel(name=PARENT, description="thawed"),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]))))
+            got = await eu.GetModel(svc.GetModelRequest(name=PARENT))
+            assert got.model.description == "thawed"
 
+
+
+async def _until_refused(call: Any, within: float = 30.0) -> grpc.aio.AioRpcError:
+    """The first error of ``call`` other than DEADLINE_EXCEEDED, retried for ``within`` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            await call()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                return err
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            continue
+        raise AssertionError("the call succeeded against a frozen primary")
+
+
+async def _until_ok(call: Any, within: float = 30.0) -> Any:
+    """The answer of ``call`` once it stops failing UNAVAILABLE, retried for ``within`` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or (
+                    asyncio.get_running_loop().time() > deadline):
+                raise
+            await asyncio.sleep(0.1)
