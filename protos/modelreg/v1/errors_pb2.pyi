@@ -93,6 +93,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the request names another region than the server's own; ask a
     server of that region (`servers` in the metadata).
     """
+    ROLLOUT_IN_PROGRESS: _ErrorReason.ValueType  # 32
+    """ABORTED: a rollout of this stage is still preparing (`rollout` in the metadata); a second
+    promotion waits for it to commit or abort, or cancels it (RolloutService.CancelRollout).
+    """
+    ROLLOUT_DONE: _ErrorReason.ValueType  # 33
+    """FAILED_PRECONDITION: the rollout has already committed or aborted (`state` in the
+    metadata); it cannot be cancelled.
+    """
     USAGE: _ErrorReason.ValueType  # 28
     """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
     input it refused before sending anything, so `--json` errors have one vocabulary.
@@ -176,6 +184,14 @@ Metadata: `region`, `applied_revision`, `min_revision`. Retry, here or in anothe
 NOT_THIS_REGION: ErrorReason.ValueType  # 31
 """FAILED_PRECONDITION: the request names another region than the server's own; ask a
 server of that region (`servers` in the metadata).
+"""
+ROLLOUT_IN_PROGRESS: ErrorReason.ValueType  # 32
+"""ABORTED: a rollout of this stage is still preparing (`rollout` in the metadata); a second
+promotion waits for it to commit or abort, or cancels it (RolloutService.CancelRollout).
+"""
+ROLLOUT_DONE: ErrorReason.ValueType  # 33
+"""FAILED_PRECONDITION: the rollout has already committed or aborted (`state` in the
+metadata); it cannot be cancelled.
 """
 USAGE: ErrorReason.ValueType  # 28
 """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for

@@ -32,6 +32,7 @@ class ServedStage(_message.Message):
     FAILED_VERSION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SWAP_TIME_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
     """`models/{model}/stages/{stage}`."""
     serving_version: _builtins.int
@@ -45,6 +46,10 @@ class ServedStage(_message.Message):
     """
     error: _builtins.str
     """Why it failed."""
+    rollout: _builtins.str
+    """The rollout whose target `prepared_version` or `failed_version` is, if a rollout asked for
+    it (`models/{model}/stages/{stage}/rollouts/{id}`).
+    """
     @_builtins.property
     def swap_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -56,10 +61,11 @@ class ServedStage(_message.Message):
         failed_version: _builtins.int = ...,
         error: _builtins.str = ...,
         swap_time: _timestamp_pb2.Timestamp | None = ...,
+        rollout: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["swap_time", b"swap_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "failed_version", b"failed_version", "prepared_version", b"prepared_version", "serving_version", b"serving_version", "stage", b"stage", "swap_time", b"swap_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "failed_version", b"failed_version", "prepared_version", b"prepared_version", "rollout", b"rollout", "serving_version", b"serving_version", "stage", b"stage", "swap_time", b"swap_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,3 +390,58 @@ class GetRolloutStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRolloutStatusResponse: _TypeAlias = GetRolloutStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetRegionReadinessRequest(_message.Message):
+    """Request of GetRegionReadiness."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    READINESS_FRACTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`models/{model}/stages/{stage}`."""
+    version: _builtins.int
+    """The rollout's target version."""
+    readiness_fraction: _builtins.float
+    """The policy's readiness fraction, in (0, 1]; 0 means 1."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        readiness_fraction: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "readiness_fraction", b"readiness_fraction", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRegionReadinessRequest: _TypeAlias = GetRegionReadinessRequest  # noqa: Y015
+
+@_typing.final
+class GetRegionReadinessResponse(_message.Message):
+    """Response of GetRegionReadiness."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READINESS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    @_builtins.property
+    def readiness(self) -> _resources_pb2.RegionReadiness: ...
+    def __init__(
+        self,
+        *,
+        readiness: _resources_pb2.RegionReadiness | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["readiness", b"readiness"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["readiness", b"readiness", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRegionReadinessResponse: _TypeAlias = GetRegionReadinessResponse  # noqa: Y015

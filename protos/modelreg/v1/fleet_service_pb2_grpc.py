@@ -57,6 +57,11 @@ class FleetServiceStub:
                 request_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRolloutStatusRequest.SerializeToString,
                 response_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRolloutStatusResponse.FromString,
                 _registered_method=True)
+        self.GetRegionReadiness = channel.unary_unary(
+                '/modelreg.v1.FleetService/GetRegionReadiness',
+                request_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessRequest.SerializeToString,
+                response_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -97,6 +102,14 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRegionReadiness(self, request, context):
+        """How ready this server's region is for a rollout's target, from the region's own node
+        reports: what the rollout coordinator asks every region.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +132,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.GetRolloutStatus,
                     request_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRolloutStatusRequest.FromString,
                     response_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRolloutStatusResponse.SerializeToString,
+            ),
+            'GetRegionReadiness': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRegionReadiness,
+                    request_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessRequest.FromString,
+                    response_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +250,33 @@ class FleetService:
             '/modelreg.v1.FleetService/GetRolloutStatus',
             modelreg_dot_v1_dot_fleet__service__pb2.GetRolloutStatusRequest.SerializeToString,
             modelreg_dot_v1_dot_fleet__service__pb2.GetRolloutStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRegionReadiness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelreg.v1.FleetService/GetRegionReadiness',
+            modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessRequest.SerializeToString,
+            modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessResponse.FromString,
             options,
             channel_credentials,
             insecure,

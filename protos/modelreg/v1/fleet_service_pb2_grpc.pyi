@@ -50,6 +50,10 @@ class FleetServiceStub:
     """Lists live nodes, optionally by region or model."""
     GetRolloutStatus: _grpc.UnaryUnaryMultiCallable[_fleet_service_pb2.GetRolloutStatusRequest, _fleet_service_pb2.GetRolloutStatusResponse]
     """Per stage: the committed version and how many live nodes serve it."""
+    GetRegionReadiness: _grpc.UnaryUnaryMultiCallable[_fleet_service_pb2.GetRegionReadinessRequest, _fleet_service_pb2.GetRegionReadinessResponse]
+    """How ready this server's region is for a rollout's target, from the region's own node
+    reports: what the rollout coordinator asks every region.
+    """
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -73,6 +77,10 @@ class FleetServiceAsyncStub(FleetServiceStub):
     """Lists live nodes, optionally by region or model."""
     GetRolloutStatus: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.GetRolloutStatusRequest, _fleet_service_pb2.GetRolloutStatusResponse]  # type: ignore[assignment]
     """Per stage: the committed version and how many live nodes serve it."""
+    GetRegionReadiness: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.GetRegionReadinessRequest, _fleet_service_pb2.GetRegionReadinessResponse]  # type: ignore[assignment]
+    """How ready this server's region is for a rollout's target, from the region's own node
+    reports: what the rollout coordinator asks every region.
+    """
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     """Serving nodes report here, on a lease; operators see what each node really serves. Node
@@ -117,5 +125,15 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_service_pb2.GetRolloutStatusResponse, _abc.Awaitable[_fleet_service_pb2.GetRolloutStatusResponse]]:
         """Per stage: the committed version and how many live nodes serve it."""
+
+    @_abc_1.abstractmethod
+    def GetRegionReadiness(
+        self,
+        request: _fleet_service_pb2.GetRegionReadinessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_service_pb2.GetRegionReadinessResponse, _abc.Awaitable[_fleet_service_pb2.GetRegionReadinessResponse]]:
+        """How ready this server's region is for a rollout's target, from the region's own node
+        reports: what the rollout coordinator asks every region.
+        """
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

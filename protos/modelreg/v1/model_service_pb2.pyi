@@ -205,7 +205,7 @@ class UpdateModelRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Paths among `description`, `tags`, `custom_stages`."""
+        """Paths among `description`, `tags`, `custom_stages`, `rollout_policies`."""
 
     def __init__(
         self,
@@ -664,21 +664,33 @@ class PromoteVersionResponse(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     ARCHIVED_VERSION_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     archived_version: _builtins.int
     """Production promotions: the former production version, archived in the same transaction."""
     revision: _builtins.int
     @_builtins.property
-    def stage(self) -> _resources_pb2.StagePointer: ...
+    def stage(self) -> _resources_pb2.StagePointer:
+        """The pointer after the call. On a stage governed by a rollout policy it has not moved yet:
+        `pending_rollout` names the rollout that started (see `rollout`).
+        """
+
+    @_builtins.property
+    def rollout(self) -> _resources_pb2.Rollout:
+        """On a governed stage: the rollout this promotion started (PREPARING). Follow it with
+        RolloutService.WatchRollout.
+        """
+
     def __init__(
         self,
         *,
         stage: _resources_pb2.StagePointer | None = ...,
         archived_version: _builtins.int = ...,
         revision: _builtins.int = ...,
+        rollout: _resources_pb2.Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout", "stage", b"stage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_version", b"archived_version", "revision", b"revision", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_version", b"archived_version", "revision", b"revision", "rollout", b"rollout", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -757,6 +769,8 @@ class RollbackStageResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     FLEET_EVIDENCE_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    ABORTED_ROLLOUT_FIELD_NUMBER: _builtins.int
     rolled_back_version: _builtins.int
     """The version rolled away from."""
     revision: _builtins.int
@@ -764,12 +778,19 @@ class RollbackStageResponse(_message.Message):
     """Whether the fleet's records were used to judge the candidates (false: the fleet has
     recorded nothing for these versions in this stage; see RollbackStageRequest).
     """
+    aborted_rollout: _builtins.str
     @_builtins.property
     def stage(self) -> _resources_pb2.StagePointer: ...
     @_builtins.property
     def skipped(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.SkippedCandidate]:
         """Candidates more recent than the version rolled back to that were passed over, most recent
         first, each with why (refused by the fleet, never served in this stage, deprecated).
+        """
+
+    @_builtins.property
+    def rollout(self) -> _resources_pb2.Rollout:
+        """On a governed stage: the emergency rollout that made this move (COMMITTED at once, nodes
+        switch on receipt), and the rollout it aborted if one was preparing.
         """
 
     def __init__(
@@ -780,10 +801,12 @@ class RollbackStageResponse(_message.Message):
         revision: _builtins.int = ...,
         skipped: _abc.Iterable[_resources_pb2.SkippedCandidate] | None = ...,
         fleet_evidence: _builtins.bool = ...,
+        rollout: _resources_pb2.Rollout | None = ...,
+        aborted_rollout: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout", "stage", b"stage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_evidence", b"fleet_evidence", "revision", b"revision", "rolled_back_version", b"rolled_back_version", "skipped", b"skipped", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted_rollout", b"aborted_rollout", "fleet_evidence", b"fleet_evidence", "revision", b"revision", "rolled_back_version", b"rolled_back_version", "rollout", b"rollout", "skipped", b"skipped", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmodelreg/v1/resources.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x0fRegisteredModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x34\n\x04tags\x18\x03 \x03(\x0b\x32&.modelreg.v1.RegisteredModel.TagsEntry\x12\x15\n\rcustom_stages\x18\x04 \x03(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rversion_count\x18\x07 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x63 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x07Lineage\x12\x14\n\x0ctraining_run\x18\x01 \x01(\t\x12\x13\n\x0b\x63ode_commit\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x61taset_version\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x04 \x01(\t\"\xca\x05\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rtifact_uri\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x11\n\tframework\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\t\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.modelreg.v1.ModelVersion.MetricsEntry\x12\x35\n\x06params\x18\t \x03(\x0b\x32%.modelreg.v1.ModelVersion.ParamsEntry\x12%\n\x07lineage\x18\n \x01(\x0b\x32\x14.modelreg.v1.Lineage\x12\x12\n\nmodel_card\x18\x0b \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\x12\x31\n\x04tags\x18\r \x03(\x0b\x32#.modelreg.v1.ModelVersion.TagsEntry\x12/\n\x0bsunset_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05state\x18\x0f \x01(\x0e\x32\x19.modelreg.v1.VersionState\x12\x0e\n\x06stages\x18\x10 \x03(\t\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x12 \x01(\t\x12\x0c\n\x04\x65tag\x18\x63 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x02\n\x0cStagePointer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x18\n\x10previous_version\x18\x03 \x01(\x03\x12\x1b\n\x13rollback_candidates\x18\x04 \x03(\x03\x12\x17\n\x0f\x66ormer_versions\x18\x05 \x03(\x03\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12\x0e\n\x06hotfix\x18\x07 \x01(\x08\x12\x19\n\x11\x62\x61\x63kfill_required\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\nupdated_by\x18\n \x01(\t\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\tlast_move\x18\x0c \x01(\x0e\x32\x1c.modelreg.v1.PointerMoveKind\x12\x0c\n\x04\x65tag\x18\x63 \x01(\t\"\xf8\x01\n\x13PointerHistoryEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.modelreg.v1.PointerMoveKind\x12\x14\n\x0c\x66rom_version\x18\x04 \x01(\x03\x12\x12\n\nto_version\x18\x05 \x01(\x03\x12\x0e\n\x06hotfix\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\n \x01(\x03\"\\\n\x10SkippedCandidate\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.modelreg.v1.SkipReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xd9\x02\n\nAuditEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x18.modelreg.v1.AuditAction\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05stage\x18\x06 \x01(\t\x12\x12\n\nfrom_value\x18\x07 \x01(\t\x12\x10\n\x08to_value\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x0e\n\x06hotfix\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\r \x01(\x03\x12.\n\x07skipped\x18\x0e \x03(\x0b\x32\x1d.modelreg.v1.SkippedCandidate\x12\x0e\n\x06\x66orced\x18\x0f \x01(\x08*\xbe\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18VERSION_STATE_REGISTERED\x10\x01\x12\x19\n\x15VERSION_STATE_STAGING\x10\x02\x12\x1c\n\x18VERSION_STATE_PRODUCTION\x10\x03\x12\x1a\n\x16VERSION_STATE_ARCHIVED\x10\x04\x12\x1c\n\x18VERSION_STATE_DEPRECATED\x10\x05*\x90\x01\n\x0fPointerMoveKind\x12!\n\x1dPOINTER_MOVE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19POINTER_MOVE_KIND_PROMOTE\x10\x01\x12\x1e\n\x1aPOINTER_MOVE_KIND_ROLLBACK\x10\x02\x12\x1b\n\x17POINTER_MOVE_KIND_CLEAR\x10\x03*\x9d\x02\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41UDIT_ACTION_CREATE_MODEL\x10\x01\x12\x1d\n\x19\x41UDIT_ACTION_UPDATE_MODEL\x10\x02\x12\x1d\n\x19\x41UDIT_ACTION_DELETE_MODEL\x10\x03\x12\x1f\n\x1b\x41UDIT_ACTION_CREATE_VERSION\x10\x04\x12\x1f\n\x1b\x41UDIT_ACTION_UPDATE_VERSION\x10\x05\x12\x18\n\x14\x41UDIT_ACTION_PROMOTE\x10\x06\x12\x19\n\x15\x41UDIT_ACTION_ROLLBACK\x10\x07\x12\x1c\n\x18\x41UDIT_ACTION_CLEAR_STAGE\x10\x08*|\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13SKIP_REASON_REFUSED\x10\x01\x12\x1c\n\x18SKIP_REASON_NEVER_SERVED\x10\x02\x12\x1a\n\x16SKIP_REASON_DEPRECATED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmodelreg/v1/resources.proto\x12\x0bmodelreg.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x03\n\x0fRegisteredModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x34\n\x04tags\x18\x03 \x03(\x0b\x32&.modelreg.v1.RegisteredModel.TagsEntry\x12\x15\n\rcustom_stages\x18\x04 \x03(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rversion_count\x18\x07 \x01(\x03\x12K\n\x10rollout_policies\x18\x08 \x03(\x0b\x32\x31.modelreg.v1.RegisteredModel.RolloutPoliciesEntry\x12\x0c\n\x04\x65tag\x18\x63 \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aR\n\x14RolloutPoliciesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.modelreg.v1.RolloutPolicy:\x02\x38\x01\"e\n\x07Lineage\x12\x14\n\x0ctraining_run\x18\x01 \x01(\t\x12\x13\n\x0b\x63ode_commit\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x61taset_version\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x04 \x01(\t\"\xca\x05\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x61rtifact_uri\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x11\n\tframework\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\t\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.modelreg.v1.ModelVersion.MetricsEntry\x12\x35\n\x06params\x18\t \x03(\x0b\x32%.modelreg.v1.ModelVersion.ParamsEntry\x12%\n\x07lineage\x18\n \x01(\x0b\x32\x14.modelreg.v1.Lineage\x12\x12\n\nmodel_card\x18\x0b \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x0c \x01(\t\x12\x31\n\x04tags\x18\r \x03(\x0b\x32#.modelreg.v1.ModelVersion.TagsEntry\x12/\n\x0bsunset_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05state\x18\x0f \x01(\x0e\x32\x19.modelreg.v1.VersionState\x12\x0e\n\x06stages\x18\x10 \x03(\t\x12/\n\x0b\x63reate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x12 \x01(\t\x12\x0c\n\x04\x65tag\x18\x63 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdf\x03\n\x0cStagePointer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x18\n\x10previous_version\x18\x03 \x01(\x03\x12\x1b\n\x13rollback_candidates\x18\x04 \x03(\x03\x12\x17\n\x0f\x66ormer_versions\x18\x05 \x03(\x03\x12\x12\n\ngeneration\x18\x06 \x01(\x03\x12\x0e\n\x06hotfix\x18\x07 \x01(\x08\x12\x19\n\x11\x62\x61\x63kfill_required\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x12\n\nupdated_by\x18\n \x01(\t\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\tlast_move\x18\x0c \x01(\x0e\x32\x1c.modelreg.v1.PointerMoveKind\x12\x17\n\x0fpending_rollout\x18\r \x01(\t\x12\x17\n\x0fpending_version\x18\x0e \x01(\x03\x12\x33\n\x0f\x61\x63tivation_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07rollout\x18\x10 \x01(\t\x12\x15\n\rrollout_count\x18\x11 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x63 \x01(\t\"\xa7\x01\n\rRolloutPolicy\x12\x0f\n\x07regions\x18\x01 \x03(\t\x12\x1a\n\x12readiness_fraction\x18\x02 \x01(\x01\x12\x33\n\x10prepare_deadline\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11\x61\x63tivation_margin\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x0bNodeFailure\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xda\x01\n\x0fRegionReadiness\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x12\n\nlive_nodes\x18\x02 \x01(\x05\x12\x13\n\x0bready_nodes\x18\x03 \x01(\x05\x12\x14\n\x0c\x66\x61iled_nodes\x18\x04 \x01(\x05\x12*\n\x08\x66\x61ilures\x18\x05 \x03(\x0b\x32\x18.modelreg.v1.NodeFailure\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncheck_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x04\n\x07Rollout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.modelreg.v1.RolloutKind\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.modelreg.v1.RolloutState\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x16\n\x0etarget_version\x18\x05 \x01(\x03\x12\x14\n\x0c\x66rom_version\x18\x06 \x01(\x03\x12\x0f\n\x07regions\x18\x07 \x03(\t\x12/\n\treadiness\x18\x08 \x03(\x0b\x32\x1c.modelreg.v1.RegionReadiness\x12*\n\x06policy\x18\t \x01(\x0b\x32\x1a.modelreg.v1.RolloutPolicy\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x61\x63tivation_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x0e \x01(\t\x12\x0e\n\x06reason\x18\x0f \x01(\t\x12\x0e\n\x06hotfix\x18\x10 \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x11 \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x12 \x01(\t\x12\x17\n\x0f\x63ommit_revision\x18\x13 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x63 \x01(\t\"\xf8\x01\n\x13PointerHistoryEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.modelreg.v1.PointerMoveKind\x12\x14\n\x0c\x66rom_version\x18\x04 \x01(\x03\x12\x12\n\nto_version\x18\x05 \x01(\x03\x12\x0e\n\x06hotfix\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\n \x01(\x03\"\\\n\x10SkippedCandidate\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.modelreg.v1.SkipReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xea\x02\n\nAuditEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x18.modelreg.v1.AuditAction\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05stage\x18\x06 \x01(\t\x12\x12\n\nfrom_value\x18\x07 \x01(\t\x12\x10\n\x08to_value\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x0e\n\x06hotfix\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\r \x01(\x03\x12.\n\x07skipped\x18\x0e \x03(\x0b\x32\x1d.modelreg.v1.SkippedCandidate\x12\x0e\n\x06\x66orced\x18\x0f \x01(\x08\x12\x0f\n\x07rollout\x18\x10 \x01(\t*\xbe\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18VERSION_STATE_REGISTERED\x10\x01\x12\x19\n\x15VERSION_STATE_STAGING\x10\x02\x12\x1c\n\x18VERSION_STATE_PRODUCTION\x10\x03\x12\x1a\n\x16VERSION_STATE_ARCHIVED\x10\x04\x12\x1c\n\x18VERSION_STATE_DEPRECATED\x10\x05*`\n\x0bRolloutKind\x12\x1c\n\x18ROLLOUT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14ROLLOUT_KIND_PROMOTE\x10\x01\x12\x19\n\x15ROLLOUT_KIND_ROLLBACK\x10\x02*\x82\x01\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17ROLLOUT_STATE_PREPARING\x10\x01\x12\x1b\n\x17ROLLOUT_STATE_COMMITTED\x10\x02\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x03*\x90\x01\n\x0fPointerMoveKind\x12!\n\x1dPOINTER_MOVE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19POINTER_MOVE_KIND_PROMOTE\x10\x01\x12\x1e\n\x1aPOINTER_MOVE_KIND_ROLLBACK\x10\x02\x12\x1b\n\x17POINTER_MOVE_KIND_CLEAR\x10\x03*\xdd\x02\n\x0b\x41uditAction\x12\x1c\n\x18\x41UDIT_ACTION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41UDIT_ACTION_CREATE_MODEL\x10\x01\x12\x1d\n\x19\x41UDIT_ACTION_UPDATE_MODEL\x10\x02\x12\x1d\n\x19\x41UDIT_ACTION_DELETE_MODEL\x10\x03\x12\x1f\n\x1b\x41UDIT_ACTION_CREATE_VERSION\x10\x04\x12\x1f\n\x1b\x41UDIT_ACTION_UPDATE_VERSION\x10\x05\x12\x18\n\x14\x41UDIT_ACTION_PROMOTE\x10\x06\x12\x19\n\x15\x41UDIT_ACTION_ROLLBACK\x10\x07\x12\x1c\n\x18\x41UDIT_ACTION_CLEAR_STAGE\x10\x08\x12\x1e\n\x1a\x41UDIT_ACTION_START_ROLLOUT\x10\t\x12\x1e\n\x1a\x41UDIT_ACTION_ABORT_ROLLOUT\x10\n*|\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13SKIP_REASON_REFUSED\x10\x01\x12\x1c\n\x18SKIP_REASON_NEVER_SERVED\x10\x02\x12\x1a\n\x16SKIP_REASON_DEPRECATED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +35,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTEREDMODEL_TAGSENTRY']._loaded_options = None
   _globals['_REGISTEREDMODEL_TAGSENTRY']._serialized_options = b'8\001'
+  _globals['_REGISTEREDMODEL_ROLLOUTPOLICIESENTRY']._loaded_options = None
+  _globals['_REGISTEREDMODEL_ROLLOUTPOLICIESENTRY']._serialized_options = b'8\001'
   _globals['_MODELVERSION_METRICSENTRY']._loaded_options = None
   _globals['_MODELVERSION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELVERSION_PARAMSENTRY']._loaded_options = None
   _globals['_MODELVERSION_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_MODELVERSION_TAGSENTRY']._loaded_options = None
   _globals['_MODELVERSION_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_VERSIONSTATE']._serialized_start=2242
-  _globals['_VERSIONSTATE']._serialized_end=2432
-  _globals['_POINTERMOVEKIND']._serialized_start=2435
-  _globals['_POINTERMOVEKIND']._serialized_end=2579
-  _globals['_AUDITACTION']._serialized_start=2582
-  _globals['_AUDITACTION']._serialized_end=2867
-  _globals['_SKIPREASON']._serialized_start=2869
-  _globals['_SKIPREASON']._serialized_end=2993
-  _globals['_REGISTEREDMODEL']._serialized_start=78
-  _globals['_REGISTEREDMODEL']._serialized_end=387
-  _globals['_REGISTEREDMODEL_TAGSENTRY']._serialized_start=344
-  _globals['_REGISTEREDMODEL_TAGSENTRY']._serialized_end=387
-  _globals['_LINEAGE']._serialized_start=389
-  _globals['_LINEAGE']._serialized_end=490
-  _globals['_MODELVERSION']._serialized_start=493
-  _globals['_MODELVERSION']._serialized_end=1207
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1069
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1115
-  _globals['_MODELVERSION_PARAMSENTRY']._serialized_start=1117
-  _globals['_MODELVERSION_PARAMSENTRY']._serialized_end=1162
-  _globals['_MODELVERSION_TAGSENTRY']._serialized_start=344
-  _globals['_MODELVERSION_TAGSENTRY']._serialized_end=387
-  _globals['_STAGEPOINTER']._serialized_start=1210
-  _globals['_STAGEPOINTER']._serialized_end=1546
-  _globals['_POINTERHISTORYENTRY']._serialized_start=1549
-  _globals['_POINTERHISTORYENTRY']._serialized_end=1797
-  _globals['_SKIPPEDCANDIDATE']._serialized_start=1799
-  _globals['_SKIPPEDCANDIDATE']._serialized_end=1891
-  _globals['_AUDITEVENT']._serialized_start=1894
-  _globals['_AUDITEVENT']._serialized_end=2239
+  _globals['_VERSIONSTATE']._serialized_start=3632
+  _globals['_VERSIONSTATE']._serialized_end=3822
+  _globals['_ROLLOUTKIND']._serialized_start=3824
+  _globals['_ROLLOUTKIND']._serialized_end=3920
+  _globals['_ROLLOUTSTATE']._serialized_start=3923
+  _globals['_ROLLOUTSTATE']._serialized_end=4053
+  _globals['_POINTERMOVEKIND']._serialized_start=4056
+  _globals['_POINTERMOVEKIND']._serialized_end=4200
+  _globals['_AUDITACTION']._serialized_start=4203
+  _globals['_AUDITACTION']._serialized_end=4552
+  _globals['_SKIPREASON']._serialized_start=4554
+  _globals['_SKIPREASON']._serialized_end=4678
+  _globals['_REGISTEREDMODEL']._serialized_start=110
+  _globals['_REGISTEREDMODEL']._serialized_end=580
+  _globals['_REGISTEREDMODEL_TAGSENTRY']._serialized_start=453
+  _globals['_REGISTEREDMODEL_TAGSENTRY']._serialized_end=496
+  _globals['_REGISTEREDMODEL_ROLLOUTPOLICIESENTRY']._serialized_start=498
+  _globals['_REGISTEREDMODEL_ROLLOUTPOLICIESENTRY']._serialized_end=580
+  _globals['_LINEAGE']._serialized_start=582
+  _globals['_LINEAGE']._serialized_end=683
+  _globals['_MODELVERSION']._serialized_start=686
+  _globals['_MODELVERSION']._serialized_end=1400
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1262
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1308
+  _globals['_MODELVERSION_PARAMSENTRY']._serialized_start=1310
+  _globals['_MODELVERSION_PARAMSENTRY']._serialized_end=1355
+  _globals['_MODELVERSION_TAGSENTRY']._serialized_start=453
+  _globals['_MODELVERSION_TAGSENTRY']._serialized_end=496
+  _globals['_STAGEPOINTER']._serialized_start=1403
+  _globals['_STAGEPOINTER']._serialized_end=1882
+  _globals['_ROLLOUTPOLICY']._serialized_start=1885
+  _globals['_ROLLOUTPOLICY']._serialized_end=2052
+  _globals['_NODEFAILURE']._serialized_start=2054
+  _globals['_NODEFAILURE']._serialized_end=2096
+  _globals['_REGIONREADINESS']._serialized_start=2099
+  _globals['_REGIONREADINESS']._serialized_end=2317
+  _globals['_ROLLOUT']._serialized_start=2320
+  _globals['_ROLLOUT']._serialized_end=2919
+  _globals['_POINTERHISTORYENTRY']._serialized_start=2922
+  _globals['_POINTERHISTORYENTRY']._serialized_end=3170
+  _globals['_SKIPPEDCANDIDATE']._serialized_start=3172
+  _globals['_SKIPPEDCANDIDATE']._serialized_end=3264
+  _globals['_AUDITEVENT']._serialized_start=3267
+  _globals['_AUDITEVENT']._serialized_end=3629
 # @@protoc_insertion_point(module_scope)

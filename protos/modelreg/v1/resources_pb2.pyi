@@ -5,6 +5,7 @@ Resources of the modelreg registry: models, immutable versions, stage pointers, 
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -56,6 +57,62 @@ VERSION_STATE_DEPRECATED: VersionState.ValueType  # 5
 """Has a sunset time; not in staging or production."""
 Global___VersionState: _TypeAlias = VersionState  # noqa: Y015
 
+class _RolloutKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_KIND_UNSPECIFIED: _RolloutKind.ValueType  # 0
+    ROLLOUT_KIND_PROMOTE: _RolloutKind.ValueType  # 1
+    """A PromoteVersion on a governed stage: prepare in every region, then commit."""
+    ROLLOUT_KIND_ROLLBACK: _RolloutKind.ValueType  # 2
+    """A RollbackStage on a governed stage: no prepare (the previous version is warm), committed
+    at once, nodes switch on receipt.
+    """
+
+class RolloutKind(_RolloutKind, metaclass=_RolloutKindEnumTypeWrapper):
+    """What moves a rollout makes."""
+
+ROLLOUT_KIND_UNSPECIFIED: RolloutKind.ValueType  # 0
+ROLLOUT_KIND_PROMOTE: RolloutKind.ValueType  # 1
+"""A PromoteVersion on a governed stage: prepare in every region, then commit."""
+ROLLOUT_KIND_ROLLBACK: RolloutKind.ValueType  # 2
+"""A RollbackStage on a governed stage: no prepare (the previous version is warm), committed
+at once, nodes switch on receipt.
+"""
+Global___RolloutKind: _TypeAlias = RolloutKind  # noqa: Y015
+
+class _RolloutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STATE_UNSPECIFIED: _RolloutState.ValueType  # 0
+    ROLLOUT_STATE_PREPARING: _RolloutState.ValueType  # 1
+    """Nodes are preparing the target; the pointer has not moved."""
+    ROLLOUT_STATE_COMMITTED: _RolloutState.ValueType  # 2
+    """The pointer moved (one compare-and-swap on the primary); nodes switch at activation_time."""
+    ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 3
+    """Nothing moved: a region not ready by the deadline, too many failed prepares, a cancel,
+    or a rollback that superseded it (abort_reason says which).
+    """
+
+class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
+    """Where a rollout stands."""
+
+ROLLOUT_STATE_UNSPECIFIED: RolloutState.ValueType  # 0
+ROLLOUT_STATE_PREPARING: RolloutState.ValueType  # 1
+"""Nodes are preparing the target; the pointer has not moved."""
+ROLLOUT_STATE_COMMITTED: RolloutState.ValueType  # 2
+"""The pointer moved (one compare-and-swap on the primary); nodes switch at activation_time."""
+ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 3
+"""Nothing moved: a region not ready by the deadline, too many failed prepares, a cancel,
+or a rollback that superseded it (abort_reason says which).
+"""
+Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
+
 class _PointerMoveKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -93,6 +150,12 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     AUDIT_ACTION_PROMOTE: _AuditAction.ValueType  # 6
     AUDIT_ACTION_ROLLBACK: _AuditAction.ValueType  # 7
     AUDIT_ACTION_CLEAR_STAGE: _AuditAction.ValueType  # 8
+    AUDIT_ACTION_START_ROLLOUT: _AuditAction.ValueType  # 9
+    """A rollout started preparing (the pointer has not moved; its commit is a PROMOTE or
+    ROLLBACK event naming the rollout).
+    """
+    AUDIT_ACTION_ABORT_ROLLOUT: _AuditAction.ValueType  # 10
+    """A rollout aborted: nothing moved; `reason` says why."""
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What an audit event records."""
@@ -106,6 +169,12 @@ AUDIT_ACTION_UPDATE_VERSION: AuditAction.ValueType  # 5
 AUDIT_ACTION_PROMOTE: AuditAction.ValueType  # 6
 AUDIT_ACTION_ROLLBACK: AuditAction.ValueType  # 7
 AUDIT_ACTION_CLEAR_STAGE: AuditAction.ValueType  # 8
+AUDIT_ACTION_START_ROLLOUT: AuditAction.ValueType  # 9
+"""A rollout started preparing (the pointer has not moved; its commit is a PROMOTE or
+ROLLBACK event naming the rollout).
+"""
+AUDIT_ACTION_ABORT_ROLLOUT: AuditAction.ValueType  # 10
+"""A rollout aborted: nothing moved; `reason` says why."""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 class _SkipReason:
@@ -164,6 +233,27 @@ class RegisteredModel(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RolloutPoliciesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___RolloutPolicy: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___RolloutPolicy | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
@@ -171,6 +261,7 @@ class RegisteredModel(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_POLICIES_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `models/{model}`."""
@@ -195,6 +286,13 @@ class RegisteredModel(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rollout_policies(self) -> _containers.MessageMap[_builtins.str, Global___RolloutPolicy]:
+        """Stages governed by a rollout policy, by stage id (mutable, audited; owners and admins).
+        A promotion or rollback of such a stage is a two-phase rollout across regions (see
+        RolloutService); other stages move at once, as before.
+        """
+
     def __init__(
         self,
         *,
@@ -205,11 +303,12 @@ class RegisteredModel(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         version_count: _builtins.int = ...,
+        rollout_policies: _abc.Mapping[_builtins.str, Global___RolloutPolicy] | None = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "custom_stages", b"custom_stages", "description", b"description", "etag", b"etag", "name", b"name", "tags", b"tags", "update_time", b"update_time", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "custom_stages", b"custom_stages", "description", b"description", "etag", b"etag", "name", b"name", "rollout_policies", b"rollout_policies", "tags", b"tags", "update_time", b"update_time", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +520,11 @@ class StagePointer(_message.Message):
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     LAST_MOVE_FIELD_NUMBER: _builtins.int
+    PENDING_ROLLOUT_FIELD_NUMBER: _builtins.int
+    PENDING_VERSION_FIELD_NUMBER: _builtins.int
+    ACTIVATION_TIME_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_COUNT_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `models/{model}/stages/{stage}`."""
@@ -438,6 +542,17 @@ class StagePointer(_message.Message):
     updated_by: _builtins.str
     last_move: Global___PointerMoveKind.ValueType
     """How the pointer reached its current version."""
+    pending_rollout: _builtins.str
+    """The rollout preparing `pending_version` (`models/{model}/stages/{stage}/rollouts/{id}`),
+    empty if none. While it is set, nodes following the stage fetch, verify and load
+    `pending_version` without serving it; its commit moves `version` there, its abort clears
+    both (nodes drop what they prepared). At most one per stage.
+    """
+    pending_version: _builtins.int
+    rollout: _builtins.str
+    """The rollout that made the current position, if one did."""
+    rollout_count: _builtins.int
+    """Rollouts started on this stage so far; a new one gets the next number as its id."""
     etag: _builtins.str
     @_builtins.property
     def rollback_candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -449,6 +564,13 @@ class StagePointer(_message.Message):
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def activation_time(self) -> _timestamp_pb2.Timestamp:
+        """When nodes switch to `version`: a rollout's commit sets it a margin ahead so that every
+        region switches together; unset (or past) means on receipt. Server clock (UTC): the
+        watcher SDK corrects for its own clock's offset (see WatchStagesResponse.server_time).
+        """
+
     def __init__(
         self,
         *,
@@ -464,15 +586,251 @@ class StagePointer(_message.Message):
         updated_by: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         last_move: Global___PointerMoveKind.ValueType = ...,
+        pending_rollout: _builtins.str = ...,
+        pending_version: _builtins.int = ...,
+        activation_time: _timestamp_pb2.Timestamp | None = ...,
+        rollout: _builtins.str = ...,
+        rollout_count: _builtins.int = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backfill_required", b"backfill_required", "etag", b"etag", "former_versions", b"former_versions", "generation", b"generation", "hotfix", b"hotfix", "last_move", b"last_move", "name", b"name", "previous_version", b"previous_version", "reason", b"reason", "rollback_candidates", b"rollback_candidates", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "backfill_required", b"backfill_required", "etag", b"etag", "former_versions", b"former_versions", "generation", b"generation", "hotfix", b"hotfix", "last_move", b"last_move", "name", b"name", "pending_rollout", b"pending_rollout", "pending_version", b"pending_version", "previous_version", b"previous_version", "reason", b"reason", "rollback_candidates", b"rollback_candidates", "rollout", b"rollout", "rollout_count", b"rollout_count", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StagePointer: _TypeAlias = StagePointer  # noqa: Y015
+
+@_typing.final
+class RolloutPolicy(_message.Message):
+    """How a governed stage moves (RegisteredModel.rollout_policies)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGIONS_FIELD_NUMBER: _builtins.int
+    READINESS_FRACTION_FIELD_NUMBER: _builtins.int
+    PREPARE_DEADLINE_FIELD_NUMBER: _builtins.int
+    ACTIVATION_MARGIN_FIELD_NUMBER: _builtins.int
+    readiness_fraction: _builtins.float
+    """Fraction of a region's live nodes following the stage that must have prepared the target
+    for the region to be ready, in (0, 1]; 0 means 1. A region with no live node following
+    the stage is ready. More failed nodes than 1 - readiness_fraction allows abort the rollout.
+    """
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Regions that must be ready before the pointer moves; empty: every region of the topology
+        (the server's own region in a deployment without one).
+        """
+
+    @_builtins.property
+    def prepare_deadline(self) -> _duration_pb2.Duration:
+        """How long prepare may take before the rollout aborts: 1 s to 24 h; unset: 5 minutes."""
+
+    @_builtins.property
+    def activation_margin(self) -> _duration_pb2.Duration:
+        """How far after the commit nodes switch: 0 to 60 s; unset: 2 s. Make it longer than the
+        replication lag to the farthest region plus the worst clock error of a serving node.
+        """
+
+    def __init__(
+        self,
+        *,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
+        readiness_fraction: _builtins.float = ...,
+        prepare_deadline: _duration_pb2.Duration | None = ...,
+        activation_margin: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_margin", b"activation_margin", "prepare_deadline", b"prepare_deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_margin", b"activation_margin", "prepare_deadline", b"prepare_deadline", "readiness_fraction", b"readiness_fraction", "regions", b"regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutPolicy: _TypeAlias = RolloutPolicy  # noqa: Y015
+
+@_typing.final
+class NodeFailure(_message.Message):
+    """A node that failed to prepare a rollout's target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """`nodes/{node_id}`."""
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeFailure: _TypeAlias = NodeFailure  # noqa: Y015
+
+@_typing.final
+class RegionReadiness(_message.Message):
+    """How ready one region is for a rollout, from the region's own node reports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    LIVE_NODES_FIELD_NUMBER: _builtins.int
+    READY_NODES_FIELD_NUMBER: _builtins.int
+    FAILED_NODES_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    live_nodes: _builtins.int
+    """Live nodes following the stage."""
+    ready_nodes: _builtins.int
+    """Of those, nodes that prepared the target (or already serve it)."""
+    failed_nodes: _builtins.int
+    """Of those, nodes that failed to prepare the target."""
+    ready: _builtins.bool
+    """Whether the region meets the policy's readiness fraction."""
+    error: _builtins.str
+    """Why the region could not be asked (unreachable, not yet replicated the rollout); empty if
+    it answered.
+    """
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeFailure]:
+        """Some failed nodes with their errors (at most 20)."""
+
+    @_builtins.property
+    def check_time(self) -> _timestamp_pb2.Timestamp:
+        """When the coordinator last heard from the region."""
+
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        live_nodes: _builtins.int = ...,
+        ready_nodes: _builtins.int = ...,
+        failed_nodes: _builtins.int = ...,
+        failures: _abc.Iterable[Global___NodeFailure] | None = ...,
+        ready: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        check_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time", "error", b"error", "failed_nodes", b"failed_nodes", "failures", b"failures", "live_nodes", b"live_nodes", "ready", b"ready", "ready_nodes", b"ready_nodes", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionReadiness: _TypeAlias = RegionReadiness  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """A coordinated move of a governed stage, in the style of a long-running operation (AIP-151):
+    `done` once COMMITTED or ABORTED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TARGET_VERSION_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    READINESS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    ACTIVATION_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    HOTFIX_FIELD_NUMBER: _builtins.int
+    ABORT_REASON_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_FIELD_NUMBER: _builtins.int
+    COMMIT_REVISION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`models/{model}/stages/{stage}/rollouts/{id}` (ids 1, 2, ... per stage)."""
+    kind: Global___RolloutKind.ValueType
+    state: Global___RolloutState.ValueType
+    done: _builtins.bool
+    target_version: _builtins.int
+    from_version: _builtins.int
+    """The version the stage named when the rollout started."""
+    actor: _builtins.str
+    """Who started it and why."""
+    reason: _builtins.str
+    hotfix: _builtins.bool
+    abort_reason: _builtins.str
+    """Why it aborted, and who cancelled it if someone did."""
+    cancelled_by: _builtins.str
+    commit_revision: _builtins.int
+    """etcd revision of the commit (0 until committed)."""
+    etag: _builtins.str
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Regions that must be ready (the policy's, resolved against the topology)."""
+
+    @_builtins.property
+    def readiness(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionReadiness]:
+        """Per region, as the coordinator last saw it."""
+
+    @_builtins.property
+    def policy(self) -> Global___RolloutPolicy:
+        """The policy in force when it started."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """Prepare must be done by then, or the rollout aborts."""
+
+    @_builtins.property
+    def activation_time(self) -> _timestamp_pb2.Timestamp:
+        """Set by the commit: when nodes switch."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it committed or aborted."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: Global___RolloutKind.ValueType = ...,
+        state: Global___RolloutState.ValueType = ...,
+        done: _builtins.bool = ...,
+        target_version: _builtins.int = ...,
+        from_version: _builtins.int = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
+        readiness: _abc.Iterable[Global___RegionReadiness] | None = ...,
+        policy: Global___RolloutPolicy | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        activation_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        hotfix: _builtins.bool = ...,
+        abort_reason: _builtins.str = ...,
+        cancelled_by: _builtins.str = ...,
+        commit_revision: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "activation_time", b"activation_time", "actor", b"actor", "cancelled_by", b"cancelled_by", "commit_revision", b"commit_revision", "create_time", b"create_time", "deadline", b"deadline", "done", b"done", "end_time", b"end_time", "etag", b"etag", "from_version", b"from_version", "hotfix", b"hotfix", "kind", b"kind", "name", b"name", "policy", b"policy", "readiness", b"readiness", "reason", b"reason", "regions", b"regions", "state", b"state", "target_version", b"target_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
 
 @_typing.final
 class PointerHistoryEntry(_message.Message):
@@ -574,6 +932,7 @@ class AuditEvent(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
     FORCED_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`auditEvents/{id}`."""
     action: Global___AuditAction.ValueType
@@ -597,6 +956,8 @@ class AuditEvent(_message.Message):
     that never served in the stage or that the fleet refused (`allow_unserved`), or emptying
     `production` (`force`).
     """
+    rollout: _builtins.str
+    """The rollout this event belongs to, if any (`models/{model}/stages/{stage}/rollouts/{id}`)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -621,10 +982,11 @@ class AuditEvent(_message.Message):
         revision: _builtins.int = ...,
         skipped: _abc.Iterable[Global___SkippedCandidate] | None = ...,
         forced: _builtins.bool = ...,
+        rollout: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "forced", b"forced", "from_value", b"from_value", "hotfix", b"hotfix", "model", b"model", "name", b"name", "reason", b"reason", "request_id", b"request_id", "resource", b"resource", "revision", b"revision", "skipped", b"skipped", "stage", b"stage", "time", b"time", "to_value", b"to_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "forced", b"forced", "from_value", b"from_value", "hotfix", b"hotfix", "model", b"model", "name", b"name", "reason", b"reason", "request_id", b"request_id", "resource", b"resource", "revision", b"revision", "rollout", b"rollout", "skipped", b"skipped", "stage", b"stage", "time", b"time", "to_value", b"to_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

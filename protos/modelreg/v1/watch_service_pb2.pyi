@@ -6,6 +6,7 @@ Live stage pointers for serving nodes: a snapshot, then every change in etcd rev
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from modelreg.v1 import resources_pb2 as _resources_pb2
@@ -142,6 +143,7 @@ class WatchStagesResponse(_message.Message):
     RESET_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_FIELD_NUMBER: _builtins.int
     type: Global___WatchMessageType.ValueType
     revision: _builtins.int
     """etcd revision this message brings the watcher up to."""
@@ -151,6 +153,12 @@ class WatchStagesResponse(_message.Message):
     def snapshot(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.StagePointer]: ...
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageChange]: ...
+    @_builtins.property
+    def server_time(self) -> _timestamp_pb2.Timestamp:
+        """The server's clock when it sent this message: the watcher SDK estimates its own clock's
+        offset from it, to switch at a rollout's activation_time on the server's time.
+        """
+
     def __init__(
         self,
         *,
@@ -159,10 +167,11 @@ class WatchStagesResponse(_message.Message):
         reset: _builtins.bool = ...,
         snapshot: _abc.Iterable[_resources_pb2.StagePointer] | None = ...,
         changes: _abc.Iterable[Global___StageChange] | None = ...,
+        server_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "reset", b"reset", "revision", b"revision", "snapshot", b"snapshot", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "reset", b"reset", "revision", b"revision", "server_time", b"server_time", "snapshot", b"snapshot", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
