@@ -13,9 +13,10 @@ import grpc
 from modelreg.client import _regions as rg
 from modelreg.client import _render as r
 from modelreg.client import _render_fleet as rf
+from modelreg.client import _render_rollouts as ro
 from modelreg.client import _requests as rq
 from modelreg.client._sync_client import RegistryClient
-from modelreg.client.errors import RegistryError
+from modelreg.client.errors import AbortedError, RegistryError
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 
@@ -180,6 +181,12 @@ def stages_get(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 def promote(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.promote(a.model, a.stage, a.version, etag=a.etag, reason=a.reason, hotfix=a.hotfix)
+    if resp.rollout.name:
+        started = (f"rollout {resp.rollout.name} started: {ro.progress_line(resp.rollout)}"
+                   f"\nrevision {resp.revision}")
+        if a.no_wait:
+            return Output(r.to_json(resp), started)
+        return Output(None, "", stream=_follow_rollout(c, resp.rollout, started))
     p = resp.stage
     text = f"{r.last_segment(p.name)}: {r.version_label(p.previous_version)} -> v{p.version}"
     if resp.archived_version:
@@ -273,6 +280,56 @@ def _watch_output(
         if msg.type == ws.WATCH_MESSAGE_TYPE_BOOKMARK and not bookmarks:
             continue
         yield Output(r.to_json(msg), "\n".join(rf.watch_lines(msg, bookmarks=bookmarks)))
+
+
+def _follow_rollout(
+    c: RegistryClient, rollout: res.Rollout, first: str
+) -> Generator[Output, None, None]:
+    """A line per change of the rollout until it is done; an abort ends in an error (exit 1)."""
+    yield Output(r.to_json(rollout), first)
+    last = ro.progress_line(rollout)
+    for msg in c.watch_rollout(rollout.name):
+        line = ro.progress_line(msg.rollout)
+        if line != last:
+            last = line
+            yield Output(r.to_json(msg), line)
+        if msg.rollout.state == res.ROLLOUT_STATE_ABORTED:
+            raise AbortedError(f"rollout {rollout.name} aborted: {msg.rollout.abort_reason}",
+                               reason="ROLLOUT_ABORTED",
+                               metadata={"rollout": rollout.name})
+
+
+def rollouts_list(c: RegistryClient, a: argparse.Namespace) -> Output:
+    rollouts = _take(c.iter_rollouts(a.model, a.stage), a.limit)
+    return Output({"rollouts": [r.to_json(x) for x in rollouts]}, ro.rollouts_table(rollouts))
+
+
+def _rollout_arg(a: argparse.Namespace) -> str:
+    if a.id is None:
+        return rq.rollout_name(a.model)
+    if a.stage is None:
+        raise UsageError("give a rollout name (models/M/stages/S/rollouts/N) or MODEL STAGE ID")
+    return rq.rollout_name(a.model, a.stage, a.id)
+
+
+def rollouts_get(c: RegistryClient, a: argparse.Namespace) -> Output:
+    resp = c.get_rollout(_rollout_arg(a))
+    return Output(r.to_json(resp), ro.rollout_details(resp.rollout))
+
+
+def rollouts_watch(c: RegistryClient, a: argparse.Namespace) -> Output:
+    def lines() -> Generator[Output, None, None]:
+        for msg in c.watch_rollout(_rollout_arg(a)):
+            yield Output(r.to_json(msg), ro.progress_line(msg.rollout))
+
+    return Output(None, "", stream=lines())
+
+
+def rollouts_cancel(c: RegistryClient, a: argparse.Namespace) -> Output:
+    if not a.reason.strip():
+        raise UsageError("--reason is required: it is recorded in the rollout and the audit")
+    resp = c.cancel_rollout(_rollout_arg(a), reason=a.reason)
+    return Output(r.to_json(resp), ro.progress_line(resp.rollout))
 
 
 def _take(items: Iterable[_T], limit: int) -> list[_T]:

@@ -38,6 +38,19 @@ def stage_name(model: str, stage: str) -> str:
     return f"{model_name(model)}/stages/{stage}"
 
 
+def rollout_name(model: str, stage: str | None = None, rollout: int | None = None) -> str:
+    """Return ``models/{model}/stages/{stage}/rollouts/{id}``; a full name is passed through.
+
+    ``rollout_name("models/m/stages/production/rollouts/3")`` and
+    ``rollout_name("m", "production", 3)`` name the same rollout.
+    """
+    if stage is None or rollout is None:
+        if "/rollouts/" not in model:
+            raise ValueError(f"{model!r} is not a rollout name (models/M/stages/S/rollouts/N)")
+        return model
+    return f"{stage_name(model, stage)}/rollouts/{int(rollout)}"
+
+
 def model_ids(models: Sequence[str] | None) -> list[str]:
     """Return the ids of model ids or names; one string is refused (it is no sequence of ids)."""
     if isinstance(models, str):

@@ -16,6 +16,7 @@ from modelreg.client._sync_models import ModelsAndVersions
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import model_service_pb2 as pb
 from modelreg.v1 import region_service_pb2 as rs
+from modelreg.v1 import rollout_service_pb2 as ro
 from modelreg.v1 import watch_service_pb2 as ws
 
 
@@ -23,8 +24,9 @@ class RegistryClient(ModelsAndVersions):
     """Typed blocking client of the modelreg services; safe to share between threads.
 
     It speaks ``ModelService`` (models, versions, stage pointers, audit), ``FleetService``
-    (serving nodes, rollout status), ``WatchService`` (live stage pointers) and
-    ``RegionService`` (regions, replication lag), on one channel.
+    (serving nodes, rollout status), ``WatchService`` (live stage pointers),
+    ``RegionService`` (regions, replication lag) and ``RolloutService`` (the two-phase
+    rollouts of stages governed by a rollout policy), on one channel.
 
     The channel is created on first use (behind a lock) and closed by :meth:`close` or at the
     end of ``with``. Model arguments take an id (``fraud-detector``) or a full name
@@ -322,4 +324,64 @@ class RegistryClient(ModelsAndVersions):
         req = rs.GetRegionStatusRequest(name=name)
         return self._call(
             lambda s: s.regions.GetRegionStatus, req, timeout, min_revision=min_revision
+        )
+
+    def get_rollout(
+        self,
+        name: str,
+        *,
+        min_revision: int = 0,
+        timeout: float | None = None,
+    ) -> ro.GetRolloutResponse:
+        """Read one rollout (``models/{model}/stages/{stage}/rollouts/{id}``)."""
+        req = ro.GetRolloutRequest(name=rq.rollout_name(name))
+        return self._call(
+            lambda s: s.rollouts.GetRollout, req, timeout, min_revision=min_revision
+        )
+
+    def list_rollouts(
+        self,
+        model: str,
+        stage: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        min_revision: int = 0,
+        timeout: float | None = None,
+    ) -> ro.ListRolloutsResponse:
+        """Read one page of a stage's rollouts, newest first."""
+        req = ro.ListRolloutsRequest(
+            parent=rq.stage_name(model, stage), page_size=page_size, page_token=page_token
+        )
+        return self._call(
+            lambda s: s.rollouts.ListRollouts, req, timeout, min_revision=min_revision
+        )
+
+    iter_rollouts = _paging.paged(list_rollouts, lambda page: page.rollouts)
+
+    def watch_rollout(
+        self, name: str, *, min_revision: int = 0
+    ) -> Iterator[ro.WatchRolloutResponse]:
+        """Follow one rollout: yield it now, then at every change, until it is done.
+
+        One ``WatchRollout`` stream, with no deadline and no retry; it ends after the message
+        whose rollout has ``done`` set (committed or aborted).
+        """
+        req = ro.WatchRolloutRequest(name=rq.rollout_name(name))
+        return self._stream(lambda s: s.rollouts.WatchRollout, req, min_revision=min_revision)
+
+    def cancel_rollout(
+        self,
+        name: str,
+        *,
+        reason: str,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ro.CancelRolloutResponse:
+        """Abort a rollout that is still preparing; nothing moves anywhere. Needs a reason."""
+        req = ro.CancelRolloutRequest(
+            name=rq.rollout_name(name), reason=reason, request_id=rq.new_request_id(request_id)
+        )
+        return self._call(
+            lambda s: s.rollouts.CancelRollout, req, timeout, idempotent=bool(req.request_id)
         )

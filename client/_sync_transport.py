@@ -3,7 +3,8 @@
 
 Generated from an asyncio twin (edit that one, then run
 ``python -m modelreg.client._unasync``). One channel, from the channel factory, carries the
-four services (``ModelService``, ``FleetService``, ``WatchService``, ``RegionService``);
+five services (``ModelService``, ``FleetService``, ``WatchService``, ``RegionService``,
+``RolloutService``);
 their stubs are created together, with the channel, and handed to calls as one
 :class:`Stubs`. Every retry decision is the config's
 :class:`~modelreg.client._config.RetryPolicy`; a call's metadata is the config's
@@ -27,12 +28,14 @@ from modelreg.client.errors import from_rpc_error
 from modelreg.v1 import fleet_service_pb2_grpc as fs_grpc
 from modelreg.v1 import model_service_pb2_grpc as pb_grpc
 from modelreg.v1 import region_service_pb2_grpc as rs_grpc
+from modelreg.v1 import rollout_service_pb2_grpc as ro_grpc
 from modelreg.v1 import watch_service_pb2_grpc as ws_grpc
 
 if TYPE_CHECKING:
     from modelreg.v1.fleet_service_pb2_grpc import FleetServiceStub
     from modelreg.v1.model_service_pb2_grpc import ModelServiceStub
     from modelreg.v1.region_service_pb2_grpc import RegionServiceStub
+    from modelreg.v1.rollout_service_pb2_grpc import RolloutServiceStub
     from modelreg.v1.watch_service_pb2_grpc import WatchServiceStub
 
 _Req = TypeVar("_Req")
@@ -47,6 +50,7 @@ class Stubs:
     fleet: FleetServiceStub
     watch: WatchServiceStub
     regions: RegionServiceStub
+    rollouts: RolloutServiceStub
 
     @classmethod
     def on(cls, channel: grpc.Channel) -> Stubs:
@@ -56,6 +60,7 @@ class Stubs:
             fs_grpc.FleetServiceStub(channel),
             ws_grpc.WatchServiceStub(channel),
             rs_grpc.RegionServiceStub(channel),
+            ro_grpc.RolloutServiceStub(channel),
         )
 
 

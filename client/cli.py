@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="straight to production without staging; needs --reason",
     )
     p.add_argument("--etag", type=r.parse_etag, help="only if the stage's etag is still this")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="on a stage with a rollout policy: print the rollout's name and return, instead "
+        "of following it until every region switched (or it aborted: exit 1)",
+    )
     p = leaf(cmds, "rollback", cmd.rollback, "move a stage back to its last known-good version")
     model_arg(p)
     p.add_argument("stage", help="staging, production or a custom stage")
@@ -275,6 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reason", default="", help="why (recorded in the audit trail)")
     p.add_argument("--etag", type=r.parse_etag, help="only if the stage's etag is still this")
+    rollouts = cmds.add_parser(
+        "rollouts", help="follow and cancel the rollouts of stages with a rollout policy",
+        description="follow and cancel the two-phase rollouts of stages with a rollout policy: "
+        "every region prepares the target, then all switch together at one activation time")
+    rsub = rollouts.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = leaf(rsub, "list", cmd.rollouts_list, "list a stage's rollouts, newest first")
+    model_arg(p)
+    p.add_argument("stage", help="staging, production or a custom stage")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (50; 0 for all)")
+    for action, handler, text in (
+        ("get", cmd.rollouts_get, "show one rollout: state, move, readiness per region"),
+        ("watch", cmd.rollouts_watch, "follow one rollout: a line per change until it is done"),
+        ("cancel", cmd.rollouts_cancel, "abort a rollout still preparing: nothing moves"),
+    ):
+        p = leaf(rsub, action, handler, text)
+        p.add_argument("model", help="a rollout name (models/M/stages/S/rollouts/N), or a model")
+        p.add_argument("stage", nargs="?", help="with a model: the stage")
+        p.add_argument("id", nargs="?", type=int, help="with a model and stage: the rollout id")
+        if action == "cancel":
+            p.add_argument("--reason", default="", help="why (required; recorded)")
     p = leaf(cmds, "history", cmd.history, "list the moves of a stage pointer, newest first")
     model_arg(p)
     p.add_argument("stage", help="staging, production or a custom stage")

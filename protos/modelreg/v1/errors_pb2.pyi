@@ -105,6 +105,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
     input it refused before sending anything, so `--json` errors have one vocabulary.
     """
+    ROLLOUT_ABORTED: _ErrorReason.ValueType  # 34
+    """Never sent by the server: the `modelreg` CLI's reason (code ABORTED, exit 1) when a
+    rollout it started and followed (`modelreg promote` on a governed stage) aborted.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The value of `google.rpc.ErrorInfo.reason` (domain `modelreg.dev`) on every error modelreg
@@ -196,5 +200,9 @@ metadata); it cannot be cancelled.
 USAGE: ErrorReason.ValueType  # 28
 """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
 input it refused before sending anything, so `--json` errors have one vocabulary.
+"""
+ROLLOUT_ABORTED: ErrorReason.ValueType  # 34
+"""Never sent by the server: the `modelreg` CLI's reason (code ABORTED, exit 1) when a
+rollout it started and followed (`modelreg promote` on a governed stage) aborted.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,106 @@
+"""The CLI's text for rollouts: one rollout's details, a stage's list, and progress lines.
+
+The tables follow the rules of :mod:`modelreg.client._render`. A progress line is what
+``modelreg promote`` and ``modelreg rollouts watch`` print each time a rollout changes: its
+state and, per region, how many live nodes have prepared the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf import timestamp_pb2
+
+from modelreg.client._render import clip, details, enum_name, table, version_label, when
+from modelreg.client._render_fleet import short_error
+from modelreg.v1 import resources_pb2 as res
+
+
+def state(rollout: res.Rollout) -> str:
+    """``preparing``, ``committed`` or ``aborted``."""
+    return enum_name(res.RolloutState.Name(rollout.state), "ROLLOUT_STATE_")
+
+
+def kind(rollout: res.Rollout) -> str:
+    """``promote`` or ``rollback``."""
+    return enum_name(res.RolloutKind.Name(rollout.kind), "ROLLOUT_KIND_")
+
+
+def _move(rollout: res.Rollout) -> str:
+    return f"{version_label(rollout.from_version)} -> v{rollout.target_version}"
+
+
+def region_cell(readiness: res.RegionReadiness) -> str:
+    """``eu 3/4`` (ready of live nodes), ``eu ready 4/4``, or ``eu unreachable: ...``."""
+    if readiness.error:
+        return f"{readiness.region} {short_error(readiness.error, 60)}"
+    counts = f"{readiness.ready_nodes}/{readiness.live_nodes}"
+    if readiness.failed_nodes:
+        counts += f" ({readiness.failed_nodes} failed)"
+    return f"{readiness.region} {'ready ' if readiness.ready else ''}{counts}"
+
+
+def progress_line(rollout: res.Rollout) -> str:
+    """One line for a rollout's progress, e.g. ``preparing v7 -> v8: us ready 3/3, eu 1/2``."""
+    head = f"{state(rollout)} {_move(rollout)}"
+    if rollout.state == res.ROLLOUT_STATE_COMMITTED:
+        return f"{head}: committed at revision {rollout.commit_revision}; nodes switch at " \
+               f"{_instant(rollout.activation_time)}"
+    if rollout.state == res.ROLLOUT_STATE_ABORTED:
+        return f"{head}: aborted: {clip(rollout.abort_reason, 200)}"
+    waiting = [r for r in rollout.regions if r not in {x.region for x in rollout.readiness}]
+    cells = [region_cell(x) for x in rollout.readiness] + [f"{r} not asked yet" for r in waiting]
+    return f"{head}: {', '.join(cells) or 'no region asked yet'}"
+
+
+def _instant(ts: timestamp_pb2.Timestamp) -> str:
+    """Like ``when`` but to the millisecond, since activation times are that close."""
+    if ts.seconds == 0 and ts.nanos == 0:
+        return "on receipt"
+    return ts.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def rollout_details(rollout: res.Rollout) -> str:
+    """Every field of a rollout worth reading, then its per-region readiness table."""
+    head = details([
+        ("name", rollout.name),
+        ("state", state(rollout)),
+        ("kind", kind(rollout)),
+        ("move", _move(rollout)),
+        ("regions", ", ".join(rollout.regions)),
+        ("started", f"{when(rollout.create_time)} by {rollout.actor or '?'}"),
+        ("reason", rollout.reason),
+        ("hotfix", "yes" if rollout.hotfix else ""),
+        ("deadline", when(rollout.deadline) if rollout.state == res.ROLLOUT_STATE_PREPARING
+         else ""),
+        ("activation", _instant(rollout.activation_time)
+         if rollout.state == res.ROLLOUT_STATE_COMMITTED else ""),
+        ("ended", when(rollout.end_time) if rollout.done else ""),
+        ("aborted", rollout.abort_reason),
+        ("cancelled by", rollout.cancelled_by),
+    ])
+    if not rollout.readiness:
+        return head
+    rows = [
+        (x.region, "yes" if x.ready else "no", x.ready_nodes, x.live_nodes, x.failed_nodes,
+         short_error(x.error or _first_failure(x)))
+        for x in rollout.readiness
+    ]
+    return head + "\n\n" + table(("region", "ready", "prepared", "live", "failed", "error"), rows)
+
+
+def _first_failure(readiness: res.RegionReadiness) -> str:
+    if not readiness.failures:
+        return ""
+    first = readiness.failures[0]
+    return f"{first.node.removeprefix('nodes/')}: {first.error}"
+
+
+def rollouts_table(rollouts: Iterable[res.Rollout]) -> str:
+    """One row per rollout, newest first as listed: id, state, kind, move, who, when, why."""
+    rows = [
+        (r.name.rsplit("/", 1)[-1], state(r), kind(r), _move(r), r.actor, when(r.create_time),
+         clip(r.abort_reason or r.reason, 80))
+        for r in rollouts
+    ]
+    return table(("id", "state", "kind", "move", "by", "started", "reason"), rows)
