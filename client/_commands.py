@@ -75,6 +75,21 @@ def models_update(c: RegistryClient, a: argparse.Namespace) -> Output:
     return Output(r.to_json(resp), r.model_details(resp.model))
 
 
+def models_set_policy(c: RegistryClient, a: argparse.Namespace) -> Output:
+    model = c.get_model(a.model).model
+    policies = {stage: model.rollout_policies[stage] for stage in model.rollout_policies}
+    if a.clear:
+        if a.stage not in policies:
+            raise UsageError(f"stage {a.stage} of {a.model} has no rollout policy to clear")
+        del policies[a.stage]
+    else:
+        policies[a.stage] = rq.rollout_policy(
+            regions=a.region, readiness_fraction=a.readiness, prepare_deadline=a.prepare_deadline,
+            activation_margin=a.activation_margin)
+    resp = c.update_model(a.model, rollout_policies=policies, etag=model.etag)
+    return Output(r.to_json(resp), r.model_details(resp.model))
+
+
 def models_delete(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.delete_model(a.model, etag=a.etag)
     return Output(r.to_json(resp), f"deleted {a.model} at revision {resp.revision}")

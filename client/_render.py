@@ -149,12 +149,26 @@ def model_details(m: res.RegisteredModel) -> str:
             ("description", m.description),
             ("tags", pairs(m.tags.items())),
             ("custom stages", ", ".join(m.custom_stages)),
+            ("rollout policies", "; ".join(
+                f"{stage}: {policy_text(m.rollout_policies[stage])}"
+                for stage in sorted(m.rollout_policies))),
             ("versions", m.version_count),
             ("created", when(m.create_time)),
             ("updated", when(m.update_time)),
             ("etag", unquote_etag(m.etag)),
         ]
     )
+
+
+def policy_text(p: res.RolloutPolicy) -> str:
+    """``regions us, eu; 90% ready; deadline 300s; margin 2s`` (unset parts: the defaults)."""
+    parts = [f"regions {', '.join(p.regions)}" if p.regions else "every region",
+             f"{(p.readiness_fraction or 1.0):.0%} ready"]
+    if p.HasField("prepare_deadline"):
+        parts.append(f"deadline {p.prepare_deadline.ToTimedelta().total_seconds():g}s")
+    if p.HasField("activation_margin"):
+        parts.append(f"margin {p.activation_margin.ToTimedelta().total_seconds():g}s")
+    return "; ".join(parts)
 
 
 def models_table(models: Iterable[res.RegisteredModel]) -> str:

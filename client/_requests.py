@@ -51,6 +51,22 @@ def rollout_name(model: str, stage: str | None = None, rollout: int | None = Non
     return f"{stage_name(model, stage)}/rollouts/{int(rollout)}"
 
 
+def rollout_policy(
+    *,
+    regions: Sequence[str] | None = None,
+    readiness_fraction: float = 0.0,
+    prepare_deadline: float | None = None,
+    activation_margin: float | None = None,
+) -> res.RolloutPolicy:
+    """A RolloutPolicy from plain values (seconds for the durations; None: the server's default)."""
+    policy = res.RolloutPolicy(regions=list(regions or ()), readiness_fraction=readiness_fraction)
+    if prepare_deadline is not None:
+        policy.prepare_deadline.FromNanoseconds(round(prepare_deadline * 1e9))
+    if activation_margin is not None:
+        policy.activation_margin.FromNanoseconds(round(activation_margin * 1e9))
+    return policy
+
+
 def model_ids(models: Sequence[str] | None) -> list[str]:
     """Return the ids of model ids or names; one string is refused (it is no sequence of ids)."""
     if isinstance(models, str):
@@ -116,7 +132,11 @@ def update_mask(msg: message.Message, **fields: object) -> field_mask_pb2.FieldM
         if isinstance(value, datetime):
             field.CopyFrom(timestamp(value))
         elif isinstance(value, Mapping):
-            field.update(value)
+            for key, item in value.items():
+                if isinstance(item, message.Message):
+                    field[key].CopyFrom(item)  # a map of messages takes no assignment
+                else:
+                    field[key] = item
         elif isinstance(value, Sequence) and not isinstance(value, str):
             field.extend(value)
         else:

@@ -78,13 +78,19 @@ class ModelsAndVersions(Transport):
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         custom_stages: Sequence[str] | None = None,
+        rollout_policies: Mapping[str, res.RolloutPolicy] | None = None,
         etag: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> pb.UpdateModelResponse:
-        """Replace the fields given (not None); with ``etag``, only if it is still current."""
+        """Replace the fields given (not None); with ``etag``, only if it is still current.
+
+        ``rollout_policies`` replaces the whole map of stage -> policy (``{}`` removes every
+        policy); read the model first to change one stage's policy (its etag guards the rest).
+        """
         msg = res.RegisteredModel(name=rq.model_name(model), etag=etag or "")
-        mask = rq.update_mask(msg, description=description, tags=tags, custom_stages=custom_stages)
+        mask = rq.update_mask(msg, description=description, tags=tags, custom_stages=custom_stages,
+                              rollout_policies=rollout_policies)
         req = pb.UpdateModelRequest(
             model=msg, update_mask=mask, request_id=rq.new_request_id(request_id)
         )
