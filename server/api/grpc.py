@@ -33,6 +33,7 @@ from modelreg.server.api.metrics import Metrics
 from modelreg.server.api.model_service import SERVICE, ModelServicer
 from modelreg.server.api.outcome import LOGGED_CHARS, Outcome
 from modelreg.server.api.region_service import RegionServicer
+from modelreg.server.api.rollout_service import SERVICE as ROLLOUT_SERVICE
 from modelreg.server.api.rollout_service import RolloutServicer
 from modelreg.server.api.watch_service import WatchServicer
 from modelreg.server.domain.errors import FieldViolation, InvalidArgumentError, clip
@@ -362,8 +363,8 @@ def add_services(
 
 
 async def set_serving(parts: ServerParts, serving: bool) -> None:
-    """Marks the server and ModelService SERVING or NOT_SERVING in the health service."""
+    """Marks the server, ModelService and RolloutService SERVING or NOT_SERVING in health."""
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE):
+    for name in ("", SERVICE, ROLLOUT_SERVICE):
         await parts.health.set(name, status)

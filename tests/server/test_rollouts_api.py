@@ -19,6 +19,8 @@ import aetcd
 import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modelreg.server.domain import readiness as rd
 from modelreg.server.embedded_etcd import EmbeddedEtcd
@@ -401,3 +403,18 @@ class TestRegions:
             got = await primary.get(rs.GetRolloutRequest(name=started.rollout.name))
             assert got.rollout.state == res.ROLLOUT_STATE_ABORTED
             assert got.rollout.etag == f'"{cancelled.revision}"'
+
+
+class TestWiring:
+    async def test_rollout_service_is_in_health_and_reflection(self, server):
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(
+                service="modelreg.v1.RolloutService"), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(iter([
+                reflection_pb2.ServerReflectionRequest(list_services="")]))
+            listed = [s.name async for r in responses
+                      for s in r.list_services_response.service]
+            assert "modelreg.v1.RolloutService" in listed
