@@ -113,6 +113,10 @@ class App:
     store: ModelStore
     """The registry's store (etcd, through the domain's port)."""
     hub: StageHub
+    registry: Registry
+    """Every domain operation over ``store`` (the rollout coordinator drives ``rollouts``)."""
+    fleet: Fleet
+    """The fleet view of this server's region (its ``readiness`` is the coordinator's)."""
     port: int
     """The gRPC port bound (``config.listen`` may say 0)."""
     metrics_port: int | None
@@ -212,10 +216,12 @@ class App:
         self.store = store
         self.hub = StageHub(store, feed, queue_size=config.watch_queue)
         lag, self.forwarder = await stack.enter_async_context(_open_region(config, topology))
-        regions = Regions(config.region_name, _regions(config, topology), store, lag=lag,
-                          link=self.forwarder)
+        listed = _regions(config, topology)
+        regions = Regions(config.region_name, listed, store, lag=lag, link=self.forwarder)
         locality = Locality(config.region_name, store, self.forwarder, config.min_revision_wait)
-        add_services(parts, Registry.over(store), hub=self.hub, fleet=Fleet(store),
+        self.registry = Registry.over(store, regions=[r.name for r in listed])
+        self.fleet = Fleet(store, region=config.region_name)
+        add_services(parts, self.registry, hub=self.hub, fleet=self.fleet,
                      regions=regions, locality=locality,
                      bookmark_interval=config.bookmark_interval)
 
