@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,13 +19,15 @@ from grpc import aio
 from modelreg.client import _requests as rq
 from modelreg.client._channel import ClientState, async_channel
 from modelreg.client._config import ChannelOptions, ClientConfig
+from modelreg.client._model_slots import ModelSlots
+from modelreg.client._server_clock import ServerClock
+from modelreg.client._stage_target import StageTarget
+from modelreg.client._watch_stats import Counters, SwapRecord, WatcherStats
 from modelreg.client._watch_support import (
     Backoff,
-    Counters,
     ErrorCallback,
     LoadedModel,
     SwapCallback,
-    WatcherStats,
     call_back,
     check_node_id,
     default_node_id,
@@ -65,6 +68,17 @@ class AsyncModelWatcher(Generic[T]):
     swaps instantly. A failed attempt never touches :attr:`current`: it is logged, passed to
     ``on_error``, reported (``failed_version``) and retried with backoff until it succeeds or
     the pointer moves on. A pointer that is emptied or deleted leaves the model serving.
+
+    Two-phase rollouts: while the pointer carries a rollout's ``pending_version``, that version
+    is prepared the same way (fetched, verified, loaded) but not served: it is kept as
+    :attr:`prepared` and reported (``prepared_version``, or ``failed_version`` with the error,
+    retried with backoff while the rollout lasts). When the pointer then moves to it with an
+    ``activation_time``, the swap happens when the servers' clock reaches that time (estimated
+    from the stream's ``server_time``: see :mod:`modelreg.client._server_clock`), or on
+    receipt if it is past; a version that was not prepared is prepared first. A rollout that
+    aborts (pending cleared, the pointer still where it was) drops the prepared model. Each
+    swap is recorded in ``stats.recent_swaps`` (local time, estimated server time, activation
+    time, where the model came from).
 
     Args:
         model: Model id or ``models/{id}``.
@@ -139,10 +153,10 @@ class AsyncModelWatcher(Generic[T]):
         self._retry_backoff = retry_backoff
         self._idle_timeout = idle_timeout
         self._state = ClientState.UNOPENED
-        # (current, previous), replaced as one reference so no reader sees half a swap.
-        self._slots: tuple[LoadedModel[T] | None, LoadedModel[T] | None] = (None, None)
+        self._slots: ModelSlots[T] = ModelSlots(own_cache=self._own_cache)
         self._counters = Counters()
-        self._committed: int | None = None  # None until the first snapshot
+        self._clock = ServerClock()
+        self._pointer: StageTarget | None = None  # None until the first snapshot
         self._preparing: _Preparing | None = None
         self._channel: aio.Channel | None = None
         self._main: asyncio.Task[None] | None = None
@@ -150,17 +164,26 @@ class AsyncModelWatcher(Generic[T]):
     @property
     def current(self) -> LoadedModel[T] | None:
         """The model serving now; ``None`` until the first version is loaded."""
-        return self._slots[0]
+        return self._slots.current
 
     @property
     def previous(self) -> LoadedModel[T] | None:
         """The model served before ``current``, kept loaded for an instant rollback."""
-        return self._slots[1]
+        return self._slots.previous
+
+    @property
+    def prepared(self) -> LoadedModel[T] | None:
+        """A model loaded but not serving, if any.
+
+        A rollout's target, or a version waiting for its activation time.
+        """
+        prepared = self._slots.prepared
+        return prepared.loaded if prepared is not None else None
 
     @property
     def stats(self) -> WatcherStats:
-        """Counters: swaps, failures, reconnects, revision, committed version..."""
-        return self._counters.snapshot()
+        """Counters: swaps, failures, reconnects, revision, versions, clock offset, swaps..."""
+        return self._counters.snapshot(self._clock.offset)
 
     @property
     def state(self) -> ClientState:
@@ -267,43 +290,80 @@ class AsyncModelWatcher(Generic[T]):
 
     def _handle(self, message: ws.WatchStagesResponse) -> None:
         c = self._counters
+        if message.HasField("server_time"):
+            self._clock.observe(message.server_time.ToNanoseconds() / 1e9)
         if message.type == ws.WATCH_MESSAGE_TYPE_SNAPSHOT:
             # Initial or `reset` snapshot: the pointer's value, whatever came before.
-            version = next((p.version for p in message.snapshot if p.name == self.stage_name), 0)
+            found = next((p for p in message.snapshot if p.name == self.stage_name), None)
             if message.reset:
                 log.warning("watch of %s reset at revision %d", self.stage_name, message.revision)
-            self._set_committed(version)
+            target = StageTarget() if found is None else StageTarget.of(found, message)
+            self._set_pointer(target)
         elif message.type == ws.WATCH_MESSAGE_TYPE_CHANGES and message.revision > c.last_revision:
             for change in message.changes:
                 if change.stage.name == self.stage_name:
-                    self._set_committed(0 if change.deleted else change.stage.version)
+                    self._set_pointer(
+                        StageTarget() if change.deleted else StageTarget.of(change.stage, message)
+                    )
         c.last_revision = max(c.last_revision, message.revision)
 
-    def _set_committed(self, version: int) -> None:
-        self._committed = version
-        self._counters.committed_version = version
-        if self._counters.drop_failure_unless(version):
+    def _set_pointer(self, pointer: StageTarget) -> None:
+        self._pointer = pointer
+        c = self._counters
+        c.committed_version = pointer.version
+        c.pending_version, c.pending_rollout = pointer.pending_version, pointer.pending_rollout
+        if c.drop_failure_unless(pointer.version, pointer.pending_version):
             self._report_now.set()  # the failure no longer applies: say so now
         prep = self._preparing
-        if prep is not None and prep.version != version:
+        if prep is not None and not self._still_wanted(prep.version, pointer):
             prep.cancel.set()  # stops the artifact transfer at its next write
             prep.task.cancel()
         self._wake.set()
 
+    def _still_wanted(self, version: int, pointer: StageTarget) -> bool:
+        """Whether preparing ``version`` still serves a purpose.
+
+        It does if it is the version to serve, or the rollout's target while the version to
+        serve is already serving: serving the pointer's version comes first.
+        """
+        if version == pointer.version:
+            return True
+        current = self.current
+        serving = current is not None and current.version == pointer.version
+        return version == pointer.pending_version and (serving or not pointer.version)
+
     async def _apply_loop(self) -> None:
-        """Reconcile ``current`` with the committed version, one attempt at a time."""
+        """Reconcile ``current`` and ``prepared`` with the pointer, one attempt at a time.
+
+        The pointer's version comes first: swap to it (at its activation time) if a loaded
+        model of it is at hand, else prepare it. Then the rollout's pending version: prepare
+        it, and keep it beside the serving model.
+        """
         failed_version, attempt = 0, 0
         while True:
             self._wake.clear()
-            target = self._committed
-            current, previous = self._slots
-            if not target or (current is not None and current.version == target):
-                if target == 0 and current is not None:
-                    log.warning("%s is empty; still serving v%d", self.stage_name, current.version)
+            pointer = self._pointer
+            if pointer is None:
                 await self._wake.wait()
                 continue
-            if previous is not None and previous.version == target:
-                await self._swap(previous)
+            self._drop_prepared(pointer)
+            current, prepared = self.current, self.prepared
+            if pointer.version and (current is None or current.version != pointer.version):
+                target = pointer.version
+                ready = self._slots.ready(target)
+                if ready is not None:
+                    if not await self._until_activation(pointer):
+                        failed_version, attempt = 0, 0
+                        await self._swap(*ready, pointer)
+                    continue
+            elif pointer.pending_version and (
+                prepared is None or prepared.version != pointer.pending_version
+            ):
+                target = pointer.pending_version
+            else:
+                if pointer.version == 0 and current is not None:
+                    log.warning("%s is empty; still serving v%d", self.stage_name, current.version)
+                await self._wake.wait()
                 continue
             if failed_version != target:
                 failed_version, attempt = target, 0
@@ -314,9 +374,54 @@ class AsyncModelWatcher(Generic[T]):
                 await wait_event(self._wake, self._retry_backoff.delay(attempt))
                 attempt += 1
                 continue
-            if loaded is not None and loaded.version == self._committed:
+            if loaded is not None:
                 failed_version, attempt = 0, 0
-                await self._swap(loaded)
+                self._keep_prepared(loaded, ahead=target != pointer.version)
+
+    async def _until_activation(self, pointer: StageTarget) -> bool:
+        """Wait for ``pointer``'s activation time on the servers' clock.
+
+        Tell whether the pointer moved meanwhile (then nothing is due: look again).
+        """
+        if pointer.activation is None:
+            return False
+        logged = False
+        while (delay := self._clock.until(pointer.activation)) > 0:
+            if not logged:
+                log.info(
+                    "%s: switching to v%d in %.3fs (activation time)",
+                    self.stage_name,
+                    pointer.version,
+                    delay,
+                )
+                logged = True
+            if await wait_event(self._wake, delay):
+                return True
+        return False
+
+    def _keep_prepared(self, loaded: LoadedModel[T], *, ahead: bool) -> None:
+        self._slots.keep_prepared(loaded, ahead=ahead)
+        self._counters.prepared_version = loaded.version
+        if ahead:
+            current = self.current
+            log.info(
+                "%s: v%d prepared for %s; still serving %s",
+                self.stage_name, loaded.version, self._counters.pending_rollout or "a rollout",
+                f"v{current.version}" if current else "nothing",
+            )  # fmt: skip
+        self._report_now.set()
+
+    def _drop_prepared(self, pointer: StageTarget) -> None:
+        """Drop a prepared model the pointer no longer names (its rollout aborted)."""
+        dropped = self._slots.drop_prepared_unless(pointer.version, pointer.pending_version)
+        if dropped is not None:
+            self._counters.prepared_version = 0
+            log.info(
+                "%s: dropped prepared v%d (the pointer no longer names it)",
+                self.stage_name,
+                dropped.version,
+            )
+            self._report_now.set()
 
     async def _prepare_superseding(self, version: int) -> LoadedModel[T] | None:
         """Prepare ``version``; ``None`` if a pointer move superseded it meanwhile."""
@@ -342,20 +447,28 @@ class AsyncModelWatcher(Generic[T]):
             return None
         return task.result()
 
-    async def _swap(self, new: LoadedModel[T]) -> None:
-        old, dropped = self._slots
-        self._slots = (new, old)  # the swap: one reference assignment
+    async def _swap(self, new: LoadedModel[T], source: str, pointer: StageTarget) -> None:
+        old = self._slots.swap(new)  # the swap: one reference assignment
+        local, server = time.time(), self._clock.now()
         c = self._counters
+        c.prepared_version = self.prepared.version if self.prepared is not None else 0
         c.swaps += 1
-        c.swap_time = datetime.now(UTC)
+        c.swap_time = datetime.fromtimestamp(local, UTC)
         c.failed_version, c.last_error = 0, ""
+        c.recent_swaps.append(SwapRecord(
+            version=new.version,
+            from_version=old.version if old else 0,
+            local_time=c.swap_time,
+            server_time=datetime.fromtimestamp(server, UTC),
+            activation_time=(datetime.fromtimestamp(pointer.activation, UTC)
+                             if pointer.activation is not None else None),
+            rollout=pointer.rollout,
+            source=source,
+        ))  # fmt: skip
         log.info(
             "%s now serves v%d (was %s)",
             self.stage_name, new.version, f"v{old.version}" if old else "nothing",
         )  # fmt: skip
-        kept = {new.path, old.path if old else new.path}
-        if self._own_cache and dropped is not None and dropped.path not in kept:
-            dropped.path.unlink(missing_ok=True)  # keep two artifacts, not every one
         self._report_now.set()
         async with self._changed:
             self._changed.notify_all()
@@ -379,13 +492,18 @@ class AsyncModelWatcher(Generic[T]):
 
     async def _report_loop(self) -> None:
         def request() -> fs.ReportNodeRequest:
-            current = self.current
+            current, prepared = self.current, self.prepared
+            pointer = self._pointer or StageTarget()
+            serving = current.version if current else 0
+            ready = prepared.version if prepared is not None else serving
             return report_request(
                 node_id=self.node_id,
                 region=self.region,
                 labels=self.labels,
                 stage_name=self.stage_name,
-                serving_version=current.version if current else 0,
+                serving_version=serving,
+                prepared_version=ready,
+                rollout=pointer.rollout_of(self._counters.failed_version or ready),
                 counters=self._counters,
                 ttl_seconds=self._ttl,
             )

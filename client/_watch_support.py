@@ -1,4 +1,4 @@
-"""Pieces of the watcher SDK: loaded models, backoff, statistics, node identity, fleet reports."""
+"""Pieces of the watcher SDK: loaded models, backoff, node identity, fleet reports, streams."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from modelreg.client._config import ClientConfig
+from modelreg.client._watch_stats import Counters
 from modelreg.client.artifacts import ArtifactError, Fetcher, fetch_artifact
 from modelreg.client.errors import RegistryError, from_rpc_error
 from modelreg.v1 import fleet_service_pb2 as fs
@@ -89,71 +90,6 @@ class Backoff:
         return bound * random.uniform(0.5, 1.0)  # jitter, not cryptography
 
 
-@dataclass(frozen=True)
-class WatcherStats:
-    """A snapshot of a watcher's counters (``watcher.stats``)."""
-
-    committed_version: int
-    """The version the stage pointer names, as last seen on the stream (0: empty or unknown)."""
-    last_revision: int
-    """etcd revision the watcher is up to (changes and bookmarks move it)."""
-    swaps: int
-    """Times ``current`` was replaced (rollbacks to the warm previous model included)."""
-    failures: int
-    """Failed attempts to prepare a version (metadata, fetch, digest, loader)."""
-    reconnects: int
-    """Times the watch stream was opened again after it failed or ended."""
-    reports: int
-    """Successful ``ReportNode`` calls."""
-    report_failures: int
-    """Failed ``ReportNode`` calls."""
-    failed_version: int
-    """Last version that failed to prepare, 0 once a later swap succeeded."""
-    last_error: str
-    """Why ``failed_version`` failed."""
-
-
-@dataclass
-class Counters:
-    """The mutable counters behind :class:`WatcherStats`."""
-
-    committed_version: int = 0
-    last_revision: int = 0
-    swaps: int = 0
-    failures: int = 0
-    reconnects: int = 0
-    reports: int = 0
-    report_failures: int = 0
-    failed_version: int = 0
-    last_error: str = ""
-    swap_time: datetime | None = None
-
-    def drop_failure_unless(self, version: int) -> bool:
-        """Forget the failure unless it is of ``version``; tell whether one was forgotten.
-
-        A failure applies while the pointer names the version that failed: once it moves on
-        (a rollback, say) the report must stop carrying it, even if no swap follows.
-        """
-        if not self.failed_version or self.failed_version == version:
-            return False
-        self.failed_version, self.last_error = 0, ""
-        return True
-
-    def snapshot(self) -> WatcherStats:
-        """Freeze the counters."""
-        return WatcherStats(
-            committed_version=self.committed_version,
-            last_revision=self.last_revision,
-            swaps=self.swaps,
-            failures=self.failures,
-            reconnects=self.reconnects,
-            reports=self.reports,
-            report_failures=self.report_failures,
-            failed_version=self.failed_version,
-            last_error=self.last_error,
-        )
-
-
 def default_node_id() -> str:
     """Return ``{hostname}-{pid}`` as a valid node id (lowercase slug, at most 63 characters)."""
     host = re.sub(r"[^a-z0-9]+", "-", socket.gethostname().lower()).strip("-") or "node"
@@ -177,16 +113,24 @@ def report_request(
     labels: Mapping[str, str],
     stage_name: str,
     serving_version: int,
+    prepared_version: int,
+    rollout: str,
     counters: Counters,
     ttl_seconds: int,
 ) -> fs.ReportNodeRequest:
-    """Build the ``ReportNode`` request for a node following one stage."""
+    """Build the ``ReportNode`` request for a node following one stage.
+
+    ``prepared_version`` is what could serve at once (the serving version unless a rollout's
+    target is loaded beside it); ``rollout`` is the rollout whose target the prepared or
+    failed version is, if any.
+    """
     served = fs.ServedStage(
         stage=stage_name,
         serving_version=serving_version,
-        prepared_version=serving_version,
+        prepared_version=prepared_version,
         failed_version=counters.failed_version,
         error=counters.last_error[:1000],
+        rollout=rollout,
     )
     if counters.swap_time is not None:
         ts = timestamp_pb2.Timestamp()
@@ -261,8 +205,9 @@ async def deregister(
             request, timeout=min(config.timeout, DEREGISTER_TIMEOUT), metadata=config.metadata
         )
     except grpc.aio.AioRpcError as err:
-        log.info("could not deregister node %s (%s); its lease will end it",
-                 node_id, err.code().name)
+        log.info(
+            "could not deregister node %s (%s); its lease will end it", node_id, err.code().name
+        )
 
 
 async def prepare_version(
@@ -344,8 +289,7 @@ async def follow_stream(
             if err.code() == grpc.StatusCode.OUT_OF_RANGE:
                 # The server has never reached our revision: its etcd was replaced or restored
                 # from a backup. What we hold may be gone: start over from a snapshot.
-                log.warning("the server's revisions are behind ours (%s); taking a snapshot",
-                            why)
+                log.warning("the server's revisions are behind ours (%s); taking a snapshot", why)
                 counters.last_revision = 0
         except TimeoutError:
             why = f"nothing received for {idle_timeout:g}s"

@@ -19,6 +19,14 @@ as ``watcher.previous``, so a rollback to it swaps back at once.
 * The node reports what it serves (``ReportNode``) every ``ttl_seconds / 3`` and right after
   each swap or failure; ``watcher.stats`` counts swaps, failures, reconnects and the revision.
 * An emptied or deleted pointer leaves the current model serving.
+* Two-phase rollouts (a stage governed by a rollout policy): while a rollout prepares a
+  version (the pointer's ``pending_version``), the watcher loads it beside the serving model
+  without serving it (``watcher.prepared``) and reports it prepared, or failed with the error;
+  when the rollout commits, the pointer moves with an ``activation_time`` and every node swaps
+  when the servers' clock reaches it (each node estimates its clock's offset from the
+  ``server_time`` on every watch message: ``stats.clock_offset``). An aborted rollout drops
+  the prepared model. An emergency rollback to the warm ``previous`` model swaps on receipt,
+  with no fetch. ``stats.recent_swaps`` records when each swap happened, on both clocks.
 
 asyncio::
 
@@ -57,12 +65,12 @@ from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
 
 from modelreg.client._async_watcher import AsyncModelWatcher
 from modelreg.client._channel import ClientState
+from modelreg.client._watch_stats import SwapRecord, WatcherStats
 from modelreg.client._watch_support import (
     Backoff,
     ErrorCallback,
     LoadedModel,
     SwapCallback,
-    WatcherStats,
     default_node_id,
 )
 
@@ -72,6 +80,7 @@ __all__ = [
     "ErrorCallback",
     "LoadedModel",
     "SwapCallback",
+    "SwapRecord",
     "ThreadedModelWatcher",
     "WatcherStats",
     "default_node_id",
@@ -139,8 +148,16 @@ class ThreadedModelWatcher(Generic[T]):
         return self._watcher.previous
 
     @property
+    def prepared(self) -> LoadedModel[T] | None:
+        """A model loaded but not serving, if any.
+
+        A rollout's target, or a version waiting for its activation time.
+        """
+        return self._watcher.prepared
+
+    @property
     def stats(self) -> WatcherStats:
-        """Counters: swaps, failures, reconnects, revision, committed version..."""
+        """Counters: swaps, failures, reconnects, revision, versions, clock offset, swaps..."""
         return self._watcher.stats
 
     @property

@@ -3,6 +3,8 @@
 A WatchStages handler validates the selection, subscribes to the hub, writes the opening
 (snapshot or missed changes), then every queued message; when nothing arrives for a bookmark
 interval it writes a bookmark. A stream that overflowed its queue ends RESOURCE_EXHAUSTED.
+Every message leaves stamped with ``server_time``, this server's clock as it is written: the
+watcher SDK estimates its own clock's offset from it to switch at a rollout's activation time.
 Errors become statuses in the server's one interceptor (``modelreg.server.api.grpc``), as for
 unary RPCs. Cancellation (the client went away, the server is stopping) is never swallowed.
 """
@@ -10,14 +12,16 @@ unary RPCs. Cancellation (the client went away, the server is stopping) is never
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from typing_extensions import override
 
 from modelreg.server.domain import validation
 from modelreg.server.domain.errors import FieldViolation, SlowConsumerError, UnavailableError
-from modelreg.server.domain.stage_hub import OverflowError_, Selector, StageHub
+from modelreg.server.domain.stage_hub import Message, OverflowError_, Selector, StageHub
+from modelreg.server.domain.transaction import now_timestamp
 from modelreg.v1 import watch_service_pb2 as ws
 from modelreg.v1 import watch_service_pb2_grpc
 
@@ -47,9 +51,30 @@ def selector_of(req: ws.WatchStagesRequest) -> Selector:
 class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
     """Streams stage pointer changes from the hub."""
 
-    def __init__(self, hub: StageHub, *, bookmark_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        hub: StageHub,
+        *,
+        bookmark_interval: float = 10.0,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self._hub = hub
         self._bookmark_interval = bookmark_interval
+        self._clock = clock
+
+    def _stamped(self, message: Message, *, shared: bool) -> Message:
+        """``message`` with ``server_time`` = now, taken as late as possible before it is sent.
+
+        A queued change is shared by every stream with the same selection (the hub builds it
+        once), so it is stamped on a copy: each stream's own send time, and the hub's message
+        left untouched. Openings and bookmarks are built for this stream alone.
+        """
+        if shared:
+            copy = Message()
+            copy.CopyFrom(message)
+            message = copy
+        message.server_time.CopyFrom(now_timestamp(self._clock()))
+        return message
 
     @override
     async def WatchStages(
@@ -63,17 +88,17 @@ class WatchServicer(watch_service_pb2_grpc.WatchServiceServicer):
         sub = self._hub.subscribe(selector)
         try:
             for message in await self._hub.opening(sub, request.start_revision):
-                yield message
+                yield self._stamped(message, shared=False)
             while True:
                 try:
                     # asyncio.timeout, not wait_for: no extra task per message.
                     async with asyncio.timeout(self._bookmark_interval):
-                        message = await sub.get()
+                        message = self._stamped(await sub.get(), shared=True)
                 except TimeoutError:
                     bookmark = self._hub.bookmark(sub)
                     if bookmark is None:
                         continue
-                    message = bookmark
+                    message = self._stamped(bookmark, shared=False)
                 yield message
         except OverflowError_:
             raise SlowConsumerError(

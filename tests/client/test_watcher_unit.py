@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from modelreg.client import (
     AsyncModelWatcher,
@@ -257,6 +258,19 @@ class FakeControlPlane(
         self.cut: grpc.StatusCode | None = None
         self.compacted = False
         self.changed = asyncio.Condition()
+        self.fields: dict[str, Any] = {}  # the pointer's other fields (pending_version...)
+        self.skew = 0.0  # the servers' clock minus this machine's, in seconds
+        self.version_reads: list[int] = []
+
+    def server_now(self) -> float:
+        """The fake servers' clock (Unix seconds)."""
+        return time.time() + self.skew
+
+    def stamped(self, message: ws.WatchStagesResponse) -> ws.WatchStagesResponse:
+        copy = ws.WatchStagesResponse()
+        copy.CopyFrom(message)
+        copy.server_time.FromNanoseconds(int(self.server_now() * 1e9))
+        return copy
 
     def register(self, version: int, data: bytes, *, digest: str | None = None) -> None:
         uri = write_artifact(self.artifacts, f"v{version}.bin", data)
@@ -266,10 +280,22 @@ class FakeControlPlane(
         )  # fmt: skip
 
     async def promote(self, version: int) -> None:
-        previous, self.pointer = self.pointer, version
+        await self.move(version)
+
+    async def move(self, version: int, **fields: Any) -> None:
+        """Write the pointer: ``version`` and the given fields, nothing else.
+
+        Fields: pending_version, rollout, activation_time (Unix seconds, servers' clock)...
+        """
+        if "activation_time" in fields:
+            fields["activation_time"] = timestamp_pb2.Timestamp(
+                seconds=int(fields["activation_time"]),
+                nanos=int(fields["activation_time"] % 1 * 1e9),
+            )  # fmt: skip
+        previous, self.pointer, self.fields = self.pointer, version, fields
         self.revision += 1
         change = ws.StageChange(
-            stage=res.StagePointer(name=STAGE, version=version), from_version=previous
+            stage=res.StagePointer(name=STAGE, version=version, **fields), from_version=previous
         )
         message = ws.WatchStagesResponse(
             type=ws.WATCH_MESSAGE_TYPE_CHANGES, revision=self.revision, changes=[change]
@@ -284,7 +310,10 @@ class FakeControlPlane(
             self.changed.notify_all()
 
     def snapshot(self, *, reset: bool = False) -> ws.WatchStagesResponse:
-        pointers = [res.StagePointer(name=STAGE, version=self.pointer)] if self.pointer else []
+        pointers = (
+            [res.StagePointer(name=STAGE, version=self.pointer, **self.fields)]
+            if self.pointer or self.fields else []
+        )
         return ws.WatchStagesResponse(
             type=ws.WATCH_MESSAGE_TYPE_SNAPSHOT, revision=self.revision, reset=reset,
             snapshot=pointers,
@@ -295,14 +324,14 @@ class FakeControlPlane(
     ) -> AsyncIterator[ws.WatchStagesResponse]:
         self.requests.append(request)
         if request.start_revision == 0 or self.compacted:
-            yield self.snapshot(reset=request.start_revision != 0)
+            yield self.stamped(self.snapshot(reset=request.start_revision != 0))
             sent = self.revision
         else:
             sent = request.start_revision - 1
         while True:
             for message in self.history:
                 if message.revision > sent:
-                    yield message
+                    yield self.stamped(message)
                     sent = message.revision
             async with self.changed:
                 if self.cut is None and not any(m.revision > sent for m in self.history):
@@ -315,6 +344,7 @@ class FakeControlPlane(
         self, request: ms.GetModelVersionRequest, context: Any
     ) -> ms.GetModelVersionResponse:
         version = int(request.name.rsplit("/", 1)[-1])
+        self.version_reads.append(version)
         if version not in self.versions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.name} not found")
         return ms.GetModelVersionResponse(model_version=self.versions[version])
@@ -673,3 +703,289 @@ class TestThreadedModelWatcher:
         assert time.monotonic() - t0 < 1
         with contextlib.suppress(RuntimeError):
             w.start()
+
+
+# ------------------------------------------------------------------------------------------
+# Two-phase rollouts against the fake control plane
+# ------------------------------------------------------------------------------------------
+
+ROLLOUT = f"{STAGE}/rollouts/1"
+
+
+def served(plane: FakeControlPlane) -> fs.ServedStage:
+    """What the node last reported for the stage."""
+    return plane.reports[-1].node.stages[0]
+
+
+class CountingFetcher:
+    """Serves file:// artifacts, counting transfers (a cache hit or a warm model costs none)."""
+
+    def __init__(self) -> None:
+        self.uris: list[str] = []
+
+    def __call__(self, uri: str, out: ArtifactWriter) -> None:
+        self.uris.append(uri)
+        out.write(Path(uri.removeprefix("file://")).read_bytes())
+
+
+class TestRollouts:
+    async def test_pending_version_is_prepared_not_served(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """A rollout's pending version is fetched, verified and loaded beside the serving one,
+        never served, and reported as prepared with the rollout's name.
+        """
+        plane, target = fake
+        await plane.promote(1)
+        loader = Loader()
+        async with watcher(target, loader, tmp_path) as w:
+            first = await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: w.prepared is not None)
+            assert w.prepared is not None and w.prepared.model == "model 2"
+            assert w.current is first and w.stats.swaps == 1
+            assert loader.calls == [sha(b"model 1"), sha(b"model 2")]
+            stats = w.stats
+            assert (stats.pending_version, stats.pending_rollout) == (2, ROLLOUT)
+            assert (stats.committed_version, stats.prepared_version) == (1, 2)
+            await eventually(lambda: served(plane).prepared_version == 2)
+            report = served(plane)
+            assert (report.serving_version, report.rollout, report.failed_version) == (
+                1, ROLLOUT, 0)
+
+    async def test_commit_switches_at_the_activation_time(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """The commit moves the pointer with an activation time ahead: the prepared model
+        is swapped in when the clock reaches it, not on receipt, and nothing is loaded again.
+        """
+        plane, target = fake
+        await plane.promote(1)
+        loader = Loader()
+        swapped_at: list[float] = []  # the fake servers' true clock at each swap
+        on_swap = lambda new, old: swapped_at.append(plane.server_now())  # noqa: E731
+        async with watcher(target, loader, tmp_path, on_swap=on_swap) as w:
+            await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: w.prepared is not None)
+            activation = plane.server_now() + 0.5
+            await plane.move(2, rollout=ROLLOUT, activation_time=activation)
+            await w.wait_for_version(2, timeout=10)
+            assert swapped_at[-1] >= activation
+            swap = w.stats.last_swap
+            assert swap is not None and (swap.version, swap.from_version) == (2, 1)
+            assert (swap.source, swap.rollout) == ("prepared", ROLLOUT)
+            assert swap.activation_time is not None
+            assert swap.activation_time.timestamp() == pytest.approx(activation, abs=1e-3)
+            assert swap.local_time >= swap.activation_time  # same machine: offset 0
+            assert swap.server_time >= swap.activation_time
+            assert len(loader.calls) == 2 and w.prepared is None
+            assert w.stats.prepared_version == 0 and w.stats.pending_version == 0
+            await eventually(lambda: served(plane).serving_version == 2)
+            assert (served(plane).prepared_version, served(plane).rollout) == (2, ROLLOUT)
+
+    @pytest.mark.parametrize("node_ahead", [1000.0, -1000.0])
+    async def test_activation_uses_the_servers_clock(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path, node_ahead: float
+    ) -> None:
+        """A node whose clock is 1000 s off either way switches when the servers' clock
+        reaches the activation time: not 1000 s late, and not on receipt either.
+        """
+        plane, target = fake
+        plane.skew = -node_ahead
+        await plane.promote(1)
+        swapped_at: list[float] = []  # the fake servers' true clock at each swap
+        on_swap = lambda new, old: swapped_at.append(plane.server_now())  # noqa: E731
+        async with watcher(target, Loader(), tmp_path, on_swap=on_swap) as w:
+            await w.wait_for_version(1, timeout=5)
+            assert w.stats.clock_offset == pytest.approx(-node_ahead, abs=1.0)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: w.prepared is not None)
+            activation = plane.server_now() + 0.5
+            await plane.move(2, rollout=ROLLOUT, activation_time=activation)
+            await w.wait_for_version(2, timeout=10)  # not 1000 s late
+            assert swapped_at[-1] >= activation  # nor early
+            swap = w.stats.last_swap
+            assert swap is not None and swap.activation_time is not None
+            assert swap.server_time >= swap.activation_time
+            assert (swap.local_time - swap.activation_time).total_seconds() == pytest.approx(
+                node_ahead, abs=5.0)
+
+    async def test_past_activation_switches_on_receipt(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """An activation time already past when the server sent the move (a node that
+        reconnects late, an emergency rollback) means switch at once, whatever the clocks.
+        """
+        plane, target = fake
+        plane.skew = -1000.0  # the node is far ahead: a past time would still look past
+        await plane.promote(1)
+        async with watcher(target, Loader(), tmp_path) as w:
+            await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: w.prepared is not None)
+            await plane.move(2, rollout=ROLLOUT, activation_time=plane.server_now() - 0.001)
+            await w.wait_for_version(2, timeout=5)
+            swap = w.stats.last_swap
+            assert swap is not None and swap.activation_time is None
+
+    async def test_commit_of_an_unprepared_version_prepares_then_switches(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """A node that never saw the pending version (it joined after prepare) loads the
+        committed one, then switches: at the activation time, or at once if it is past.
+        """
+        plane, target = fake
+        await plane.promote(1)
+        loader = Loader()
+        async with watcher(target, loader, tmp_path) as w:
+            await w.wait_for_version(1, timeout=5)
+            activation = plane.server_now() + 0.5
+            await plane.move(3, rollout=ROLLOUT, activation_time=activation)
+            await w.wait_for_version(3, timeout=10)
+            swap = w.stats.last_swap
+            assert swap is not None and swap.source == "loaded"
+            assert swap.local_time.timestamp() >= activation
+            assert loader.calls[-1] == sha(b"model 3")
+
+    async def test_abort_drops_the_prepared_model(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """Pending cleared with the pointer still on the old version: the prepared model is
+        dropped, the serving one untouched, and the report shows nothing prepared.
+        """
+        plane, target = fake
+        await plane.promote(1)
+        async with watcher(target, Loader(), tmp_path) as w:
+            first = await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: served(plane).prepared_version == 2)
+            await plane.move(1)
+            await eventually(lambda: w.prepared is None)
+            assert w.current is first and w.stats.swaps == 1
+            assert (w.stats.prepared_version, w.stats.pending_version) == (0, 0)
+            await eventually(lambda: served(plane).prepared_version == 1)
+            assert served(plane).rollout == "" and served(plane).serving_version == 1
+
+    async def test_abort_cancels_a_prepare_in_progress(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """A rollout aborted while its version is still loading leaves nothing prepared."""
+        plane, target = fake
+        await plane.promote(1)
+        started, gate = threading.Event(), threading.Event()
+        loader = Loader()
+
+        def load(path: Path) -> str:
+            if path.name == sha(b"model 2"):
+                started.set()
+                gate.wait(5)
+            return loader(path)
+
+        async with watcher(target, load, tmp_path) as w:
+            await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            assert await asyncio.to_thread(started.wait, 5)
+            await plane.move(1)
+            gate.set()
+            await eventually(lambda: sha(b"model 2") in loader.calls)
+            await asyncio.sleep(0.1)
+            assert w.prepared is None and w.current is not None and w.current.version == 1
+
+    async def test_failed_prepare_is_reported_retried_and_cleared_by_the_abort(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """A pending version whose artifact fails its digest is reported failed with the
+        rollout's name and retried while the rollout lasts; its abort clears the failure.
+        """
+        plane, target = fake
+        plane.register(4, b"evil bytes", digest=sha(b"good bytes"))
+        await plane.promote(1)
+        errors: list[int] = []
+        async with watcher(target, Loader(), tmp_path,
+                           on_error=lambda v, e: errors.append(v)) as w:
+            await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=4, pending_rollout=ROLLOUT)
+            await eventually(lambda: len(errors) >= 2)
+            assert set(errors) == {4} and w.prepared is None
+            await eventually(lambda: served(plane).failed_version == 4)
+            report = served(plane)
+            assert (report.rollout, report.serving_version, report.prepared_version) == (
+                ROLLOUT, 1, 1)
+            assert "sha256" in report.error
+            await plane.move(1)
+            await eventually(lambda: served(plane).failed_version == 0)
+            assert w.stats.failed_version == 0 and served(plane).rollout == ""
+
+    async def test_rollback_to_the_warm_previous_fetches_nothing(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """An emergency rollback (activation on receipt) to the previous version swaps the
+        warm model back: no version read, no transfer, no load.
+        """
+        plane, target = fake
+        await plane.promote(1)
+        fetcher, loader = CountingFetcher(), Loader()
+        async with watcher(target, loader, tmp_path, fetchers={"file": fetcher}) as w:
+            first = await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: w.prepared is not None)
+            await plane.move(2, rollout=ROLLOUT, activation_time=plane.server_now() + 0.2)
+            await w.wait_for_version(2, timeout=5)
+            reads, fetches, loads = len(plane.version_reads), len(fetcher.uris), len(loader.calls)
+            assert (fetches, loads) == (2, 2)
+            await plane.move(1, rollout=f"{STAGE}/rollouts/2",
+                             activation_time=plane.server_now())
+            assert await w.wait_for_version(1, timeout=5) is first
+            assert (len(plane.version_reads), len(fetcher.uris), len(loader.calls)) == (
+                reads, fetches, loads)
+            swap = w.stats.last_swap
+            assert swap is not None and (swap.source, swap.activation_time) == ("previous", None)
+            assert [s.version for s in w.stats.recent_swaps] == [1, 2, 1]
+
+    async def test_a_new_node_serves_the_version_then_prepares_the_pending_one(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """A node starting while a rollout prepares loads and serves the pointer's version
+        first, then prepares the rollout's.
+        """
+        plane, target = fake
+        await plane.move(1, pending_version=3, pending_rollout=ROLLOUT)
+        async with watcher(target, Loader(), tmp_path) as w:
+            await w.wait_for_version(1, timeout=5)
+            await eventually(lambda: w.prepared is not None)
+            assert w.prepared is not None and w.prepared.version == 3
+            assert w.current is not None and w.current.version == 1
+
+    async def test_first_rollout_of_an_empty_stage(
+        self, fake: tuple[FakeControlPlane, str], tmp_path: Path
+    ) -> None:
+        """An empty stage whose first version comes through a rollout: prepared, then
+        served from the commit.
+        """
+        plane, target = fake
+        async with watcher(target, Loader(), tmp_path) as w:
+            await plane.move(0, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: w.prepared is not None)
+            assert w.current is None
+            await plane.move(2, rollout=ROLLOUT, activation_time=plane.server_now() + 0.1)
+            await w.wait_for_version(2, timeout=5)
+            assert w.stats.last_swap is not None and w.stats.last_swap.source == "prepared"
+
+    async def test_private_cache_removes_a_dropped_prepared_artifact(
+        self, fake: tuple[FakeControlPlane, str]
+    ) -> None:
+        """Without cache_dir, an aborted rollout's artifact is deleted with its model."""
+        plane, target = fake
+        await plane.promote(1)
+        w = AsyncModelWatcher(MODEL, "production", Loader(), target=target, report=False)
+        async with w:
+            await w.wait_for_version(1, timeout=5)
+            await plane.move(1, pending_version=2, pending_rollout=ROLLOUT)
+            await eventually(lambda: w.prepared is not None)
+            assert w.current is not None
+            cache = w.current.path.parent
+            assert (cache / sha(b"model 2")).exists()
+            await plane.move(1)
+            await eventually(lambda: w.prepared is None)
+            assert sorted(p.name for p in cache.iterdir()) == [sha(b"model 1")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import aetcd
 import grpc
@@ -108,6 +109,43 @@ class TestWatchStream:
                 stream.cancel()
         finally:
             await running.stop()
+
+    async def test_every_message_carries_the_server_time(self, etcd_server, etcd_prefix):
+        """Snapshot, changes and bookmarks each carry server_time, the server's clock when it
+        sent them: never before the stream opened nor after the client read it, never going
+        back; two streams sharing one change message each get it stamped.
+        """
+        running = await start_server(etcd_server.endpoint, etcd_prefix, bookmark_interval=0.2)
+        try:
+            async with grpc.aio.insecure_channel(running.target) as channel:
+                writer = ActorStub(channel, "alice")
+                await make_model(writer, versions=1, custom_stages=["canary"])
+                watch = watch_service_pb2_grpc.WatchServiceStub(channel)
+                opened = time.time_ns()
+                streams = [watch.WatchStages(ws.WatchStagesRequest(models=[MODEL]))
+                           for _ in range(2)]
+                got: list[list[tuple[int, int, int]]] = [[], []]  # (type, sent, read)
+                async with asyncio.timeout(10):
+                    for i, stream in enumerate(streams):
+                        first = await stream.read()
+                        got[i].append((first.type, first.server_time.ToNanoseconds(),
+                                       time.time_ns()))
+                    await _promote_chain(writer, [1])
+                    for i, stream in enumerate(streams):
+                        while {t for t, _, _ in got[i]} != {SNAPSHOT, CHANGES, BOOKMARK}:
+                            message = await stream.read()
+                            assert message.HasField("server_time")
+                            got[i].append((message.type, message.server_time.ToNanoseconds(),
+                                           time.time_ns()))
+                for stream in streams:
+                    stream.cancel()
+        finally:
+            await running.stop()
+        for messages in got:
+            assert messages[0][0] == SNAPSHOT
+            sent = [s for _, s, _ in messages]
+            assert sent == sorted(sent)
+            assert all(opened <= s <= read for _, s, read in messages)
 
     async def test_resume_gives_exactly_the_missed_changes(self, stub, server, etcd_server,
                                                            etcd_prefix):
