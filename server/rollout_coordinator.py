@@ -1,0 +1,315 @@
+"""The rollout coordinator: commits a rollout when every region is ready, aborts it otherwise.
+
+Runs in the servers of the primary region (``--coordinator auto``); they elect one through the
+primary etcd (:mod:`modelreg.server.rollout_election`) and only the leader acts. Every
+``rollout_interval`` seconds, for each rollout that is PREPARING, the leader
+
+1. asks every region the rollout names whether it is ready
+   (:mod:`modelreg.server.rollout_readiness`: its own region in-process, the others over gRPC,
+   answered only once they have replicated the rollout);
+2. records the readiness in the rollout record when it changed (so ``GetRollout`` and
+   ``WatchRollouts`` show progress; no audit event);
+3. decides (:func:`decide`): every region ready => commit; more failed nodes in a region than
+   the policy's readiness fraction allows => abort naming the region, the counts and the first
+   error; past the deadline => abort naming the regions not ready and why; otherwise wait.
+
+**Nothing in memory matters.** Every fact the coordinator acts on is in etcd (the record, its
+deadline, its policy) or asked afresh (readiness); commit and abort are each one Txn guarded on
+the record (``modelreg.server.domain.rollouts``), so a successor elected after a crash at any
+point simply resumes: a rollout still PREPARING is looked at again, one already committed or
+aborted is not. Two coordinators that both believe they lead (a lease lapsing under a hung
+leader) cannot both decide: the second Txn fails its compare (``ROLLOUT_DONE``).
+
+**Never a commit without every region.** A region that is unreachable, has not replicated the
+rollout, or answers anything but a positive summary is not ready; only an abort can follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import structlog
+from google.protobuf import timestamp_pb2
+
+from modelreg.server.api.metrics import Metrics
+from modelreg.server.domain.errors import ModelregError
+from modelreg.server.rollout_election import Election, Leadership
+from modelreg.server.rollout_readiness import COORDINATOR_ACTOR
+from modelreg.v1 import fleet_service_pb2 as fs
+from modelreg.v1 import resources_pb2 as res
+from modelreg.v1.errors_pb2 import ErrorReason
+
+log = structlog.get_logger("modelreg.server.coordinator")
+
+_DONE = ErrorReason.Name(ErrorReason.ROLLOUT_DONE)
+_SLACK = 1e-9
+"""Float slack in the failure rule: 1 failure of 10 at fraction 0.9 is allowed, not 1.0000001."""
+
+
+class RolloutRecords(Protocol):
+    """What the coordinator needs of the rollouts domain (``domain.rollouts.Rollouts``)."""
+
+    async def preparing(self) -> list[tuple[res.Rollout, int]]:
+        """Every PREPARING rollout, read fresh, with its record's mod_revision."""
+        ...
+
+    async def record_readiness(
+        self, name: str, readiness: Sequence[res.RegionReadiness]
+    ) -> res.Rollout | None:
+        """Stores the readiness (guarded); None once the rollout is no longer PREPARING."""
+        ...
+
+    async def commit(self, name: str, *, actor: str) -> res.Rollout:
+        """Moves the pointer, or aborts if the lifecycle rules now refuse (see its state).
+
+        An error with reason ``ROLLOUT_DONE`` if the rollout is no longer PREPARING.
+        """
+        ...
+
+    async def abort(self, name: str, reason: str, *, actor: str) -> res.Rollout:
+        """Aborts it; an error with reason ``ROLLOUT_DONE`` if not PREPARING."""
+        ...
+
+
+class ReadinessSource(Protocol):
+    """A region's readiness (``rollout_readiness.RegionReadiness``)."""
+
+    async def readiness(
+        self, region: str, request: fs.GetRegionReadinessRequest, *, min_revision: int
+    ) -> res.RegionReadiness:
+        """Never raises: a region that cannot say is not ready, with ``error`` set."""
+        ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a PREPARING rollout now."""
+
+    action: Literal["wait", "commit", "abort"]
+    reason: str = ""
+    """Why it aborts (recorded in the rollout and its audit event)."""
+    cause: Literal["", "failures", "deadline"] = ""
+    """The abort's kind, for the metric's label (the domain adds ``lifecycle``: a commit the
+    rules refused)."""
+
+
+def _fraction(rollout: res.Rollout) -> float:
+    fraction = rollout.policy.readiness_fraction
+    return fraction if 0 < fraction <= 1 else 1.0
+
+
+def _format_time(ts: timestamp_pb2.Timestamp) -> str:
+    return str(ts.ToJsonString())
+
+
+def _first_error(r: res.RegionReadiness) -> str:
+    if not r.failures:
+        return ""
+    first = r.failures[0]
+    return f"; first error: {first.node}: {first.error or 'no error given'}"
+
+
+def _not_ready(r: res.RegionReadiness | None, region: str, fraction: float) -> str:
+    """One region's "why not ready", for an abort at the deadline."""
+    if r is None:
+        return f"{region}: not asked"
+    if r.error:
+        return f"{region}: {r.error}"
+    needed = math.ceil(fraction * r.live_nodes - _SLACK)
+    text = f"{region}: {r.ready_nodes} of {r.live_nodes} live nodes ready (needs {needed})"
+    if r.failed_nodes:
+        text += f", {r.failed_nodes} failed{_first_error(r)}"
+    return text
+
+
+def decide(
+    rollout: res.Rollout, readiness: Sequence[res.RegionReadiness], now_ns: int
+) -> Decision:
+    """The coordinator's rule for one PREPARING rollout, given each region's readiness now.
+
+    Pure, so the rule is testable on its own; the order matters only for the wording (a region
+    with too many failures cannot also meet the fraction).
+    """
+    fraction = _fraction(rollout)
+    by_region = {r.region: r for r in readiness}
+    for region in rollout.regions:
+        r = by_region.get(region)
+        if r is None or r.error or r.live_nodes <= 0:
+            continue
+        allowed = (1 - fraction) * r.live_nodes
+        if r.failed_nodes > allowed + _SLACK:
+            return Decision("abort", (
+                f"region {region}: {r.failed_nodes} of {r.live_nodes} live nodes failed to "
+                f"prepare version {rollout.target_version}, more than the policy allows "
+                f"(readiness fraction {fraction:g}: at most {math.floor(allowed + _SLACK)})"
+                f"{_first_error(r)}"), "failures")
+    ready = [region for region in rollout.regions
+             if (r := by_region.get(region)) is not None and r.ready and not r.error]
+    if len(ready) == len(rollout.regions):
+        return Decision("commit")
+    if rollout.HasField("deadline") and now_ns > rollout.deadline.ToNanoseconds():
+        missing = [_not_ready(by_region.get(region), region, fraction)
+                   for region in rollout.regions if region not in ready]
+        return Decision("abort", (
+            f"not ready by the deadline {_format_time(rollout.deadline)}: "
+            + "; ".join(missing)), "deadline")
+    return Decision("wait")
+
+
+def _comparable(readiness: Sequence[res.RegionReadiness]) -> dict[str, bytes]:
+    """Readiness without its check times: what "changed" means for the record."""
+    out: dict[str, bytes] = {}
+    for r in readiness:
+        copy = res.RegionReadiness()
+        copy.CopyFrom(r)
+        copy.ClearField("check_time")
+        out[r.region] = copy.SerializeToString(deterministic=True)
+    return out
+
+
+def stage_of(rollout_name: str) -> str:
+    """``models/m/stages/s`` of ``models/m/stages/s/rollouts/7``."""
+    return rollout_name.rsplit("/rollouts/", 1)[0]
+
+
+class Coordinator:
+    """Campaigns for leadership; while leading, drives every PREPARING rollout to its end."""
+
+    def __init__(
+        self,
+        rollouts: RolloutRecords,
+        readiness: ReadinessSource,
+        election: Election,
+        *,
+        interval: float,
+        metrics: Metrics,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._rollouts = rollouts
+        self._readiness = readiness
+        self._election = election
+        self._interval = interval
+        self._metrics = metrics
+        self._clock = clock
+        self._start_revisions: dict[str, int] = {}
+        self.leading = False
+        """Whether this server's coordinator acts now (also the ``is_leader`` gauge)."""
+
+    async def run(self) -> None:
+        """Campaigns, leads until the lease may have lapsed, campaigns again; until cancelled."""
+        while True:
+            leadership = await self._election.campaign()
+            self._set_leading(True)
+            try:
+                await self._lead(leadership)
+            finally:
+                self._set_leading(False)
+                await leadership.resign()
+            log.warning("coordinator_leadership_lost", candidate=self._election.candidate)
+
+    def _set_leading(self, leading: bool) -> None:
+        self.leading = leading
+        self._metrics.coordinator_leader.set(1 if leading else 0)
+
+    async def _lead(self, leadership: Leadership) -> None:
+        keeper = asyncio.create_task(leadership.keep(), name="coordinator-lease")
+        self._start_revisions.clear()  # learnt afresh: nothing in memory matters
+        try:
+            while not leadership.lost.is_set():
+                try:
+                    await self.tick(leadership)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:
+                    log.warning("coordinator_tick_failed", error=str(err),
+                                error_type=type(err).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(leadership.lost.wait(), self._interval)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def tick(self, leadership: Leadership) -> None:
+        """One pass over every PREPARING rollout (each concurrently, each on its own)."""
+        preparing = await self._rollouts.preparing()
+        names = {rollout.name for rollout, _ in preparing}
+        for gone in set(self._start_revisions) - names:
+            del self._start_revisions[gone]
+        await asyncio.gather(*(self._guarded_step(rollout, revision, leadership)
+                               for rollout, revision in preparing))
+
+    async def _guarded_step(
+        self, rollout: res.Rollout, revision: int, leadership: Leadership
+    ) -> None:
+        try:
+            await self.step(rollout, revision, leadership)
+        except ModelregError as err:
+            # The store did not answer, or a race: the next tick looks again.
+            log.warning("rollout_step_failed", rollout=rollout.name, error=err.message,
+                        reason=err.reason)
+
+    async def step(self, rollout: res.Rollout, revision: int, leadership: Leadership) -> None:
+        """Asks the regions, records what changed, then commits, aborts or waits."""
+        # The revision at which this coordinator first saw the record (its creation, unless a
+        # predecessor updated it since: later, so only stricter); regions answer once there.
+        start = self._start_revisions.setdefault(rollout.name, revision)
+        request = fs.GetRegionReadinessRequest(
+            name=stage_of(rollout.name), version=rollout.target_version,
+            readiness_fraction=rollout.policy.readiness_fraction)
+        readiness = list(await asyncio.gather(*(
+            self._readiness.readiness(region, request, min_revision=start)
+            for region in rollout.regions)))
+        now = self._clock()
+        if leadership.lost.is_set():
+            return
+        changed = _comparable(readiness) != _comparable(rollout.readiness)
+        if changed and await self._rollouts.record_readiness(rollout.name, readiness) is None:
+            return  # committed, aborted or cancelled meanwhile
+        decision = decide(rollout, readiness, now)
+        if decision.action == "wait" or leadership.lost.is_set():
+            return
+        if decision.action == "commit":
+            await self._commit(rollout, readiness)
+        else:
+            await self._abort(rollout, decision.reason, decision.cause)
+
+    async def _commit(self, rollout: res.Rollout, readiness: Sequence[res.RegionReadiness]) -> None:
+        try:
+            done = await self._rollouts.commit(rollout.name, actor=COORDINATOR_ACTOR)
+        except ModelregError as err:
+            if err.reason != _DONE:
+                raise
+            log.info("rollout_already_done", rollout=rollout.name, detail=err.message)
+            return
+        if done.state != res.ROLLOUT_STATE_COMMITTED:
+            # The lifecycle rules refused the move at commit (the version was deprecated
+            # meanwhile...): the domain aborted the rollout in the same Txn, saying why.
+            self._metrics.rollouts_aborted.labels(cause="lifecycle").inc()
+            log.warning("rollout_aborted", rollout=rollout.name, version=rollout.target_version,
+                        cause="lifecycle", reason=done.abort_reason)
+            return
+        self._metrics.rollouts_committed.inc()
+        log.info("rollout_committed", rollout=rollout.name, version=done.target_version,
+                 regions=list(rollout.regions),
+                 ready={r.region: f"{r.ready_nodes}/{r.live_nodes}" for r in readiness},
+                 activation_time=_format_time(done.activation_time),
+                 commit_revision=done.commit_revision)
+
+    async def _abort(self, rollout: res.Rollout, reason: str, cause: str) -> None:
+        try:
+            await self._rollouts.abort(rollout.name, reason, actor=COORDINATOR_ACTOR)
+        except ModelregError as err:
+            if err.reason != _DONE:
+                raise
+            log.info("rollout_already_done", rollout=rollout.name, detail=err.message)
+            return
+        self._metrics.rollouts_aborted.labels(cause=cause).inc()
+        log.warning("rollout_aborted", rollout=rollout.name, version=rollout.target_version,
+                    cause=cause, reason=reason)
