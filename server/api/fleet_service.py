@@ -45,3 +45,9 @@ class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):
     ) -> fs.GetRolloutStatusResponse:
         return await self._fleet.rollout(request)
 
+
+    @override
+    async def GetRegionReadiness(
+        self, request: fs.GetRegionReadinessRequest, context: Any
+    ) -> fs.GetRegionReadinessResponse:
+        return await self._fleet.readiness(request)

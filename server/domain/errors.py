@@ -10,9 +10,11 @@ status code in a single table (``modelreg.server.api.errors``) and sends ``reaso
     ├── NotFoundError               the named resource does not exist   → NOT_FOUND
     ├── AlreadyExistsError          create of a name that is taken      → ALREADY_EXISTS
     ├── FailedPreconditionError     a lifecycle rule refuses the change → FAILED_PRECONDITION
+    │   └── RolloutDoneError        the rollout already committed or aborted
     ├── AbortedError                a concurrent change got in the way  → ABORTED
     │   ├── EtagMismatchError       the caller's etag is stale
-    │   └── ContentionError         retried against fresh state, gave up
+    │   ├── ContentionError         retried against fresh state, gave up
+    │   └── RolloutInProgressError  a rollout of the stage is still preparing
     ├── UnauthenticatedError        no identity the server accepts      → UNAUTHENTICATED
     ├── PermissionDeniedError       the principal may not call the RPC  → PERMISSION_DENIED
     ├── SlowConsumerError           a watch stream fell too far behind  → RESOURCE_EXHAUSTED
@@ -193,6 +195,36 @@ class ContentionError(AbortedError):
     """Other writers kept changing what this request read; it was retried and gave up."""
 
     reason = ErrorReason.Name(ErrorReason.CONTENTION)
+
+
+class RolloutInProgressError(AbortedError):
+    """A rollout of the stage is still preparing: the stage takes one move at a time.
+
+    ABORTED, as for any concurrent change: the caller waits for the rollout named in the
+    metadata to commit or abort (or cancels it) and asks again.
+    """
+
+    reason = ErrorReason.Name(ErrorReason.ROLLOUT_IN_PROGRESS)
+
+    def __init__(self, stage: str, rollout: str, what: str) -> None:
+        super().__init__(
+            f"{stage} has a rollout still preparing ({rollout}): {what}; wait until it commits "
+            "or aborts (WatchRollout), or cancel it (CancelRollout)",
+            metadata={"stage": stage, "rollout": rollout},
+        )
+        self.rollout = rollout
+
+
+class RolloutDoneError(FailedPreconditionError):
+    """The rollout already committed or aborted, so it can no longer change."""
+
+    def __init__(self, rollout: str, state: str) -> None:
+        super().__init__(
+            ErrorReason.ROLLOUT_DONE, f"{rollout} is done ({state}); it can no longer change",
+            rollout=rollout, state=state,
+        )
+        self.rollout = rollout
+        self.state = state
 
 
 class UnauthenticatedError(ModelregError):

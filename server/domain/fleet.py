@@ -9,15 +9,16 @@ stage (served, failed) is also recorded durably, once (``outcomes``): rollbacks 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from modelreg.server.domain import keys, names, outcomes, records, validation
+from modelreg.server.domain import keys, names, outcomes, readiness, records, validation
 from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
 from modelreg.server.domain.ports import Entry, Guard, ModelStore, Put, Unchanged
-from modelreg.server.domain.transaction import now_timestamp
+from modelreg.server.domain.transaction import DEFAULT_REGION, now_timestamp
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
 
@@ -60,10 +61,14 @@ def _check_node(v: validation.Violations, node: fs.Node) -> None:
 class Fleet:
     """Node reports, node listings and rollout status."""
 
-    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns, *,
+                 region: str = DEFAULT_REGION) -> None:
         self._store = store
         self._clock = clock
         self._memo = outcomes.Memo()
+        self._region = region
+        """This server's region: the one whose node reports its store holds (``nodes/`` is
+        region-held) and that ``readiness`` answers for."""
 
     async def report(self, req: fs.ReportNodeRequest) -> fs.ReportNodeResponse:
         """Registers or refreshes a node on a lease of ``ttl_seconds``."""
@@ -143,6 +148,27 @@ class Fleet:
             accept=accept if (req.region or req.model) else None)
         return fs.ListNodesResponse(nodes=[fs.Node.FromString(e.value) for e in page.entries],
                                     next_page_token=page.next_token, revision=page.revision)
+
+    async def readiness(
+        self, req: fs.GetRegionReadinessRequest
+    ) -> fs.GetRegionReadinessResponse:
+        """How ready this region is for a rollout's target, from its own live node reports.
+
+        Every live node in this server's store counts: the store holds its region's reports
+        only (``nodes/`` is region-held), whatever region a node names in its report.
+        """
+        names.parse_stage("name", req.name)
+        v = validation.Violations()
+        v.check(req.version > 0, "version", "must be the rollout's target version (positive)")
+        fraction = req.readiness_fraction
+        v.check(math.isfinite(fraction) and 0.0 <= fraction <= 1.0, "readiness_fraction",
+                "must be between 0 and 1 (0 means 1: every live node)")
+        v.raise_if_any()
+        page = await self._store.scan(keys.NODES_START, keys.NODES_END, limit=0)
+        found = readiness.region_readiness(
+            self._region, req.name, req.version, fraction,
+            (fs.Node.FromString(e.value) for e in page.entries))
+        return fs.GetRegionReadinessResponse(readiness=found, revision=page.revision)
 
     async def rollout(self, req: fs.GetRolloutStatusRequest) -> fs.GetRolloutStatusResponse:
         """The committed version of a stage and how many live nodes serve it."""

@@ -81,6 +81,8 @@ PERMISSIONS: Mapping[str, Permission] = MappingProxyType({
     "/modelreg.v1.FleetService/DeleteNode": _P.FLEET_REPORT,
     "/modelreg.v1.FleetService/ListNodes": _P.FLEET_READ,
     "/modelreg.v1.FleetService/GetRolloutStatus": _P.FLEET_READ,
+    # What the rollout coordinator asks every region: a read of the fleet view.
+    "/modelreg.v1.FleetService/GetRegionReadiness": _P.FLEET_READ,
     "/modelreg.v1.RegionService/ListRegions": _P.REGIONS_READ,
     "/modelreg.v1.RegionService/GetRegionStatus": _P.REGIONS_READ,
 })

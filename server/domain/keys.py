@@ -12,6 +12,7 @@ key                                                    value (protobuf, ``modelr
 ``nodes/{node_id}``                                    ``Node`` (serving node, on its own lease)
 ``outcomes/{model}/{stage}/{version:012d}/served``     ``StageOutcome`` (a node served it there)
 ``outcomes/{model}/{stage}/{version:012d}/failed``     ``StageOutcome`` (a node failed it there)
+``rollouts/{model}/{stage}/{id:012d}``                 ``Rollout`` (a governed stage's move)
 =====================================================  ==========================================
 
 Every per-model key ends its model part with ``/`` so one model's range never covers another
@@ -22,6 +23,10 @@ to numeric order, so range reads come back sorted. ``etag``, ``revision``, ``sta
 Outcome records are the durable trace of node reports, which live on leases and vanish: they
 make "served in this stage" and "refused in this stage" facts a rollback can rely on
 (``modelreg.server.domain.outcomes``). See ``outcome`` for why they are laid out this way.
+
+Rollout records are numbered per stage by the pointer's ``rollout_count`` (the start of a
+rollout writes both in one transaction), so the newest is last in key order; deleting a model
+deletes its rollouts with one range delete, like its versions and history.
 
 Stage pointer keys are never deleted: emptying a stage (``ClearStage``) writes a pointer to
 version 0, and deleting a model (allowed only while every stage is empty) resets each of its
@@ -57,6 +62,10 @@ def versions_prefix(model_id: str) -> str:
 def stage(model_id: str, stage_id: str) -> str:
     """Key of a stage pointer."""
     return f"stages/{model_id}/{stage_id}"
+
+
+STAGES_START = "stages/"
+STAGES_END = "stages0"
 
 
 def stages_prefix(model_id: str) -> str:
@@ -135,3 +144,13 @@ def outcomes_range(model_id: str, stage_id: str, low: int, high: int) -> tuple[s
     """The range of a stage's outcome records for versions ``low`` to ``high`` inclusive."""
     return (f"outcomes/{model_id}/{stage_id}/{low:012d}/",
             f"outcomes/{model_id}/{stage_id}/{high + 1:012d}/")
+
+
+def rollout(model_id: str, stage_id: str, rollout_id: int) -> str:
+    """Key of one rollout of a stage."""
+    return f"rollouts/{model_id}/{stage_id}/{rollout_id:012d}"
+
+
+def rollouts_prefix(model_id: str, stage_id: str | None = None) -> str:
+    """Prefix of the rollouts of one stage, or of every stage of a model."""
+    return f"rollouts/{model_id}/" if stage_id is None else f"rollouts/{model_id}/{stage_id}/"

@@ -114,6 +114,9 @@ def _move(
         updated_by=actor,
         update_time=now,
         last_move=kind,
+        # A move ends any rollout preparing (its caller aborts or commits it in the same
+        # transaction) but keeps the count that numbers the stage's rollouts.
+        rollout_count=old.rollout_count,
     )
     history = resources_pb2.PointerHistoryEntry(
         name=f"{pointer.name}/history/{pointer.generation}",

@@ -8,14 +8,15 @@ from modelreg.server.domain.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    RolloutInProgressError,
 )
-from modelreg.server.domain.ports import DeleteRange, Put, Write
+from modelreg.server.domain.ports import DeleteRange, Entry, Put, Write
 from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1.errors_pb2 import ErrorReason
 
-MODEL_MASK = ("description", "tags", "custom_stages")
+MODEL_MASK = ("description", "tags", "custom_stages", "rollout_policies")
 """Fields of a model that UpdateModel may change."""
 
 
@@ -23,6 +24,24 @@ def _check_model_fields(v: validation.Violations, model: res.RegisteredModel) ->
     validation.text(v, "model.description", model.description, validation.MAX_DESCRIPTION)
     validation.tags(v, "model.tags", model.tags)
     validation.custom_stages(v, "model.custom_stages", model.custom_stages)
+
+
+def _check_policies(
+    model: res.RegisteredModel, regions: tuple[str, ...]
+) -> None:
+    """The model's rollout policies against its stages (as they will be) and the regions."""
+    v = validation.Violations()
+    validation.rollout_policies(
+        v, "model.rollout_policies", model.rollout_policies,
+        stages=[*validation.BUILTIN_STAGES, *model.custom_stages], regions=regions)
+    v.raise_if_any()
+
+
+def _preparing(pointers: list[Entry | None]) -> list[str]:
+    """The rollouts still preparing on the stages whose pointer entries are ``pointers``."""
+    pending = (res.StagePointer.FromString(e.value).pending_rollout
+               for e in pointers if e is not None)
+    return [p for p in pending if p]
 
 
 def update_paths(mask_paths: list[str], allowed: tuple[str, ...]) -> list[str]:
@@ -50,6 +69,7 @@ class Models(Operations):
         _check_model_fields(v, req.model)
         validation.request_id(v, req.request_id)
         v.raise_if_any()
+        _check_policies(req.model, self._regions)
         key, name = keys.model(req.model_id), names.model_name(req.model_id)
 
         async def decide(r: Reader) -> Plan:
@@ -61,6 +81,7 @@ class Models(Operations):
                 description=req.model.description,
                 tags=req.model.tags,
                 custom_stages=req.model.custom_stages,
+                rollout_policies=req.model.rollout_policies,
                 create_time=now,
                 update_time=now,
             )
@@ -114,6 +135,7 @@ class Models(Operations):
                 raise NotFoundError(req.model.name)
             records.check_etag(req.model.etag, req.model.name, entry)
             model = records.decode(entry, res.RegisteredModel)
+            removed: list[str] = []
             if "custom_stages" in paths:
                 removed = [s for s in model.custom_stages if s not in req.model.custom_stages]
                 pointers = await r.get_many([keys.stage(model_id, s) for s in removed])
@@ -125,6 +147,18 @@ class Models(Operations):
                         f"cannot remove stage(s) {', '.join(in_use)} of {req.model.name}: "
                         "they point at a version (empty them first with ClearStage)",
                     )
+            if "rollout_policies" in paths:
+                removed += [s for s in model.rollout_policies
+                            if s not in req.model.rollout_policies and s not in removed]
+            if removed:
+                # A stage that stops being governed (or existing) while a rollout prepares on
+                # it would leave the rollout with nothing to commit or abort it.
+                pointers = await r.get_many([keys.stage(model_id, s) for s in removed])
+                preparing = _preparing(pointers)
+                if preparing:
+                    raise RolloutInProgressError(
+                        req.model.name, preparing[0],
+                        "its stage's policy (or the stage) cannot be removed meanwhile")
             if "description" in paths:
                 model.description = req.model.description
             if "tags" in paths:
@@ -133,6 +167,12 @@ class Models(Operations):
             if "custom_stages" in paths:
                 model.ClearField("custom_stages")
                 model.custom_stages.extend(req.model.custom_stages)
+            if "rollout_policies" in paths:
+                model.ClearField("rollout_policies")
+                for stage, policy in req.model.rollout_policies.items():
+                    model.rollout_policies[stage].CopyFrom(policy)
+            if {"custom_stages", "rollout_policies"} & set(paths):
+                _check_policies(model, self._regions)
             model.update_time.CopyFrom(r.now)
             audit = res.AuditEvent(
                 action=res.AUDIT_ACTION_UPDATE_MODEL,
@@ -163,6 +203,10 @@ class Models(Operations):
             pointers = await r.scan_all(prefix, keys.prefix_end(prefix))
             staged = [(e.key.removeprefix(prefix), records.decode(e, res.StagePointer))
                       for e in pointers]
+            preparing = [p.pending_rollout for _, p in staged if p.pending_rollout]
+            if preparing:
+                raise RolloutInProgressError(
+                    req.name, preparing[0], "a model is deleted only when no rollout prepares")
             in_use = [f"{stage} (v{p.version})" for stage, p in staged if p.version]
             if in_use:
                 raise FailedPreconditionError(
@@ -178,6 +222,7 @@ class Models(Operations):
                     keys.versions_prefix(model_id),
                     keys.history_prefix(model_id),
                     keys.outcomes_prefix(model_id),
+                    keys.rollouts_prefix(model_id),
                 )
             ]
             # Stage keys are never deleted (see keys): each empty pointer is reset to a blank

@@ -21,6 +21,11 @@ def stage_name(model_id: str, stage_id: str) -> str:
     return f"models/{model_id}/stages/{stage_id}"
 
 
+def rollout_name(model_id: str, stage_id: str, rollout_id: int) -> str:
+    """``models/{model}/stages/{stage}/rollouts/{id}``."""
+    return f"models/{model_id}/stages/{stage_id}/rollouts/{rollout_id}"
+
+
 def _parts(field: str, name: str, collection: str | None, shape: str) -> list[str]:
     parts = name.split("/")
     expected = 2 if collection is None else 4
@@ -61,3 +66,19 @@ def parse_stage(field: str, name: str) -> tuple[str, str]:
     validation.stage_id(v, field, parts[3])
     v.raise_if_any()
     return parts[1], parts[3]
+
+
+def parse_rollout(field: str, name: str) -> tuple[str, str, int]:
+    """The model id, stage id and number in ``models/{model}/stages/{stage}/rollouts/{id}``."""
+    parts = name.split("/")
+    if len(parts) != 6 or parts[0] != "models" or parts[2] != "stages" or parts[4] != "rollouts":
+        raise InvalidArgumentError.field(
+            field, f"{echo(name)} is not a resource name of form "
+            "models/{model}/stages/{stage}/rollouts/{id}")
+    v = validation.Violations()
+    validation.model_id(v, field, parts[1])
+    validation.stage_id(v, field, parts[3])
+    number = validation.number(parts[5])
+    v.check(number > 0, field, f"rollout id {echo(parts[5])} must be a positive integer")
+    v.raise_if_any()
+    return parts[1], parts[3], number

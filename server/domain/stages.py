@@ -10,27 +10,28 @@ fails the commit, and the decision is made again on it. A clear reads the model 
 
 from __future__ import annotations
 
-from modelreg.server.domain import keys, lifecycle, names, outcomes, records, validation
-from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
-from modelreg.server.domain.ports import Entry, Put, Write
+from modelreg.server.domain import (
+    keys,
+    lifecycle,
+    moves,
+    names,
+    outcomes,
+    records,
+    rollouts,
+    validation,
+)
+from modelreg.server.domain.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    RolloutInProgressError,
+)
+from modelreg.server.domain.ports import Put, Unchanged
 from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
-
-def _move_writes(model_id: str, stage: str, move: lifecycle.Move) -> list[Write]:
-    """What every pointer move writes: the pointer, and its history entry under its generation."""
-    return [
-        Put(keys.stage(model_id, stage), records.encode(move.pointer)),
-        Put(keys.history(model_id, stage, move.pointer.generation), records.encode(move.history)),
-    ]
-
-
-def _pointer(entry: Entry | None, model_id: str, stage: str) -> res.StagePointer:
-    """The stored pointer, or an empty one (version 0, etag ``"0"``) for a stage never used."""
-    if entry is None:
-        return res.StagePointer(name=names.stage_name(model_id, stage), etag='"0"')
-    return records.decode(entry, res.StagePointer)
+_pointer = moves.pointer
+_move_writes = moves.move_writes
 
 
 MoveRequest = svc.PromoteVersionRequest | svc.RollbackStageRequest | svc.ClearStageRequest
@@ -107,43 +108,20 @@ class Stages(Operations):
             raise InvalidArgumentError.field("hotfix", "the hotfix path leads to production only")
         if req.hotfix and not req.reason.strip():
             raise InvalidArgumentError.field("reason", "is required for a hotfix")
-        stage_key = keys.stage(model_id, stage)
-        version_key = keys.version(model_id, req.version)
-        staging_key = keys.stage(model_id, lifecycle.STAGING)
-        production_key = keys.stage(model_id, lifecycle.PRODUCTION)
+
+        def idle(pointer: res.StagePointer) -> None:
+            if pointer.pending_rollout:
+                raise RolloutInProgressError(req.name, pointer.pending_rollout,
+                                             f"version {req.version} cannot be promoted now")
 
         async def decide(r: Reader) -> Plan:
-            # Read only what this move's rules need, all in one round trip on a cold cache:
-            # production depends on staging, staging may settle production's back-fill.
-            related = {lifecycle.PRODUCTION: [staging_key], lifecycle.STAGING: [production_key]}
-            await r.get_many([keys.model(model_id), stage_key, version_key,
-                              *related.get(stage, [])])
-            model = await self._model(r, model_id)
-            lifecycle.check_stage_declared(model, stage, "name")
-            version_entry = await r.get(version_key)
-            if version_entry is None:
-                raise NotFoundError(names.version_name(model_id, req.version))
-            pointer_entry = await r.get(stage_key)
-            records.check_etag(req.etag, req.name, pointer_entry)
-            staging = (_pointer(await r.get(staging_key), model_id, lifecycle.STAGING)
-                       if stage == lifecycle.PRODUCTION else None)
-            move = lifecycle.promote(
-                model_id,
-                stage,
-                _pointer(pointer_entry, model_id, stage),
-                records.decode(version_entry, res.ModelVersion),
-                staging,
-                hotfix=req.hotfix,
-                reason=req.reason,
-                actor=call.actor,
-                now=r.now,
-            )
-            writes = _move_writes(model_id, stage, move)
-            if stage == lifecycle.STAGING:
-                production = _pointer(await r.get(production_key), model_id, lifecycle.PRODUCTION)
-                cleared = lifecycle.clear_backfill(production, req.version)
-                if cleared is not None:
-                    writes.append(Put(production_key, records.encode(cleared)))
+            promotion = await moves.promotion(
+                r, model_id, stage, req.version, hotfix=req.hotfix, reason=req.reason,
+                actor=call.actor, etag=req.etag, check=idle)
+            old, move = promotion.old, promotion.move
+            if stage in promotion.model.rollout_policies:
+                policy = promotion.model.rollout_policies[stage]
+                return self._start_rollout(call, req, model_id, stage, old, policy, r)
             audit = res.AuditEvent(
                 action=res.AUDIT_ACTION_PROMOTE,
                 resource=req.name,
@@ -156,9 +134,39 @@ class Stages(Operations):
             )
             archived = move.from_version if stage == lifecycle.PRODUCTION else 0
             response = svc.PromoteVersionResponse(stage=move.pointer, archived_version=archived)
-            return Plan(writes, audit, response)
+            return Plan(promotion.writes(model_id, stage), audit, response)
 
         return await self._mutate(call, decide, svc.PromoteVersionResponse)
+
+    def _start_rollout(self, call: Call, req: svc.PromoteVersionRequest, model_id: str,
+                       stage: str, old: res.StagePointer, policy: res.RolloutPolicy,
+                       r: Reader) -> Plan:
+        """A promotion of a governed stage: a rollout starts; the pointer does not move yet.
+
+        The lifecycle rules were checked (they are again at commit); the back-fill a staging
+        promotion settles is settled by the commit too.
+        """
+        pointer, rollout = rollouts.start(
+            model_id, stage, old, req.version, policy, self._regions, actor=call.actor,
+            reason=req.reason, hotfix=req.hotfix, now=r.now)
+        rollout_key = keys.rollout(model_id, stage, pointer.rollout_count)
+        writes = [Put(keys.stage(model_id, stage), records.encode(pointer)),
+                  Put(rollout_key, rollouts.encode(rollout))]
+        audit = res.AuditEvent(
+            action=res.AUDIT_ACTION_START_ROLLOUT,
+            resource=req.name,
+            model=model_id,
+            stage=stage,
+            from_value=str(old.version or ""),
+            to_value=str(req.version),
+            reason=req.reason,
+            hotfix=req.hotfix,
+            rollout=rollout.name,
+        )
+        response = svc.PromoteVersionResponse(stage=pointer, rollout=rollout)
+        # Create-only: a record left under this number (never, unless etcd was edited) is
+        # not overwritten; the commit then fails and the decision is made again on it.
+        return Plan(writes, audit, response, guards=[Unchanged(rollout_key, 0)])
 
     async def rollback(
         self, call: Call, req: svc.RollbackStageRequest
@@ -203,7 +211,6 @@ class Stages(Operations):
                 actor=call.actor,
                 now=r.now,
             )
-            writes = _move_writes(model_id, stage, move)
             audit = res.AuditEvent(
                 action=res.AUDIT_ACTION_ROLLBACK,
                 resource=req.name,
@@ -219,9 +226,46 @@ class Stages(Operations):
                 stage=move.pointer, rolled_back_version=move.from_version, skipped=move.skipped,
                 fleet_evidence=fleet.evidence,
             )
-            return Plan(writes, audit, response)
+            plan = Plan([], audit, response)
+            if stage in model.rollout_policies:
+                await self._emergency(r, model_id, stage, old, move,
+                                      model.rollout_policies[stage], call.actor, req, plan)
+            plan.writes = [*_move_writes(model_id, stage, move), *plan.writes]
+            return plan
 
-        return await self._mutate(call, decide, svc.RollbackStageResponse)
+        resp = await self._mutate(call, decide, svc.RollbackStageResponse)
+        if resp.HasField("rollout"):
+            resp.rollout.commit_revision = resp.revision
+        return resp
+
+    async def _emergency(self, r: Reader, model_id: str, stage: str, old: res.StagePointer,
+                         move: lifecycle.Move, policy: res.RolloutPolicy, actor: str,
+                         req: svc.RollbackStageRequest, plan: Plan) -> None:
+        """A rollback of a governed stage: an emergency rollout, committed at once.
+
+        No prepare (the version rolled back to is normally still warm on every node): the
+        pointer moves now with activation on receipt, under a ROLLBACK rollout record born
+        COMMITTED; a rollout still preparing is aborted in the same transaction. Adds to
+        ``plan`` (whose pointer is ``move.pointer``).
+        """
+        rollout = rollouts.emergency(
+            model_id, stage, old, move.pointer, policy, self._regions, actor=actor,
+            reason=req.reason, now=r.now)
+        rollout_key = keys.rollout(model_id, stage, move.pointer.rollout_count)
+        plan.writes = [*plan.writes, Put(rollout_key, rollouts.encode(rollout))]
+        plan.guards.append(Unchanged(rollout_key, 0))
+        plan.audit.rollout = rollout.name
+        assert isinstance(plan.response, svc.RollbackStageResponse)
+        plan.response.stage.CopyFrom(move.pointer)
+        plan.response.rollout.CopyFrom(rollout)
+        superseded = await rollouts.supersede(
+            r, old, f"superseded by a rollback of {req.name} to version "
+                    f"{move.pointer.version} ({rollout.name})")
+        if superseded is not None:
+            aborted, writes = superseded
+            plan.writes = [*plan.writes, *writes]
+            plan.earlier_audit.append(rollouts.abort_audit(aborted, aborted.abort_reason))
+            plan.response.aborted_rollout = aborted.name
 
     async def clear(self, call: Call, req: svc.ClearStageRequest) -> svc.ClearStageResponse:
         """Empties a stage pointer (version 0); production only with force and a reason."""
@@ -237,8 +281,12 @@ class Stages(Operations):
             lifecycle.check_stage_declared(model, stage, "name")
             entry = await r.get(stage_key)
             records.check_etag(req.etag, req.name, entry)
+            old = _pointer(entry, model_id, stage)
+            if old.pending_rollout:
+                raise RolloutInProgressError(req.name, old.pending_rollout,
+                                             "the stage cannot be cleared now")
             move = lifecycle.clear(
-                model_id, stage, _pointer(entry, model_id, stage), force=req.force,
+                model_id, stage, old, force=req.force,
                 reason=req.reason, actor=call.actor, now=r.now,
             )
             writes = _move_writes(model_id, stage, move)

@@ -100,6 +100,9 @@ class Plan:
     commit revision, since every resource a mutation returns was written by it."""
     guards: list[Guard] = field(default_factory=list)
     """Guards beyond the keys read, e.g. create-only on a new key."""
+    earlier_audit: list[resources_pb2.AuditEvent] = field(default_factory=list)
+    """Further events of the same change, listed just before ``audit`` (e.g. the abort of a
+    rollout that an emergency rollback supersedes); filled in like ``audit``."""
 
 
 class Reader:
@@ -202,13 +205,17 @@ async def run_mutation(
             fresh, known = True, None  # judged on cached data: judge again on fresh data
             continue
         writes = list(plan.writes)
-        audit = plan.audit
-        audit_key = keys.audit(unix_nanos, random.getrandbits(32))
-        audit.name = "auditEvents/" + audit_key.removeprefix(keys.AUDIT_START)
-        audit.actor = call.actor
-        audit.request_id = call.request_id
-        audit.time.CopyFrom(reader.now)
-        writes.append(Put(audit_key, audit.SerializeToString()))
+        # Newest first in listings: the main event gets the decision's time, earlier ones a
+        # nanosecond less each, so they sort just below it.
+        events = [(unix_nanos, plan.audit)] + [
+            (unix_nanos - 1 - i, e) for i, e in enumerate(plan.earlier_audit)]
+        for nanos, audit in events:
+            audit_key = keys.audit(nanos, random.getrandbits(32))
+            audit.name = "auditEvents/" + audit_key.removeprefix(keys.AUDIT_START)
+            audit.actor = call.actor
+            audit.request_id = call.request_id
+            audit.time.CopyFrom(reader.now)
+            writes.append(Put(audit_key, audit.SerializeToString()))
         if request_key is not None:
             record_value = store_pb2.StoredRequest(
                 method=call.method,
@@ -230,12 +237,25 @@ async def run_mutation(
     )
 
 
+DEFAULT_REGION = "default"
+"""The one region of a deployment without a topology (the server's ``region_name``)."""
+
+
 class Operations:
     """Base of the operation groups: one store, one clock, and mutations run over both."""
 
-    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        clock: Callable[[], int] = time.time_ns,
+        *,
+        regions: Sequence[str] = (DEFAULT_REGION,),
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._regions = tuple(regions)
+        """The deployment's regions, in topology order: rollout policies may name these, and a
+        policy naming none waits for all of them."""
 
     async def _mutate(self, call: Call, decide: Decide, response_type: type[R]) -> R:
         return await run_mutation(self._store, call, decide, response_type, clock=self._clock)

@@ -7,11 +7,12 @@ lists them. Violations are collected per request, so one error names every bad f
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from modelreg.server.domain.errors import FieldViolation, InvalidArgumentError, echo
 from modelreg.v1 import resources_pb2
@@ -54,6 +55,12 @@ MAX_CUSTOM_STAGES = 16
 MAX_REQUEST_ID = 128
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+MAX_POLICY_REGIONS = 64
+MIN_PREPARE_DEADLINE_NS = 1_000_000_000
+MAX_PREPARE_DEADLINE_NS = 24 * 3600 * 1_000_000_000
+MAX_ACTIVATION_MARGIN_NS = 60 * 1_000_000_000
+MAX_DURATION_SECONDS = 315_576_000_000
+"""The range ``google.protobuf.Duration`` documents: about 10,000 years either way."""
 
 
 class Violations:
@@ -206,6 +213,65 @@ def timestamp(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> None:
     v.check(MIN_TIMESTAMP_SECONDS <= ts.seconds <= MAX_TIMESTAMP_SECONDS, f"{field}.seconds",
             "must be within years 0001-9999 (-62135596800 to 253402300799)")
     v.check(0 <= ts.nanos <= 999_999_999, f"{field}.nanos", "must be 0-999999999")
+
+
+def map_key(field: str, key: str) -> str:
+    """A map entry's field path, e.g. ``model.rollout_policies["production"]`` (key shortened)."""
+    shown = key if len(key) <= ECHO_KEY else key[:ECHO_KEY] + "..."
+    return f"{field}[{json.dumps(shown)}]"
+
+
+ECHO_KEY = 40
+
+
+def _duration(v: Violations, field: str, d: duration_pb2.Duration, low_ns: int, high_ns: int,
+              what: str) -> None:
+    if not (abs(d.seconds) <= MAX_DURATION_SECONDS and abs(d.nanos) <= 999_999_999
+            and (d.seconds == 0 or d.nanos == 0 or (d.seconds > 0) == (d.nanos > 0))):
+        v.add(field, "is not a valid duration (seconds and nanos of one sign, nanos < 1 s)")
+        return
+    v.check(low_ns <= d.ToNanoseconds() <= high_ns, field, what)
+
+
+def rollout_policies(
+    v: Violations,
+    field: str,
+    policies: Mapping[str, resources_pb2.RolloutPolicy],
+    *,
+    stages: Collection[str],
+    regions: Collection[str] | None,
+) -> None:
+    """Rollout policies by stage: each on a declared stage, with sound figures.
+
+    ``stages`` are the model's stages (built-in and custom, as they will be); ``regions`` the
+    deployment's regions, or None when the caller does not know them (then only their form
+    is checked).
+    """
+    for stage, policy in policies.items():
+        at = map_key(field, stage)
+        if stage not in stages:
+            v.add(at, f"stage {echo(stage)} is not a stage of this model; its stages are: "
+                  + ", ".join(stages))
+        listed = list(policy.regions)
+        v.check(len(listed) <= MAX_POLICY_REGIONS, f"{at}.regions",
+                f"at most {MAX_POLICY_REGIONS} regions")
+        v.check(len(set(listed)) == len(listed), f"{at}.regions", "lists a region twice")
+        for i, region in enumerate(listed[:MAX_POLICY_REGIONS]):
+            if not NODE_ID_RE.fullmatch(region):
+                label(v, f"{at}.regions[{i}]", region)
+            elif regions is not None and region not in regions:
+                v.add(f"{at}.regions[{i}]", f"{echo(region)} is not a region of this "
+                      f"deployment; its regions are: {', '.join(regions)}")
+        fraction = policy.readiness_fraction
+        v.check(math.isfinite(fraction) and 0.0 <= fraction <= 1.0, f"{at}.readiness_fraction",
+                "must be between 0 and 1 (0 means 1: every live node)")
+        if policy.HasField("prepare_deadline"):
+            _duration(v, f"{at}.prepare_deadline", policy.prepare_deadline,
+                      MIN_PREPARE_DEADLINE_NS, MAX_PREPARE_DEADLINE_NS,
+                      "must be 1 s to 24 h (unset: 5 minutes)")
+        if policy.HasField("activation_margin"):
+            _duration(v, f"{at}.activation_margin", policy.activation_margin,
+                      0, MAX_ACTIVATION_MARGIN_NS, "must be 0 to 60 s (unset: 2 s)")
 
 
 def number(value: str) -> int:
