@@ -222,14 +222,18 @@ class App:
         regions = Regions(config.region_name, _regions(config, topology), store, lag=lag,
                           link=self.forwarder)
         locality = Locality(config.region_name, store, self.forwarder, config.min_revision_wait)
-        fleet = Fleet(store)
-        add_services(parts, Registry.over(store), hub=self.hub, fleet=fleet,
+        fleet = Fleet(store, region=config.region_name)
+        # The regions a rollout policy may name, and what one naming none waits for.
+        registry = Registry.over(store, regions=[r.name for r in _regions(config, topology)])
+        add_services(parts, registry, hub=self.hub, fleet=fleet,
                      regions=regions, locality=locality,
                      bookmark_interval=config.bookmark_interval)
         coordinator = None
         if _runs_coordinator(config, topology):
+            hub = self.hub
             coordinator = await stack.enter_async_context(_open_coordinator(
-                config, topology, store, fleet, self.metrics,
+                config, topology, registry.rollouts, fleet, self.metrics,
+                hint=lambda: not hub.ready.is_set() or bool(hub.pending_rollouts()),
                 own_etcd=self.endpoints,
                 candidate=f"{socket.gethostname()}/{self.address}"))
         self.coordinator = coordinator
@@ -405,10 +409,11 @@ time is not ready this round; its deadline is what ends the rollout)."""
 async def _open_coordinator(
     config: ServerConfig,
     topology: Topology | None,
-    store: ModelStore,
+    rollouts: Rollouts,
     fleet: Fleet,
     metrics: Metrics,
     *,
+    hint: Callable[[], bool],
     own_etcd: tuple[str, ...],
     candidate: str,
 ) -> AsyncIterator[Coordinator]:
@@ -428,7 +433,7 @@ async def _open_coordinator(
         connect_timeout=config.forward_connect_timeout)
     election = Election(etcd, config.prefix, candidate, ttl=config.coordinator_lease,
                         poll=config.rollout_interval)
-    coordinator = Coordinator(Rollouts(store), readiness, election,
+    coordinator = Coordinator(rollouts, readiness, election, hint=hint,
                               interval=config.rollout_interval, metrics=metrics)
     try:
         readiness.connect()

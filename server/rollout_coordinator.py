@@ -48,6 +48,8 @@ from modelreg.v1.errors_pb2 import ErrorReason
 log = structlog.get_logger("modelreg.server.coordinator")
 
 _DONE = ErrorReason.Name(ErrorReason.ROLLOUT_DONE)
+FULL_LOOK = 5.0
+"""Seconds between fresh looks for preparing rollouts when the hint says there are none."""
 _SLACK = 1e-9
 """Float slack in the failure rule: 1 failure of 10 at fraction 0.9 is allowed, not 1.0000001."""
 
@@ -189,22 +191,42 @@ class Coordinator:
         *,
         interval: float,
         metrics: Metrics,
+        hint: Callable[[], bool] | None = None,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
+        """Drives ``rollouts`` while ``election`` says this server leads.
+
+        ``hint`` (the stage hub's cached pointers: does any name a pending rollout?) spares
+        the fresh read of every stage pointer on ticks with nothing to do; a fresh read is
+        still made every :data:`FULL_LOOK` seconds, so a hint that lags cannot stall a rollout.
+        """
         self._rollouts = rollouts
+        self._hint = hint
+        self._looked = -math.inf
         self._readiness = readiness
         self._election = election
         self._interval = interval
         self._metrics = metrics
         self._clock = clock
         self._start_revisions: dict[str, int] = {}
+        self._failing: dict[str, str] = {}
+        """The last error logged, per rollout ("" for the whole tick): logged once a streak."""
         self.leading = False
         """Whether this server's coordinator acts now (also the ``is_leader`` gauge)."""
 
     async def run(self) -> None:
-        """Campaigns, leads until the lease may have lapsed, campaigns again; until cancelled."""
+        """Campaigns, leads until the lease may have lapsed, campaigns again; until cancelled.
+
+        Never ends with an error: the coordinator runs in the server's task group, and a
+        coordinator that fails must not take the server (its reads, watches) down with it.
+        """
         while True:
-            leadership = await self._election.campaign()
+            try:
+                leadership = await self._election.campaign()
+            except Exception as err:  # an etcd refusal the election did not expect
+                self._warn("", "coordinator_campaign_failed", err)
+                await asyncio.sleep(max(self._interval, 1.0))
+                continue
             self._set_leading(True)
             try:
                 await self._lead(leadership)
@@ -212,6 +234,13 @@ class Coordinator:
                 self._set_leading(False)
                 await leadership.resign()
             log.warning("coordinator_leadership_lost", candidate=self._election.candidate)
+
+    def _warn(self, key: str, event: str, err: BaseException, **fields: object) -> None:
+        """Logs a failure once per streak of the same error (``key``: what failed)."""
+        text = err.message if isinstance(err, ModelregError) else str(err)
+        if self._failing.get(key) != text:
+            log.warning(event, error=text, error_type=type(err).__name__, **fields)
+        self._failing[key] = text
 
     def _set_leading(self, leading: bool) -> None:
         self.leading = leading
@@ -224,11 +253,9 @@ class Coordinator:
             while not leadership.lost.is_set():
                 try:
                     await self.tick(leadership)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as err:
-                    log.warning("coordinator_tick_failed", error=str(err),
-                                error_type=type(err).__name__)
+                    self._failing.pop("", None)
+                except Exception as err:  # the server must outlive a bad tick
+                    self._warn("", "coordinator_tick_failed", err)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(leadership.lost.wait(), self._interval)
         finally:
@@ -238,10 +265,17 @@ class Coordinator:
 
     async def tick(self, leadership: Leadership) -> None:
         """One pass over every PREPARING rollout (each concurrently, each on its own)."""
+        now = asyncio.get_running_loop().time()
+        if (self._hint is not None and not self._start_revisions and not self._hint()
+                and now - self._looked < FULL_LOOK):
+            return
+        self._looked = now
         preparing = await self._rollouts.preparing()
         names = {rollout.name for rollout, _ in preparing}
         for gone in set(self._start_revisions) - names:
             del self._start_revisions[gone]
+        for gone in set(self._failing) - names - {""}:
+            del self._failing[gone]
         await asyncio.gather(*(self._guarded_step(rollout, revision, leadership)
                                for rollout, revision in preparing))
 
@@ -250,10 +284,10 @@ class Coordinator:
     ) -> None:
         try:
             await self.step(rollout, revision, leadership)
-        except ModelregError as err:
+            self._failing.pop(rollout.name, None)
+        except Exception as err:  # one rollout's trouble is not the others'
             # The store did not answer, or a race: the next tick looks again.
-            log.warning("rollout_step_failed", rollout=rollout.name, error=err.message,
-                        reason=err.reason)
+            self._warn(rollout.name, "rollout_step_failed", err, rollout=rollout.name)
 
     async def step(self, rollout: res.Rollout, revision: int, leadership: Leadership) -> None:
         """Asks the regions, records what changed, then commits, aborts or waits."""

@@ -65,6 +65,9 @@ class Leadership:
                 log.warning("coordinator_lease_not_renewed", error=str(err))
                 if loop.time() - renewed >= self._ttl:
                     break
+            except Exception as err:  # whatever it was, the lease is no longer sure
+                log.warning("coordinator_lease_not_renewed", error=str(err))
+                break
         self.lost.set()
 
     async def resign(self) -> None:

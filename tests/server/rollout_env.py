@@ -23,10 +23,12 @@ import pytest
 from google.protobuf import duration_pb2
 
 from modelreg.replication import AgentConfig, Replicator
+from modelreg.server.domain.rollouts import Rollouts
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.rollout_election import LEADER_KEY
+from modelreg.server.store.etcd import EtcdStore
 from modelreg.v1 import fleet_service_pb2 as fs
-from modelreg.v1 import fleet_service_pb2_grpc, rollout_service_pb2_grpc
+from modelreg.v1 import fleet_service_pb2_grpc
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import rollout_service_pb2 as rs
@@ -76,25 +78,49 @@ class Regions:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     started: list[RunningServer] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    reader: EtcdStore | None = None
+    """The test's own connection to the primary etcd, to read rollout records."""
+
+    async def close(self) -> None:
+        """Stops whatever still runs: channels, servers, the replicator, the reader."""
+        for channel in self.channels:
+            await channel.close()
+        for server in list(self.started):
+            await server.stop()
+        await self.stop_replicator()
+        if self.reader is not None:
+            await self.reader.close()
 
     # -- servers ---------------------------------------------------------------------------
 
-    async def start_us(self, listen: str) -> RunningServer:
+    async def start_us(self, listen: str, **settings: Any) -> RunningServer:
         """A primary-region server (it runs a coordinator) on ``listen``."""
         server = await start_server(self.primary_etcd, self.prefix, listen=listen,
                                     topology=self.topology, region="us",
-                                    **{**FAST, **self.settings})
+                                    **{**FAST, **self.settings, **settings})
         self.started.append(server)
         self.us.append(server)
         return server
 
-    async def start_eu(self) -> RunningServer:
+    async def start_eu(self, **settings: Any) -> RunningServer:
         """The eu server, reading the eu replica."""
         server = await start_server(self.eu_etcd, self.prefix, listen=self.eu_listen,
                                     topology=self.topology, region="eu",
-                                    **{**FAST, **self.settings})
+                                    **{**FAST, **self.settings, **settings})
         self.started.append(server)
         self.eu = server
+        # Ready once the region holds its first copy (before, its store refuses everything).
+        stub = self.models(server)
+
+        async def answers() -> bool:
+            try:
+                await stub.ListModels(svc.ListModelsRequest())
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return False
+            return True
+        await until(answers, "eu's first copy")
         return server
 
     async def start_replicator(self) -> Replicator:
@@ -123,11 +149,6 @@ class Regions:
         """ModelService on a server (default: the first us one), as alice."""
         return ActorStub(self.channel((server or self.us[0]).target), "alice")
 
-    def rollouts(self, server: RunningServer | None = None) -> Any:
-        """RolloutService on a server (default: the first us one)."""
-        return rollout_service_pb2_grpc.RolloutServiceStub(
-            self.channel((server or self.us[0]).target))
-
     # -- the registry ----------------------------------------------------------------------
 
     async def governed_model(self, versions: int = 2, **policy: Any) -> None:
@@ -151,9 +172,10 @@ class Regions:
         return str(resp.rollout.name)
 
     async def rollout(self, name: str) -> res.Rollout:
-        """The rollout record as the primary has it."""
-        return (await self.rollouts().GetRollout(rs.GetRolloutRequest(name=name),
-                                                 timeout=10)).rollout
+        """The rollout record as the primary's etcd has it (the domain's ``get``)."""
+        if self.reader is None:
+            self.reader = EtcdStore([self.primary_etcd], self.prefix)
+        return (await Rollouts(self.reader).get(rs.GetRolloutRequest(name=name))).rollout
 
     async def settled(self, name: str) -> res.Rollout:
         """Waits until the rollout committed or aborted; the record then."""
@@ -182,8 +204,8 @@ class Regions:
         return None if value is None else bytes(value.value).decode()
 
     def leaders(self) -> list[RunningServer]:
-        """The running us servers whose coordinator leads now."""
-        return [s for s in self.us if s in self.started and s.app.coordinator is not None
+        """The running servers (of any region) whose coordinator leads now."""
+        return [s for s in self.started if s.app.coordinator is not None
                 and s.app.coordinator.leading]
 
     async def stop(self, server: RunningServer) -> None:
@@ -231,10 +253,6 @@ async def regions(
             await env.start_eu()
         yield env
     finally:
-        for channel in env.channels:
-            await channel.close()
-        for server in list(env.started):
-            await server.stop()
-        await env.stop_replicator()
+        await env.close()
         async with aetcd.Client(eu_etcd.host, eu_etcd.client_port, timeout=10) as client:
             await client.delete_prefix(prefix.encode())
