@@ -233,7 +233,7 @@ class App:
             hub = self.hub
             coordinator = await stack.enter_async_context(_open_coordinator(
                 config, topology, registry.rollouts, fleet, self.metrics,
-                hint=lambda: not hub.ready.is_set() or bool(hub.pending_rollouts()),
+                hint=lambda: hub.ready.is_set() and bool(hub.pending_rollouts()),
                 own_etcd=self.endpoints,
                 candidate=f"{socket.gethostname()}/{self.address}"))
         self.coordinator = coordinator

@@ -197,8 +197,9 @@ class Coordinator:
         """Drives ``rollouts`` while ``election`` says this server leads.
 
         ``hint`` (the stage hub's cached pointers: does any name a pending rollout?) spares
-        the fresh read of every stage pointer on ticks with nothing to do; a fresh read is
-        still made every :data:`FULL_LOOK` seconds, so a hint that lags cannot stall a rollout.
+        the fresh read of every stage pointer on ticks with nothing to do, and the campaign
+        itself until there is a rollout to drive; a fresh read is still made every
+        :data:`FULL_LOOK` seconds, so a hint that lags cannot stall a rollout.
         """
         self._rollouts = rollouts
         self._hint = hint
@@ -222,6 +223,7 @@ class Coordinator:
         """
         while True:
             try:
+                await self._work_appears()
                 leadership = await self._election.campaign()
             except Exception as err:  # an etcd refusal the election did not expect
                 self._warn("", "coordinator_campaign_failed", err)
@@ -234,6 +236,30 @@ class Coordinator:
                 self._set_leading(False)
                 await leadership.resign()
             log.warning("coordinator_leadership_lost", candidate=self._election.candidate)
+
+    async def _work_appears(self) -> None:
+        """Returns once a rollout is preparing (at once without a hint).
+
+        A coordinator campaigns only when there is something to coordinate, so a deployment
+        without governed stages never writes a leader key or holds a lease (nor do tests that
+        compare what is stored before and after a call). The hub's hint is looked at every
+        interval, the store itself every :data:`FULL_LOOK` seconds.
+        """
+        if self._hint is None:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._hint():
+                return
+            if loop.time() - self._looked >= FULL_LOOK:
+                self._looked = loop.time()
+                try:
+                    if await self._rollouts.preparing():
+                        return
+                    self._failing.pop("", None)
+                except ModelregError as err:
+                    self._warn("", "coordinator_look_failed", err)
+            await asyncio.sleep(self._interval)
 
     def _warn(self, key: str, event: str, err: BaseException, **fields: object) -> None:
         """Logs a failure once per streak of the same error (``key``: what failed)."""

@@ -78,6 +78,8 @@ class Regions:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     started: list[RunningServer] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    front: str = ""
+    """The us server the test talks to ("": the first one started here)."""
     reader: EtcdStore | None = None
     """The test's own connection to the primary etcd, to read rollout records."""
 
@@ -145,9 +147,14 @@ class Regions:
         self.channels.append(channel)
         return channel
 
-    def models(self, server: RunningServer | None = None) -> ActorStub:
-        """ModelService on a server (default: the first us one), as alice."""
-        return ActorStub(self.channel((server or self.us[0]).target), "alice")
+    def models(self, server: RunningServer | str | None = None) -> ActorStub:
+        """ModelService on a server (default: :attr:`front`), as alice."""
+        return ActorStub(self.channel(self._target(server)), "alice")
+
+    def _target(self, server: RunningServer | str | None) -> str:
+        if server is None:
+            return self.front or self.us[0].target
+        return server if isinstance(server, str) else server.target
 
     # -- the registry ----------------------------------------------------------------------
 
@@ -188,10 +195,10 @@ class Regions:
         """The staging pointer as the primary has it."""
         return (await self.models().GetStage(svc.GetStageRequest(name=STAGE))).stage
 
-    async def report(self, server: RunningServer, node_id: str, region: str,
+    async def report(self, server: RunningServer | str, node_id: str, region: str,
                      **served: Any) -> None:
         """A node of ``region`` reports through ``server`` what it does with staging."""
-        stub = fleet_service_pb2_grpc.FleetServiceStub(self.channel(server.target))
+        stub = fleet_service_pb2_grpc.FleetServiceStub(self.channel(self._target(server)))
         node = fs.Node(node_id=node_id, region=region,
                        stages=[fs.ServedStage(stage=STAGE, **served)])
         await stub.ReportNode(fs.ReportNodeRequest(node=node, ttl_seconds=30), timeout=10)

@@ -14,11 +14,12 @@ import os
 import signal
 from pathlib import Path
 
+import grpc
 from google.protobuf import duration_pb2
 
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
-from tests.helpers import MODEL, start_server
+from tests.helpers import MODEL, ActorStub, start_server
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
 from tests.server.forward_env import address
 from tests.server.rollout_env import (
@@ -54,13 +55,25 @@ async def recorded(env: Regions, name: str, check: object) -> res.Rollout:
 
 
 async def nodes(env: Regions, *, us: int = 2, eu: int = 1, **served: object) -> None:
-    """``us`` nodes report through the first running us server, ``eu`` through eu's."""
-    us_server = next(s for s in env.us if s in env.started)
+    """``us`` nodes report through the front us server (or the first running), ``eu`` through
+    eu's.
+    """
+    us_server = env.front or next(s for s in env.us if s in env.started)
     for i in range(1, us + 1):
         await env.report(us_server, f"us-{i}", "us", **served)
     assert env.eu is not None
     for i in range(1, eu + 1):
         await env.report(env.eu, f"eu-{i}", "eu", **served)
+
+
+async def child_answers(target: str) -> bool:
+    """Whether the server at ``target`` answers a read."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            await ActorStub(channel, "alice").ListModels(svc.ListModelsRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            return False
+    return True
 
 
 async def counted(condition: object) -> None:
@@ -239,13 +252,14 @@ class TestElection:
         follows; the rollout is committed once, by the leader.
         """
         async with regions(etcd_server, eu_etcd, etcd_prefix, tmp_path, us_servers=2) as env:
+            await env.governed_model()
+            await nodes(env)
+            assert env.leaders() == [] and await env.leader_key() is None  # nothing to do yet
+            name = await env.promote(1)
             leaders = await until(env.leaders, "a leader")
             assert len(leaders) == 1
             holder = await env.leader_key()
             assert holder is not None and holder.endswith(leaders[0].app.address)
-            await env.governed_model()
-            await nodes(env)
-            name = await env.promote(1)
             await nodes(env, prepared_version=1, rollout=name)
             done = await env.settled(name)
             assert done.state == COMMITTED, done.abort_reason
@@ -261,10 +275,10 @@ class TestElection:
         server takes over from etcd alone and commits once eu is ready.
         """
         async with regions(etcd_server, eu_etcd, etcd_prefix, tmp_path, us_servers=2) as env:
-            (leader,) = await until(env.leaders, "a leader")
             await env.governed_model()
             await nodes(env)
             name = await env.promote(1)
+            (leader,) = await until(env.leaders, "a leader")
             await nodes(env, eu=0, prepared_version=1, rollout=name)
             await recorded(env, name, lambda r: "us" in r and r["us"].ready)
             await env.stop(leader)
@@ -295,18 +309,22 @@ class TestElection:
                     "--coordinator-lease", "2", "--log-format", "json", "--grace", "0",
                     stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
             try:
-                holder = await until(env.leader_key, "the child leads", timeout=60)
-                assert holder.endswith(child_listen), holder
-                await env.start_us(env.us_listens[0])
+                # The child is the only us server when the rollout starts: it leads.
+                env.front = child_listen
+                await until(lambda: child_answers(child_listen), "the child serving")
                 await env.start_eu()
-                assert env.leaders() == []
                 await env.governed_model()
                 await nodes(env)
                 name = await env.promote(1)
+                holder = await until(env.leader_key, "the child leads")
+                assert holder.endswith(child_listen), holder
                 await nodes(env, eu=0, prepared_version=1, rollout=name)
                 await recorded(env, name, lambda r: "us" in r and r["us"].ready)
+                await env.start_us(env.us_listens[0])
+                assert env.leaders() == []
                 os.kill(child.pid, signal.SIGKILL)
                 await child.wait()
+                env.front = ""  # the in-process us server from now on
                 await nodes(env, us=0, prepared_version=1, rollout=name)
                 done = await env.settled(name)
                 assert done.state == COMMITTED, done.abort_reason
@@ -336,10 +354,10 @@ class TestPlacement:
             us = await env.start_us(env.us_listens[0], coordinator="off")
             eu = await env.start_eu(coordinator="on")
             assert us.app.coordinator is None
-            assert await until(env.leaders, "eu leads") == [eu]
             await env.governed_model()
             await nodes(env)
             name = await env.promote(1)
+            assert await until(env.leaders, "eu leads") == [eu]
             await nodes(env, prepared_version=1, rollout=name)
             done = await env.settled(name)
             assert done.state == COMMITTED, done.abort_reason
