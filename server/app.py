@@ -32,7 +32,6 @@ from types import TracebackType
 
 import structlog
 
-from modelreg.replication.etcd import Etcd
 from modelreg.server import etcd_lifetime, etcd_ports, etcd_versions
 from modelreg.server.api.forward import Forwarder
 from modelreg.server.api.grpc import (
@@ -52,13 +51,10 @@ from modelreg.server.domain.identity import Authenticator, Authorizer
 from modelreg.server.domain.ports import ChangeFeed, LagSource, ModelStore
 from modelreg.server.domain.regions import RegionInfo, Regions
 from modelreg.server.domain.registry import Registry
-from modelreg.server.domain.rollouts import Rollouts
 from modelreg.server.domain.stage_hub import StageHub
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.etcd_supervisor import EtcdSupervisor
-from modelreg.server.rollout_coordinator import Coordinator
-from modelreg.server.rollout_election import Election
-from modelreg.server.rollout_readiness import RegionReadiness
+from modelreg.server.rollout_coordinator import Coordinator, open_coordinator, runs_coordinator
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
 from modelreg.server.store.regional import RegionalStore
@@ -229,10 +225,10 @@ class App:
                      regions=regions, locality=locality,
                      bookmark_interval=config.bookmark_interval)
         coordinator = None
-        if _runs_coordinator(config, topology):
+        if runs_coordinator(config, topology):
             hub = self.hub
-            coordinator = await stack.enter_async_context(_open_coordinator(
-                config, topology, registry.rollouts, fleet, self.metrics,
+            coordinator = await stack.enter_async_context(open_coordinator(
+                config, topology, registry.rollouts, fleet.readiness, self.metrics,
                 hint=lambda: hub.ready.is_set() and bool(hub.pending_rollouts()),
                 own_etcd=self.endpoints,
                 candidate=f"{socket.gethostname()}/{self.address}"))
@@ -391,58 +387,6 @@ async def _open_region(
     finally:
         await forwarder.close()
         await status_store.close()
-
-
-def _runs_coordinator(config: ServerConfig, topology: Topology | None) -> bool:
-    """``--coordinator``: auto runs it in the primary region (or a deployment of one region)."""
-    if config.coordinator == "auto":
-        return topology is None or config.region == topology.primary
-    return config.coordinator == "on"
-
-
-READINESS_TIMEOUT = 2.0
-"""Longest the coordinator waits for one region's readiness (a region that does not answer in
-time is not ready this round; its deadline is what ends the rollout)."""
-
-
-@contextlib.asynccontextmanager
-async def _open_coordinator(
-    config: ServerConfig,
-    topology: Topology | None,
-    rollouts: Rollouts,
-    fleet: Fleet,
-    metrics: Metrics,
-    *,
-    hint: Callable[[], bool],
-    own_etcd: tuple[str, ...],
-    candidate: str,
-) -> AsyncIterator[Coordinator]:
-    """The rollout coordinator over this server's store, not yet running; then closed.
-
-    It elects through the primary etcd, under the deployment's prefix: the server's own
-    endpoints (``own_etcd``) in the primary region or without a topology, else the topology's
-    primary etcd (``--coordinator on`` outside the primary).
-    """
-    primary = topology is None or config.region == topology.primary
-    endpoints = own_etcd if primary or topology is None else topology.primary_region.etcd
-    etcd = Etcd(endpoints, timeout=min(config.etcd_timeout, config.coordinator_lease / 3))
-    readiness = RegionReadiness(
-        own_region=config.region_name, local=fleet.readiness,
-        regions={r.name: r.servers for r in topology.regions} if topology is not None else {},
-        timeout=min(READINESS_TIMEOUT, config.forward_timeout),
-        connect_timeout=config.forward_connect_timeout)
-    election = Election(etcd, config.prefix, candidate, ttl=config.coordinator_lease,
-                        poll=config.rollout_interval)
-    coordinator = Coordinator(rollouts, readiness, election, hint=hint,
-                              interval=config.rollout_interval, metrics=metrics)
-    try:
-        readiness.connect()
-        log.info("coordinator_candidate", candidate=candidate, etcd=",".join(endpoints),
-                 interval=config.rollout_interval, lease_ttl=config.coordinator_lease)
-        yield coordinator
-    finally:
-        await readiness.close()
-        await etcd.close()
 
 
 @contextlib.asynccontextmanager

@@ -1,17 +1,19 @@
 """The rollout coordinator: commits a rollout when every region is ready, aborts it otherwise.
 
-Runs in the servers of the primary region (``--coordinator auto``); they elect one through the
-primary etcd (:mod:`modelreg.server.rollout_election`) and only the leader acts. Every
-``rollout_interval`` seconds, for each rollout that is PREPARING, the leader
+Runs in the servers of the primary region (``--coordinator auto``); once a rollout is preparing
+they elect one through the primary etcd (:mod:`modelreg.server.rollout_election`) and only the
+leader acts (until then none campaigns: no leader key, no lease). Every ``rollout_interval``
+seconds, for each rollout that is PREPARING, the leader
 
 1. asks every region the rollout names whether it is ready
    (:mod:`modelreg.server.rollout_readiness`: its own region in-process, the others over gRPC,
    answered only once they have replicated the rollout);
 2. records the readiness in the rollout record when it changed (so ``GetRollout`` and
-   ``WatchRollouts`` show progress; no audit event);
-3. decides (:func:`decide`): every region ready => commit; more failed nodes in a region than
-   the policy's readiness fraction allows => abort naming the region, the counts and the first
-   error; past the deadline => abort naming the regions not ready and why; otherwise wait.
+   ``WatchRollout`` show progress; no audit event);
+3. decides (:mod:`modelreg.server.domain.rollout_decision`): every region ready => commit;
+   more failed nodes in a region than the policy's readiness fraction allows => abort naming
+   the region, the counts and the first error; past the deadline => abort naming the regions
+   not ready and why; otherwise wait.
 
 **Nothing in memory matters.** Every fact the coordinator acts on is in etcd (the record, its
 deadline, its policy) or asked afresh (readiness); commit and abort are each one Txn guarded on
@@ -30,17 +32,19 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 import structlog
-from google.protobuf import timestamp_pb2
 
+from modelreg.replication.etcd import Etcd
 from modelreg.server.api.metrics import Metrics
+from modelreg.server.config import ServerConfig
 from modelreg.server.domain.errors import ModelregError
+from modelreg.server.domain.rollout_decision import decide, stage_of
 from modelreg.server.rollout_election import Election, Leadership
-from modelreg.server.rollout_readiness import COORDINATOR_ACTOR
+from modelreg.server.rollout_readiness import COORDINATOR_ACTOR, LocalReadiness, RegionReadiness
+from modelreg.server.topology import Topology
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1.errors_pb2 import ErrorReason
@@ -50,8 +54,6 @@ log = structlog.get_logger("modelreg.server.coordinator")
 _DONE = ErrorReason.Name(ErrorReason.ROLLOUT_DONE)
 FULL_LOOK = 5.0
 """Seconds between fresh looks for preparing rollouts when the hint says there are none."""
-_SLACK = 1e-9
-"""Float slack in the failure rule: 1 failure of 10 at fraction 0.9 is allowed, not 1.0000001."""
 
 
 class RolloutRecords(Protocol):
@@ -89,81 +91,6 @@ class ReadinessSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What to do with a PREPARING rollout now."""
-
-    action: Literal["wait", "commit", "abort"]
-    reason: str = ""
-    """Why it aborts (recorded in the rollout and its audit event)."""
-    cause: Literal["", "failures", "deadline"] = ""
-    """The abort's kind, for the metric's label (the domain adds ``lifecycle``: a commit the
-    rules refused)."""
-
-
-def _fraction(rollout: res.Rollout) -> float:
-    fraction = rollout.policy.readiness_fraction
-    return fraction if 0 < fraction <= 1 else 1.0
-
-
-def _format_time(ts: timestamp_pb2.Timestamp) -> str:
-    return str(ts.ToJsonString())
-
-
-def _first_error(r: res.RegionReadiness) -> str:
-    if not r.failures:
-        return ""
-    first = r.failures[0]
-    return f"; first error: {first.node}: {first.error or 'no error given'}"
-
-
-def _not_ready(r: res.RegionReadiness | None, region: str, fraction: float) -> str:
-    """One region's "why not ready", for an abort at the deadline."""
-    if r is None:
-        return f"{region}: not asked"
-    if r.error:
-        return f"{region}: {r.error}"
-    needed = math.ceil(fraction * r.live_nodes - _SLACK)
-    text = f"{region}: {r.ready_nodes} of {r.live_nodes} live nodes ready (needs {needed})"
-    if r.failed_nodes:
-        text += f", {r.failed_nodes} failed{_first_error(r)}"
-    return text
-
-
-def decide(
-    rollout: res.Rollout, readiness: Sequence[res.RegionReadiness], now_ns: int
-) -> Decision:
-    """The coordinator's rule for one PREPARING rollout, given each region's readiness now.
-
-    Pure, so the rule is testable on its own; the order matters only for the wording (a region
-    with too many failures cannot also meet the fraction).
-    """
-    fraction = _fraction(rollout)
-    by_region = {r.region: r for r in readiness}
-    for region in rollout.regions:
-        r = by_region.get(region)
-        if r is None or r.error or r.live_nodes <= 0:
-            continue
-        allowed = (1 - fraction) * r.live_nodes
-        if r.failed_nodes > allowed + _SLACK:
-            return Decision("abort", (
-                f"region {region}: {r.failed_nodes} of {r.live_nodes} live nodes failed to "
-                f"prepare version {rollout.target_version}, more than the policy allows "
-                f"(readiness fraction {fraction:g}: at most {math.floor(allowed + _SLACK)})"
-                f"{_first_error(r)}"), "failures")
-    ready = [region for region in rollout.regions
-             if (r := by_region.get(region)) is not None and r.ready and not r.error]
-    if len(ready) == len(rollout.regions):
-        return Decision("commit")
-    if rollout.HasField("deadline") and now_ns > rollout.deadline.ToNanoseconds():
-        missing = [_not_ready(by_region.get(region), region, fraction)
-                   for region in rollout.regions if region not in ready]
-        return Decision("abort", (
-            f"not ready by the deadline {_format_time(rollout.deadline)}: "
-            + "; ".join(missing)), "deadline")
-    return Decision("wait")
-
-
 def _comparable(readiness: Sequence[res.RegionReadiness]) -> dict[str, bytes]:
     """Readiness without its check times: what "changed" means for the record."""
     out: dict[str, bytes] = {}
@@ -173,11 +100,6 @@ def _comparable(readiness: Sequence[res.RegionReadiness]) -> dict[str, bytes]:
         copy.ClearField("check_time")
         out[r.region] = copy.SerializeToString(deterministic=True)
     return out
-
-
-def stage_of(rollout_name: str) -> str:
-    """``models/m/stages/s`` of ``models/m/stages/s/rollouts/7``."""
-    return rollout_name.rsplit("/rollouts/", 1)[0]
 
 
 class Coordinator:
@@ -359,7 +281,7 @@ class Coordinator:
         log.info("rollout_committed", rollout=rollout.name, version=done.target_version,
                  regions=list(rollout.regions),
                  ready={r.region: f"{r.ready_nodes}/{r.live_nodes}" for r in readiness},
-                 activation_time=_format_time(done.activation_time),
+                 activation_time=done.activation_time.ToJsonString(),
                  commit_revision=done.commit_revision)
 
     async def _abort(self, rollout: res.Rollout, reason: str, cause: str) -> None:
@@ -373,3 +295,58 @@ class Coordinator:
         self._metrics.rollouts_aborted.labels(cause=cause).inc()
         log.warning("rollout_aborted", rollout=rollout.name, version=rollout.target_version,
                     cause=cause, reason=reason)
+
+
+def runs_coordinator(config: ServerConfig, topology: Topology | None) -> bool:
+    """``--coordinator``: auto runs it in the primary region (or a deployment of one region)."""
+    if config.coordinator == "auto":
+        return topology is None or config.region == topology.primary
+    return config.coordinator == "on"
+
+
+READINESS_TIMEOUT = 2.0
+"""Longest the coordinator waits for one region's readiness (a region that does not answer in
+time is not ready this round; its deadline is what ends the rollout)."""
+
+
+@contextlib.asynccontextmanager
+async def open_coordinator(
+    config: ServerConfig,
+    topology: Topology | None,
+    rollouts: RolloutRecords,
+    local: LocalReadiness,
+    metrics: Metrics,
+    *,
+    hint: Callable[[], bool],
+    own_etcd: tuple[str, ...],
+    candidate: str,
+) -> AsyncIterator[Coordinator]:
+    """The rollout coordinator of a server (``App`` runs it), not yet running; then closed.
+
+    ``rollouts`` and ``local`` (this region's readiness) are the server's domain over its
+    store; ``hint`` its stage hub's look at pending rollouts.
+
+    It elects through the primary etcd, under the deployment's prefix: the server's own
+    endpoints (``own_etcd``) in the primary region or without a topology, else the topology's
+    primary etcd (``--coordinator on`` outside the primary).
+    """
+    primary = topology is None or config.region == topology.primary
+    endpoints = own_etcd if primary or topology is None else topology.primary_region.etcd
+    etcd = Etcd(endpoints, timeout=min(config.etcd_timeout, config.coordinator_lease / 3))
+    readiness = RegionReadiness(
+        own_region=config.region_name, local=local,
+        regions={r.name: r.servers for r in topology.regions} if topology is not None else {},
+        timeout=min(READINESS_TIMEOUT, config.forward_timeout),
+        connect_timeout=config.forward_connect_timeout)
+    election = Election(etcd, config.prefix, candidate, ttl=config.coordinator_lease,
+                        poll=config.rollout_interval)
+    coordinator = Coordinator(rollouts, readiness, election, hint=hint,
+                              interval=config.rollout_interval, metrics=metrics)
+    try:
+        readiness.connect()
+        log.info("coordinator_candidate", candidate=candidate, etcd=",".join(endpoints),
+                 interval=config.rollout_interval, lease_ttl=config.coordinator_lease)
+        yield coordinator
+    finally:
+        await readiness.close()
+        await etcd.close()

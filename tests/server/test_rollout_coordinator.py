@@ -311,7 +311,10 @@ class TestElection:
             try:
                 # The child is the only us server when the rollout starts: it leads.
                 env.front = child_listen
-                await until(lambda: child_answers(child_listen), "the child serving")
+                async def serving() -> bool:
+                    assert child.returncode is None, "the child exited"
+                    return await child_answers(child_listen)
+                await until(serving, "the child serving")
                 await env.start_eu()
                 await env.governed_model()
                 await nodes(env)

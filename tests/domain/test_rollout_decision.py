@@ -1,13 +1,13 @@
-"""The coordinator's rule for one preparing rollout (``rollout_coordinator.decide``), on its own.
+"""The coordinator's rule for one preparing rollout (``rollout_decision.decide``), on its own.
 
 Pure: a rollout record and each region's readiness in, commit / abort (with its reason) / wait
 out. The coordinator's loop, election and the regions it asks are tested against real servers
-in ``test_rollout_coordinator.py``.
+in ``tests/server/test_rollout_coordinator.py``.
 """
 
 from __future__ import annotations
 
-from modelreg.server.rollout_coordinator import decide, stage_of
+from modelreg.server.domain.rollout_decision import decide, stage_of
 from modelreg.v1 import resources_pb2 as res
 
 NAME = "models/m/stages/production/rollouts/3"
