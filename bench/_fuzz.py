@@ -32,6 +32,7 @@ from modelreg.v1 import (
     fleet_service_pb2,
     model_service_pb2,
     model_service_pb2_grpc,
+    rollout_service_pb2,
     watch_service_pb2,
 )
 
@@ -55,9 +56,9 @@ class Method:
 
 
 def methods() -> list[Method]:
-    """Every RPC of ModelService, WatchService and FleetService."""
+    """Every RPC of ModelService, WatchService, FleetService and RolloutService."""
     found = []
-    for module in (model_service_pb2, watch_service_pb2, fleet_service_pb2):
+    for module in (model_service_pb2, watch_service_pb2, fleet_service_pb2, rollout_service_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for m in service.methods:
                 found.append(Method(f"/{service.full_name}/{m.name}", m.input_type,
@@ -74,10 +75,13 @@ MEANINGFUL = [
     f"models/{MODEL}/stages/canary", "models/other", "staging", "production", "canary", "latest",
     "node-1", "eu-west-1", SHA, "file:///models/m.bin", "s3://bucket/key", '"1"', '"0"',
     "description", "tags", "sunset_time", "custom_stages", "bW9kZWxzL2Z1eno=", "req-1",
+    "rollout_policies", f"models/{MODEL}/stages/production/rollouts/1", "default",
 ]
 NAMES = [f"models/{MODEL}", f"models/{MODEL}/versions/1", f"models/{MODEL}/versions/2",
          f"models/{MODEL}/stages/staging", f"models/{MODEL}/stages/production",
-         f"models/{MODEL}/stages/canary", "models/m-new"]
+         f"models/{MODEL}/stages/canary", "models/m-new",
+         f"models/{MODEL}/stages/production/rollouts/1",
+         f"models/{MODEL}/stages/staging/rollouts/1", f"models/{MODEL}/stages/canary/rollouts/2"]
 TAME = {
     "name": NAMES, "parent": NAMES, "stage": NAMES, "model_id": [MODEL, "m-new"],
     "model": [MODEL, ""], "models": [MODEL], "stages": ["staging", "production", "canary"],
@@ -85,6 +89,7 @@ TAME = {
     "artifact_uri": ["file:///models/m.bin"], "etag": [""], "page_token": [""],
     "request_id": ["", "req-1", "req-2"], "node_id": ["node-1", "node-2"],
     "region": ["", "eu-west-1"], "reason": ["", "because"], "model_prefix": ["", "fuzz"],
+    "regions": ["default"],
 }
 """Valid values by field name, for tame requests; other string fields get ``MEANINGFUL``."""
 HOSTILE = [
@@ -169,7 +174,7 @@ def messages(
     if d.full_name == "google.protobuf.Timestamp":
         return timestamps(tame)
     if d.full_name == "google.protobuf.FieldMask":
-        masks = ["description", "tags", "sunset_time", "custom_stages"]
+        masks = ["description", "tags", "sunset_time", "custom_stages", "rollout_policies"]
         paths = st.lists(st.sampled_from(masks) if tame else strings(), max_size=4)
         return paths.map(lambda p: _new(d, paths=p))
     optional: dict[str, st.SearchStrategy[Any]] = {}

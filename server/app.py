@@ -114,6 +114,10 @@ class App:
     store: ModelStore
     """The registry's store (etcd, through the domain's port)."""
     hub: StageHub
+    registry: Registry
+    """Every domain operation over ``store`` (the rollout coordinator drives ``rollouts``)."""
+    fleet: Fleet
+    """The fleet view of this server's region (its ``readiness`` is the coordinator's)."""
     port: int
     """The gRPC port bound (``config.listen`` may say 0)."""
     metrics_port: int | None
@@ -215,20 +219,19 @@ class App:
         self.store = store
         self.hub = StageHub(store, feed, queue_size=config.watch_queue)
         lag, self.forwarder = await stack.enter_async_context(_open_region(config, topology))
-        regions = Regions(config.region_name, _regions(config, topology), store, lag=lag,
-                          link=self.forwarder)
+        listed = _regions(config, topology)
+        regions = Regions(config.region_name, listed, store, lag=lag, link=self.forwarder)
         locality = Locality(config.region_name, store, self.forwarder, config.min_revision_wait)
-        fleet = Fleet(store, region=config.region_name)
-        # The regions a rollout policy may name, and what one naming none waits for.
-        registry = Registry.over(store, regions=[r.name for r in _regions(config, topology)])
-        add_services(parts, registry, hub=self.hub, fleet=fleet,
+        self.registry = Registry.over(store, regions=[r.name for r in listed])
+        self.fleet = Fleet(store, region=config.region_name)
+        add_services(parts, self.registry, hub=self.hub, fleet=self.fleet,
                      regions=regions, locality=locality,
                      bookmark_interval=config.bookmark_interval)
         coordinator = None
         if runs_coordinator(config, topology):
             hub = self.hub
             coordinator = await stack.enter_async_context(open_coordinator(
-                config, topology, registry.rollouts, fleet.readiness, self.metrics,
+                config, topology, self.registry.rollouts, self.fleet.readiness, self.metrics,
                 hint=lambda: hub.ready.is_set() and bool(hub.pending_rollouts()),
                 own_etcd=self.endpoints,
                 candidate=f"{socket.gethostname()}/{self.address}"))

@@ -3,9 +3,9 @@
 All writes commit in the primary's etcd (one compare-and-swap there is atomic for every
 region), so a regional server answers reads, watches and the fleet view from its own store and
 hands each mutation of :data:`FORWARDED` to a server of the primary region, over a channel of
-its own and the generated ``ModelService`` stub. The interceptor
-(:mod:`modelreg.server.api.grpc`) does this for every forwarded method in one place, after it
-has authenticated and authorised the caller; no handler knows about regions.
+its own and the generated stub of the method's service (``ModelService``, ``RolloutService``).
+The interceptor (:mod:`modelreg.server.api.grpc`) does this for every forwarded method in one
+place, after it has authenticated and authorised the caller; no handler knows about regions.
 
 What crosses, and what comes back:
 
@@ -44,15 +44,16 @@ from grpc_status import rpc_status
 from modelreg.server.api.identity import FORWARDED_ACTOR_HEADER, FORWARDED_BY_HEADER
 from modelreg.server.domain.errors import PrimaryUnavailableError
 from modelreg.server.domain.identity import Principal
-from modelreg.v1 import model_service_pb2_grpc
+from modelreg.v1 import model_service_pb2_grpc, rollout_service_pb2_grpc
 
 _MODEL = "/modelreg.v1.ModelService/"
-FORWARDED: frozenset[str] = frozenset(_MODEL + name for name in (
+FORWARDED: frozenset[str] = frozenset((*(_MODEL + name for name in (
     "CreateModel", "UpdateModel", "DeleteModel", "CreateModelVersion", "UpdateModelVersion",
     "PromoteVersion", "RollbackStage", "ClearStage",
-))
-"""The mutations a server outside the primary region forwards: every ModelService RPC that
-writes (``tests/server`` checks that each other ModelService RPC is a Get or List)."""
+)), "/modelreg.v1.RolloutService/CancelRollout"))
+"""The mutations a server outside the primary region forwards: every ModelService and
+RolloutService RPC that writes (``tests/server`` checks that each other RPC of theirs is a
+Get, List or Watch)."""
 
 _STATUS_DETAILS = "grpc-status-details-bin"
 _READY = grpc.ChannelConnectivity.READY
@@ -116,7 +117,12 @@ class _Link:
     def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=options)
-        self.stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.stubs: dict[str, Any] = {
+            "modelreg.v1.ModelService": model_service_pb2_grpc.ModelServiceStub(self.channel),
+            "modelreg.v1.RolloutService":
+                rollout_service_pb2_grpc.RolloutServiceStub(self.channel),
+        }
+        """The stub of each service with forwarded methods, by full service name."""
 
     def state(self) -> grpc.ChannelConnectivity:
         """The channel's state; asks an idle channel to connect."""
@@ -208,7 +214,7 @@ class Forwarder:
         budget = self._timeout if remaining is None else min(remaining, self._timeout)
         deadline = loop.time() + budget
         metadata = ((FORWARDED_ACTOR_HEADER, principal.name), (FORWARDED_BY_HEADER, self.region))
-        name = method.rsplit("/", 1)[-1]
+        _, service, name = method.split("/")
         tried: list[str] = []
         for link in self._ordered():
             left = deadline - loop.time()
@@ -219,7 +225,7 @@ class Forwarder:
                 tried.append(f"{link.address}: {link.state().name.lower()}")
                 continue
             try:
-                response: Message = await getattr(link.stub, name)(
+                response: Message = await getattr(link.stubs[service], name)(
                     request, timeout=max(0.0, deadline - loop.time()), metadata=metadata)
             except grpc.aio.AioRpcError as err:
                 if not _on_the_wire_failure(err):

@@ -33,6 +33,8 @@ from modelreg.server.api.metrics import Metrics
 from modelreg.server.api.model_service import SERVICE, ModelServicer
 from modelreg.server.api.outcome import LOGGED_CHARS, Outcome
 from modelreg.server.api.region_service import RegionServicer
+from modelreg.server.api.rollout_service import SERVICE as ROLLOUT_SERVICE
+from modelreg.server.api.rollout_service import RolloutServicer
 from modelreg.server.api.watch_service import WatchServicer
 from modelreg.server.domain.errors import FieldViolation, InvalidArgumentError, clip
 from modelreg.server.domain.fleet import Fleet
@@ -55,6 +57,8 @@ from modelreg.v1 import (
     model_service_pb2_grpc,
     region_service_pb2,
     region_service_pb2_grpc,
+    rollout_service_pb2,
+    rollout_service_pb2_grpc,
     watch_service_pb2,
     watch_service_pb2_grpc,
 )
@@ -283,6 +287,7 @@ SERVICES = (
     watch_service_pb2.DESCRIPTOR.services_by_name["WatchService"],
     fleet_service_pb2.DESCRIPTOR.services_by_name["FleetService"],
     region_service_pb2.DESCRIPTOR.services_by_name["RegionService"],
+    rollout_service_pb2.DESCRIPTOR.services_by_name["RolloutService"],
 )
 """The modelreg services this server runs: every one of their RPCs goes through the
 interceptor and needs a row in the permission table."""
@@ -350,14 +355,16 @@ def add_services(
         WatchServicer(hub, bookmark_interval=bookmark_interval), server)
     fleet_service_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(fleet), server)
     region_service_pb2_grpc.add_RegionServiceServicer_to_server(RegionServicer(regions), server)
+    rollout_service_pb2_grpc.add_RolloutServiceServicer_to_server(
+        RolloutServicer(registry.rollouts), server)
     names = (*(s.full_name for s in SERVICES),
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
 
 
 async def set_serving(parts: ServerParts, serving: bool) -> None:
-    """Marks the server and ModelService SERVING or NOT_SERVING in the health service."""
+    """Marks the server, ModelService and RolloutService SERVING or NOT_SERVING in health."""
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE):
+    for name in ("", SERVICE, ROLLOUT_SERVICE):
         await parts.health.set(name, status)

@@ -83,6 +83,11 @@ PERMISSIONS: Mapping[str, Permission] = MappingProxyType({
     "/modelreg.v1.FleetService/GetRolloutStatus": _P.FLEET_READ,
     # What the rollout coordinator asks every region: a read of the fleet view.
     "/modelreg.v1.FleetService/GetRegionReadiness": _P.FLEET_READ,
+    "/modelreg.v1.RolloutService/GetRollout": _P.MODELS_READ,
+    "/modelreg.v1.RolloutService/ListRollouts": _P.MODELS_READ,
+    "/modelreg.v1.RolloutService/WatchRollout": _P.MODELS_READ,
+    # Stopping a rollout decides what a stage serves, as starting it (a promotion) does.
+    "/modelreg.v1.RolloutService/CancelRollout": _P.STAGES_PROMOTE,
     "/modelreg.v1.RegionService/ListRegions": _P.REGIONS_READ,
     "/modelreg.v1.RegionService/GetRegionStatus": _P.REGIONS_READ,
 })

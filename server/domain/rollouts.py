@@ -30,7 +30,8 @@ finds every rollout to drive from etcd alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -49,6 +50,8 @@ from modelreg.v1 import rollout_service_pb2 as rs
 
 DEFAULT_PREPARE_DEADLINE = duration_pb2.Duration(seconds=300)
 DEFAULT_ACTIVATION_MARGIN = duration_pb2.Duration(seconds=2)
+WATCH_INTERVAL = 0.1
+"""Seconds between two reads of a watched rollout's record."""
 RECORD_ATTEMPTS = 10
 """Guarded readiness writes tried before giving up (each after another writer's change)."""
 COORDINATOR_METHOD = "/modelreg.v1.RolloutService/(coordinator)"
@@ -268,6 +271,27 @@ class Rollouts(Operations):
             next_page_token=page.next_token,
             revision=page.revision,
         )
+
+    async def watch(
+        self, req: rs.WatchRolloutRequest, *, interval: float = WATCH_INTERVAL
+    ) -> AsyncIterator[rs.WatchRolloutResponse]:
+        """The rollout now, then at every change of its record, until it is done.
+
+        Polls the record (one fresh single-key read every ``interval`` seconds) rather than
+        following etcd's watch: the stage hub follows stage pointers only, and readiness
+        updates change the record alone. A record that vanishes (its model deleted) ends the
+        stream with NOT_FOUND.
+        """
+        get = rs.GetRolloutRequest(name=req.name)
+        last = ""
+        while True:
+            now = await self.get(get)
+            if now.rollout.etag != last:
+                last = now.rollout.etag
+                yield rs.WatchRolloutResponse(rollout=now.rollout, revision=now.revision)
+            if now.rollout.done:
+                return
+            await asyncio.sleep(interval)
 
     async def cancel(self, call: Call, req: rs.CancelRolloutRequest) -> rs.CancelRolloutResponse:
         """Aborts a rollout still preparing, for the operator's reason (required)."""

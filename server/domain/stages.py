@@ -6,6 +6,12 @@ new pointer, its history entry and the audit event in one transaction guarded on
 A rollback reads the model, the pointer, its candidates' versions and the fleet's outcome
 records of those versions in that stage (one guarded range): a node report recorded meanwhile
 fails the commit, and the decision is made again on it. A clear reads the model and the pointer.
+
+On a stage governed by a rollout policy (``rollouts``), a promotion starts a rollout instead
+of moving the pointer, and a rollback is an emergency rollout committed at once that aborts
+any rollout still preparing. A clear moves at once as elsewhere. While a rollout prepares, the
+stage takes no other promotion and no clear (``RolloutInProgressError``); a rollback is the way
+past it.
 """
 
 from __future__ import annotations

@@ -215,13 +215,17 @@ def timestamp(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> None:
     v.check(0 <= ts.nanos <= 999_999_999, f"{field}.nanos", "must be 0-999999999")
 
 
+ECHO_KEY = 40
+"""Characters of a map key shown in a field path (the path is clipped to 128 anyway)."""
+
+
 def map_key(field: str, key: str) -> str:
-    """A map entry's field path, e.g. ``model.rollout_policies["production"]`` (key shortened)."""
+    """A map entry's field path, e.g. ``model.rollout_policies["production"]`` (key shortened).
+
+    JSON-quoted (ASCII), so a hostile key cannot break the path apart or the trailers.
+    """
     shown = key if len(key) <= ECHO_KEY else key[:ECHO_KEY] + "..."
     return f"{field}[{json.dumps(shown)}]"
-
-
-ECHO_KEY = 40
 
 
 def _duration(v: Violations, field: str, d: duration_pb2.Duration, low_ns: int, high_ns: int,

@@ -251,3 +251,42 @@ class TestPolicies:
             rollout_policies={"production": policy(readiness_fraction=0.9)}))
         model = (await env.reg.models.create(env.call("CreateModel", req), req)).model
         assert model.rollout_policies["production"].readiness_fraction == 0.9
+
+
+class TestMore:
+    async def test_clear_waits_for_the_rollout(self, env: Env) -> None:
+        await started(env)
+        req = svc.ClearStageRequest(name=PRODUCTION, force=True, reason="retire")
+        with pytest.raises(RolloutInProgressError):
+            await env.reg.stages.clear(env.call("ClearStage", req), req)
+
+    async def test_a_retried_promote_gets_the_same_rollout(self, env: Env) -> None:
+        await started(env, versions=3)
+        await env.reg.rollouts.abort(f"{PRODUCTION}/rollouts/1", "again", actor="c")
+        req = svc.PromoteVersionRequest(name=PRODUCTION, version=2, request_id="r-1")
+        first = await env.reg.stages.promote(env.call("PromoteVersion", req), req)
+        again = await env.reg.stages.promote(env.call("PromoteVersion", req), req)
+        assert again == first and first.rollout.name == f"{PRODUCTION}/rollouts/2"
+
+    async def test_a_governed_custom_stage_cannot_be_dropped_alone(self, env: Env) -> None:
+        """Removing a custom stage but not its policy leaves a policy on no stage: refused."""
+        await env.setup(0, custom_stages=("canary",))
+        await govern(env, "canary")
+        req = svc.UpdateModelRequest(
+            model=res.RegisteredModel(name=f"models/{MODEL}"),
+            update_mask=field_mask_pb2.FieldMask(paths=["custom_stages"]))
+        with pytest.raises(InvalidArgumentError) as exc:
+            await env.reg.models.update(env.call("UpdateModel", req), req)
+        assert field_of(exc.value) == 'model.rollout_policies["canary"]'
+
+    async def test_preparing_lists_what_the_coordinator_drives(self, env: Env) -> None:
+        resp = await started(env)
+        found = await env.reg.rollouts.preparing()
+        assert [(r.name, rev) for r, rev in found] == [
+            (resp.rollout.name, resp.revision)]
+        updated = await env.reg.rollouts.record_readiness(
+            resp.rollout.name, [res.RegionReadiness(region="default", ready=True)])
+        assert updated is not None and updated.readiness[0].ready
+        await env.reg.rollouts.commit(resp.rollout.name, actor="c")
+        assert await env.reg.rollouts.preparing() == []
+        assert await env.reg.rollouts.record_readiness(resp.rollout.name, []) is None

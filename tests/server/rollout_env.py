@@ -36,8 +36,10 @@ from tests.helpers import MODEL, ActorStub, RunningServer, start_server, version
 from tests.server.forward_env import address, write_topology
 
 STAGE = f"models/{MODEL}/stages/staging"
-FAST = {"rollout_interval": 0.05, "coordinator_lease": 2, "forward_connect_timeout": 0.5}
-"""Coordinator settings of the test servers: quick ticks, a short lease."""
+FAST = {"coordinator": "auto", "rollout_interval": 0.05, "coordinator_lease": 2,
+        "forward_connect_timeout": 0.5}
+"""Coordinator settings of the test servers: as deployed (the test helpers' default is off),
+with quick ticks and a short lease."""
 
 
 @pytest.fixture(scope="session")
