@@ -241,17 +241,18 @@ def aborted(server: RunningServer, cause: str) -> float:
 async def regions(
     primary: EmbeddedEtcd, eu_etcd: EmbeddedEtcd, prefix: str, tmp_path: Path, *,
     us_servers: int = 1, start: bool = True, extra_us: tuple[str, ...] = (),
-    **settings: Any,
+    dead_eu: tuple[str, ...] = (), **settings: Any,
 ) -> AsyncIterator[Regions]:
     """The two regions (the replicator, ``us_servers`` us servers and the eu one, unless not
     ``start``); everything stopped at the end. ``extra_us`` are more us addresses in the
-    topology, for servers a test starts itself.
+    topology, for servers a test starts itself; ``dead_eu`` eu addresses listed before eu's
+    server, with nothing serving there.
     """
     us_listens = [address() for _ in range(us_servers)]
     eu_listen = address()
     path = write_topology(tmp_path / "topology.toml", "us", {
         "us": ([primary.endpoint], [*us_listens, *extra_us]),
-        "eu": ([eu_etcd.endpoint], [eu_listen])})
+        "eu": ([eu_etcd.endpoint], [*dead_eu, eu_listen])})
     env = Regions(primary.endpoint, eu_etcd.endpoint, prefix, path, us_listens, eu_listen,
                   settings=settings)
     try:

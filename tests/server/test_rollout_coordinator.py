@@ -195,6 +195,23 @@ class TestAbort:
             await counted(lambda: aborted(env.us[0], "failures") == 1)
 
 
+class TestAsking:
+    async def test_a_dead_server_of_a_region_is_skipped(self, etcd_server, eu_etcd,
+                                                        etcd_prefix, tmp_path):
+        """The topology lists a dead eu server before the live one: the coordinator fails
+        over to the live one, and eu's readiness carries no error; the rollout commits.
+        """
+        async with regions(etcd_server, eu_etcd, etcd_prefix, tmp_path,
+                           dead_eu=(address(),)) as env:
+            await env.governed_model()
+            await nodes(env)
+            name = await env.promote(1)
+            await nodes(env, prepared_version=1, rollout=name)
+            done = await env.settled(name)
+            assert done.state == COMMITTED, done.abort_reason
+            assert not readiness(done)["eu"].error and readiness(done)["eu"].ready
+
+
 class TestNeverWithoutEveryRegion:
     async def test_an_unreachable_region_blocks_the_commit_until_the_deadline_aborts(
             self, etcd_server, eu_etcd, etcd_prefix, tmp_path):
