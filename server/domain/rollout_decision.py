@@ -16,6 +16,8 @@ from typing import Literal
 from google.protobuf import timestamp_pb2
 
 from modelreg.server.domain import readiness as rules
+from modelreg.server.domain.errors import clip
+from modelreg.server.domain.validation import MAX_REASON
 from modelreg.v1 import resources_pb2 as res
 
 
@@ -25,7 +27,8 @@ class Decision:
 
     action: Literal["wait", "commit", "abort"]
     reason: str = ""
-    """Why it aborts (recorded in the rollout and its audit event)."""
+    """Why it aborts (recorded in the rollout and its audit event), at most ``MAX_REASON``
+    characters, as an operator's reason."""
     cause: Literal["", "failures", "deadline"] = ""
     """The abort's kind, for the coordinator's metric (which also counts ``lifecycle``: a
     commit the lifecycle rules refused, aborted by the domain)."""
@@ -71,11 +74,11 @@ def decide(
         if r is None or r.error or not rules.too_many_failed(r, fraction):
             continue
         allowed = r.live_nodes - rules.needed(r.live_nodes, fraction)
-        return Decision("abort", (
+        return Decision("abort", clip(
             f"region {region}: {r.failed_nodes} of {r.live_nodes} live nodes failed to "
             f"prepare version {rollout.target_version}, more than the policy allows "
-            f"(readiness fraction {fraction:g}: at most {allowed}){_first_error(r)}"),
-            "failures")
+            f"(readiness fraction {fraction:g}: at most {allowed}){_first_error(r)}",
+            MAX_REASON), "failures")
     ready = [region for region in rollout.regions
              if (r := by_region.get(region)) is not None and r.ready and not r.error]
     if len(ready) == len(rollout.regions):
@@ -83,9 +86,9 @@ def decide(
     if rollout.HasField("deadline") and now_ns > rollout.deadline.ToNanoseconds():
         missing = [_not_ready(by_region.get(region), region, fraction)
                    for region in rollout.regions if region not in ready]
-        return Decision("abort", (
+        return Decision("abort", clip(
             f"not ready by the deadline {_format_time(rollout.deadline)}: "
-            + "; ".join(missing)), "deadline")
+            + "; ".join(missing), MAX_REASON), "deadline")
     return Decision("wait")
 
 

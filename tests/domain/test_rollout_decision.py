@@ -88,6 +88,13 @@ class TestDecide:
         assert decide(rollout(), [region("us"), region("eu", 0, 0, 0, ok=True)],
                       BEFORE).action == "commit"
 
+    def test_a_long_reason_is_clipped_to_an_operators_length(self):
+        """Many regions' long errors make a reason no longer than an operator's may be."""
+        regions = tuple(f"r{i}" for i in range(10))
+        answers = [region(r, ok=False, error="x" * 500) for r in regions]
+        reason = decide(rollout(regions=regions), answers, AFTER).reason
+        assert len(reason) <= 1024 and reason.endswith("...")
+
     def test_no_regions_commits(self):
         """A rollout that names no region waits for nobody."""
         assert decide(rollout(regions=()), [], BEFORE).action == "commit"
