@@ -54,6 +54,7 @@ from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.stage_hub import StageHub
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.etcd_supervisor import EtcdSupervisor
+from modelreg.server.rollout_coordinator import Coordinator, open_coordinator, runs_coordinator
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
 from modelreg.server.store.regional import RegionalStore
@@ -129,6 +130,8 @@ class App:
     """The deployment's regions, when the config names a topology file."""
     forwarder: Forwarder | None = None
     """Outside the primary region: the channels mutations are forwarded over."""
+    coordinator: Coordinator | None = None
+    """The rollout coordinator, when this server runs one (``config.coordinator``)."""
 
     def __init__(
         self, config: ServerConfig, *, authenticator: Authenticator, authorizer: Authorizer
@@ -224,6 +227,15 @@ class App:
         add_services(parts, self.registry, hub=self.hub, fleet=self.fleet,
                      regions=regions, locality=locality,
                      bookmark_interval=config.bookmark_interval)
+        coordinator = None
+        if runs_coordinator(config, topology):
+            hub = self.hub
+            coordinator = await stack.enter_async_context(open_coordinator(
+                config, topology, self.registry.rollouts, self.fleet.readiness, self.metrics,
+                hint=lambda: hub.ready.is_set() and bool(hub.pending_rollouts()),
+                own_etcd=self.endpoints,
+                candidate=f"{socket.gethostname()}/{self.address}"))
+        self.coordinator = coordinator
 
         tasks = await stack.enter_async_context(asyncio.TaskGroup())
         children: list[asyncio.Task[None]] = []
@@ -237,6 +249,8 @@ class App:
         children.append(tasks.create_task(self.hub.run(), name="stage-hub"))
         if endpoint is not None:
             children.append(tasks.create_task(endpoint.serve(), name="metrics-endpoint"))
+        if coordinator is not None:
+            children.append(tasks.create_task(coordinator.run(), name="rollout-coordinator"))
         alive = (lambda: supervisor.up) if self.etcd is not None else (lambda: True)
         health = tasks.create_task(self._follow_health(parts, alive), name="health")
         children.append(health)

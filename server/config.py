@@ -100,6 +100,16 @@ class ServerConfig:
     min_revision_wait: float = field(default=10.0, metadata=about(
         "longest a call with x-modelreg-min-revision waits for this region to apply that "
         "revision, in seconds (less when the caller's deadline is nearer)"))
+    coordinator: str = field(default="auto", metadata=about(
+        "run the rollout coordinator (commits or aborts rollouts; the servers running it elect "
+        "one through the primary etcd): auto runs it in the primary region's servers and "
+        "without a topology, on runs it in any region's, off never",
+        choices=("auto", "on", "off")))
+    rollout_interval: float = field(default=0.2, metadata=about(
+        "seconds between the coordinator's looks at the rollouts that are preparing"))
+    coordinator_lease: int = field(default=5, metadata=about(
+        "seconds the coordinator's leader lease lasts: a successor takes over this long after "
+        "the leader died (at once after it stopped cleanly)"))
 
     @staticmethod
     def env_var(name: str) -> str:
@@ -192,7 +202,11 @@ class ServerConfig:
                 "etcd_timeout and bookmark_interval must be positive, grace not negative")
         if self.watch_queue < 1 or self.health_interval <= 0:
             raise ValueError("watch_queue and health_interval must be positive")
-        for name in ("forward_timeout", "forward_connect_timeout", "min_revision_wait"):
+        if self.coordinator_lease < 2:
+            raise ValueError(f"coordinator_lease: {self.coordinator_lease!r} must be at least 2 "
+                             "seconds (the lease is renewed every third of it)")
+        for name in ("forward_timeout", "forward_connect_timeout", "min_revision_wait",
+                     "rollout_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: {getattr(self, name)!r} must be positive")
         if self.region and not REGION_NAME.fullmatch(self.region):

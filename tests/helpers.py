@@ -120,9 +120,15 @@ class RunningServer:
 
 
 def server_config(endpoint: str, prefix: str, **settings: Any) -> ServerConfig:
-    """A test server's config: etcd at ``endpoint``, port 0, no metrics endpoint, no grace."""
+    """A test server's config: etcd at ``endpoint``, port 0, no metrics endpoint, no grace.
+
+    No rollout coordinator either (``coordinator="auto"`` or ``"on"`` runs one): it commits and
+    aborts rollouts on its own clock, which tests of anything else must not race against
+    (``tests/server/test_rollout_coordinator.py`` runs it).
+    """
     base: dict[str, Any] = {"etcd": (endpoint,), "prefix": prefix, "listen": "127.0.0.1:0",
-                            "etcd_timeout": 2.0, "metrics_listen": "", "grace": 0.0}
+                            "etcd_timeout": 2.0, "metrics_listen": "", "grace": 0.0,
+                            "coordinator": "off"}
     return ServerConfig(**{**base, **settings})
 
 

@@ -16,6 +16,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -31,6 +32,12 @@ class Metrics:
     etcd_errors: Counter
     etcd_restarts: Counter
     """Restarts of the embedded etcd after it exited (``modelreg up``)."""
+    rollouts_committed: Counter
+    """Rollouts this server's coordinator committed."""
+    rollouts_aborted: Counter
+    """Rollouts this server's coordinator aborted, by cause (deadline, failures, lifecycle)."""
+    coordinator_leader: Gauge
+    """1 while this server's rollout coordinator is the elected one, else 0."""
 
     @classmethod
     def create(cls) -> Metrics:
@@ -47,6 +54,13 @@ class Metrics:
                     registry=reg),
             Counter("modelreg_etcd_restarts", "Restarts of the embedded etcd after it exited",
                     registry=reg),
+            Counter("modelreg_rollouts_committed", "Rollouts this server's coordinator committed",
+                    registry=reg),
+            Counter("modelreg_rollouts_aborted",
+                    "Rollouts this server's coordinator aborted, by cause", ["cause"],
+                    registry=reg),
+            Gauge("modelreg_rollout_coordinator_is_leader",
+                  "1 while this server's rollout coordinator is the elected one", registry=reg),
         )
 
 

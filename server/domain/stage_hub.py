@@ -392,3 +392,11 @@ class StageHub:
     def queued_messages(self) -> int:
         """Messages waiting in every stream's queue: bounded by streams x queue size."""
         return sum(s.queue.qsize() for s in self._subs)
+
+    def pending_rollouts(self) -> list[str]:
+        """The rollouts the cached pointers name as pending (the coordinator's cheap look).
+
+        As of the hub's revision, which may lag behind etcd by a watch event: a hint of
+        whether a fresh read is worth making, never a fact to act on.
+        """
+        return [p.pending_rollout for p in self._pointers.values() if p.pending_rollout]

@@ -48,6 +48,9 @@ class TestServerConfig:
             ({"etcd": "host-without-port"}, "etcd"),
             ({"etcd_listen": "0.0.0.0:2379"}, "etcd_listen.*loopback"),
             ({"etcd_listen": "localhost"}, "etcd_listen"),
+            ({"coordinator": "sometimes"}, "coordinator: 'sometimes' is not one of auto, on"),
+            ({"rollout_interval": "0"}, "rollout_interval: 0.0 must be positive"),
+            ({"coordinator_lease": "1"}, "coordinator_lease: 1 must be at least 2 seconds"),
         ],
     )
     def test_invalid_settings_name_themselves(self, flags, message):

@@ -1,0 +1,214 @@
+"""Where the rollout coordinator learns whether a region is ready: its own fleet, or gRPC.
+
+A region's readiness is summarised by the region itself, from its own serving nodes' reports
+(``FleetService.GetRegionReadiness``): node traffic stays in the region, only the summary
+crosses. The coordinator's own region is asked in-process (the fleet domain's ``readiness``);
+every other region over gRPC, at the servers the topology lists for it, with
+
+* ``x-modelreg-min-revision`` = the rollout's start revision, so a region answers only once it
+  has replicated the rollout (before that its nodes cannot have heard of it); a region that has
+  not answers ``REVISION_NOT_YET_APPLIED``, which counts as *not ready*;
+* a short deadline, and fail-over between the region's servers: a server gRPC knows is down is
+  skipped at once, one connecting gets the connect timeout.
+
+Nothing here raises: a region that cannot be asked is *not ready*, and ``error`` says why
+(unreachable and what was tried, not yet replicated, what it answered instead). That is the
+safety rule of the coordinator: it commits only on positive answers from every region.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from modelreg.server.api.consistency import MIN_REVISION_HEADER
+from modelreg.server.api.forward import channel_options
+from modelreg.server.api.identity import ACTOR_HEADER
+from modelreg.server.domain.errors import ModelregError
+from modelreg.server.domain.transaction import now_timestamp
+from modelreg.v1 import fleet_service_pb2 as fs
+from modelreg.v1 import fleet_service_pb2_grpc
+from modelreg.v1 import resources_pb2 as res
+from modelreg.v1.errors_pb2 import ErrorReason
+
+COORDINATOR_ACTOR = "modelreg-coordinator"
+"""The principal the coordinator names in its calls to other regions and in its audit events."""
+
+LocalReadiness = Callable[[fs.GetRegionReadinessRequest],
+                          Awaitable[fs.GetRegionReadinessResponse]]
+"""The fleet domain's ``readiness``: this server's own region, from its own store."""
+
+_READY = grpc.ChannelConnectivity.READY
+_DOWN = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+_NOT_APPLIED = ErrorReason.Name(ErrorReason.REVISION_NOT_YET_APPLIED)
+MAX_ERROR = 512
+"""Characters of a region's error kept in the rollout record."""
+
+
+def _reason(err: grpc.aio.AioRpcError) -> tuple[str, Mapping[str, str]]:
+    """The ``ErrorInfo`` reason and metadata of a modelreg error ("" for a transport error)."""
+    status = rpc_status.from_call(err)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason, dict(info.metadata)
+    return "", {}
+
+
+class _Link:
+    """One channel to one server of a region."""
+
+    def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.stub = fleet_service_pb2_grpc.FleetServiceStub(self.channel)
+
+    def state(self) -> grpc.ChannelConnectivity:
+        return self.channel.get_state(try_to_connect=True)
+
+    async def ready(self, within: float) -> bool:
+        """Connected now, or within ``within`` s; False at once when gRPC knows it down."""
+        state = self.state()
+        if state == _READY or state in _DOWN:
+            return state == _READY
+        try:
+            async with asyncio.timeout(within):
+                while state != _READY and state not in _DOWN:
+                    await self.channel.wait_for_state_change(state)
+                    state = self.state()
+        except TimeoutError:
+            pass
+        return state == _READY
+
+
+class RegionReadiness:
+    """Asks each region of a rollout whether it is ready: this one in-process, others by gRPC."""
+
+    def __init__(
+        self,
+        *,
+        own_region: str,
+        local: LocalReadiness,
+        regions: Mapping[str, Sequence[str]],
+        timeout: float,
+        connect_timeout: float,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        """Readiness of ``own_region`` from ``local``, of the others from their servers.
+
+        Args:
+            own_region: This server's region.
+            local: The fleet domain's ``readiness``, for ``own_region``.
+            regions: Every other region's server addresses (the topology's ``servers``).
+            timeout: Longest one question to a region may take, in seconds.
+            connect_timeout: Longest a server that is connecting is waited for.
+            clock: Unix nanoseconds, for ``check_time``.
+
+        """
+        self.own_region = own_region
+        self._local = local
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._clock = clock
+        options = channel_options(connect_timeout)
+        self._links = {name: [_Link(a, options) for a in servers]
+                       for name, servers in regions.items() if name != own_region}
+
+    def connect(self) -> None:
+        """Starts connecting every channel, so the first question finds them ready."""
+        for links in self._links.values():
+            for link in links:
+                link.state()
+
+    async def close(self) -> None:
+        """Closes every channel."""
+        await asyncio.gather(*(link.channel.close()
+                               for links in self._links.values() for link in links))
+
+    async def readiness(
+        self, region: str, request: fs.GetRegionReadinessRequest, *, min_revision: int
+    ) -> res.RegionReadiness:
+        """``region``'s readiness for ``request``; not ready, with ``error``, if it cannot say."""
+        if region == self.own_region:
+            answer = await self._ask_local(region, request)
+        elif region in self._links:
+            answer = await self._ask_remote(region, self._links[region], request, min_revision)
+        else:
+            answer = res.RegionReadiness(
+                error=f"region {region} is not in this server's topology "
+                      f"({', '.join(sorted([self.own_region, *self._links]))})")
+        answer.region = region
+        answer.check_time.CopyFrom(now_timestamp(self._clock()))
+        if answer.error:
+            answer.ready = False
+            answer.error = answer.error[:MAX_ERROR]
+        return answer
+
+    async def _ask_local(
+        self, region: str, request: fs.GetRegionReadinessRequest
+    ) -> res.RegionReadiness:
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._local(request)
+        except ModelregError as err:
+            return res.RegionReadiness(error=f"region {region}: {err.message}")
+        except TimeoutError:
+            return res.RegionReadiness(
+                error=f"region {region}: no answer from its store in {self._timeout:g} s")
+        answer = res.RegionReadiness()
+        answer.CopyFrom(response.readiness)
+        return answer
+
+    async def _ask_remote(
+        self,
+        region: str,
+        links: list[_Link],
+        request: fs.GetRegionReadinessRequest,
+        min_revision: int,
+    ) -> res.RegionReadiness:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        metadata = ((MIN_REVISION_HEADER, str(min_revision)), (ACTOR_HEADER, COORDINATOR_ACTOR))
+        tried: list[str] = []
+        for link in list(links):
+            left = deadline - loop.time()
+            if left <= 0:
+                tried.append(f"no answer in {self._timeout:g} s")
+                break
+            if not await link.ready(min(self._connect_timeout, left)):
+                tried.append(f"{link.address}: {link.state().name.lower()}")
+                continue
+            try:
+                response: fs.GetRegionReadinessResponse = await link.stub.GetRegionReadiness(
+                    request, timeout=max(0.001, deadline - loop.time()), metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                reason, info = _reason(err)
+                if reason == _NOT_APPLIED:
+                    return res.RegionReadiness(error=(
+                        f"region {region} has not yet replicated the rollout (it applied "
+                        f"revision {info.get('applied_revision', '?')}, the rollout started "
+                        f"at {min_revision})"))
+                if reason and err.code() != grpc.StatusCode.UNAVAILABLE:
+                    # A refusal (the server is too old, the request wrong...): every server
+                    # of the region would give the same one.
+                    return res.RegionReadiness(error=(
+                        f"region {region} answered {err.code().name} ({reason}): "
+                        f"{err.details()}"))
+                # The connection failed, or this server cannot reach its store: try another.
+                tried.append(f"{link.address}: {err.code().name.lower()} ({err.details()})")
+                continue
+            # Prefer the server that answered: one warm connection per region.
+            links.remove(link)
+            links.insert(0, link)
+            answer = res.RegionReadiness()
+            answer.CopyFrom(response.readiness)
+            return answer
+        return res.RegionReadiness(
+            error=f"region {region} is unreachable: {'; '.join(tried) or 'no servers'}")
