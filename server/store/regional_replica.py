@@ -313,10 +313,15 @@ class Replica:
         request = rpc.TxnRequest(
             compare=[self._state_exists()],
             success=[op, rpc.RequestOp(request_range=rpc.RangeRequest(key=self.state_key))])
-        with unavailable(self.etcd):
-            resp = await self.etcd.txn(request)
-        if not resp.succeeded:
-            await self.cut()  # raises the no-replica-yet error
+        while True:
+            with unavailable(self.etcd):
+                resp = await self.etcd.txn(request)
+            if resp.succeeded:
+                break
+            # No state at the Txn: raises the no-replica-yet error, unless the first copy
+            # finished since, in which case the Txn is tried again (the state, once there,
+            # stays).
+            await self.cut()
         state = State.decode(bytes(resp.responses[1].response_range.kvs[0].value))
         self._saw(state.applied)
         return resp.responses[0], state.applied

@@ -42,12 +42,12 @@ class TestRolloutCommands:
                        "--prepare-deadline", "60", "--activation-margin", "0.5").stdout
         assert "rollout policies: production: every region; 90% ready; deadline 60s; " \
                "margin 0.5s" in shown
-        done = up.cli("promote", "governed", "production", "1", "--reason", "first")
+        done = up.cli("promote", "governed", "production", "2", "--reason", "first")
         lines = done.stdout.splitlines()
         assert lines[0].startswith("rollout models/governed/stages/production/rollouts/1 started")
-        assert lines[-1].startswith("committed - -> v1: committed at revision ")
+        assert lines[-1].startswith("committed - -> v2: committed at revision ")
         stage = up.cli_json("stages", "get", "governed", "production")["stage"]
-        assert stage["version"] == 1 and stage["rollout"].endswith("/rollouts/1")
+        assert stage["version"] == 2 and stage["rollout"].endswith("/rollouts/1")
         assert stage["activation_time"]
         listed = up.cli("rollouts", "list", "governed", "production").stdout.splitlines()
         assert listed[0].split()[:4] == ["ID", "STATE", "KIND", "MOVE"]

@@ -409,9 +409,22 @@ class TestWiring:
     async def test_rollout_service_is_in_health_and_reflection(self, server):
         async with grpc.aio.insecure_channel(server.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            reply = await health.Check(health_pb2.HealthCheckRequest(
-                service="modelreg.v1.RolloutService"), timeout=10)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # The health loop sets the services' status after the server starts: wait for it.
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(
+                        service="modelreg.v1.RolloutService"), timeout=10)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    assert asyncio.get_running_loop().time() < deadline, "never registered"
+                    await asyncio.sleep(0.05)
+                    continue
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "never SERVING"
+                await asyncio.sleep(0.05)
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             responses = stub.ServerReflectionInfo(iter([
                 reflection_pb2.ServerReflectionRequest(list_services="")]))
