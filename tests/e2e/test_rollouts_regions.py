@@ -83,11 +83,15 @@ async def _until(predicate: Callable[[], bool], what: str, timeout: float = 60.0
         await asyncio.sleep(0.02)
 
 
-async def _finished(target: str, name: str, timeout: float = 90.0) -> res.Rollout:
-    """The rollout once done, followed on the given server's WatchRollout."""
+async def _finished(target: str, rollout: res.Rollout, timeout: float = 90.0) -> res.Rollout:
+    """The rollout once done, followed on the given server's WatchRollout (once that server's
+    region has applied the rollout's start: read-your-writes).
+    """
+    name = rollout.name
+    metadata = (("x-modelreg-min-revision", rollout.etag.strip('"')),)
     async with grpc.aio.insecure_channel(target) as channel:
         stream = ro_grpc.RolloutServiceStub(channel).WatchRollout(
-            ro.WatchRolloutRequest(name=name), timeout=timeout)
+            ro.WatchRolloutRequest(name=name), timeout=timeout, metadata=metadata)
         last = None
         async for message in stream:
             last = message.rollout
@@ -177,7 +181,7 @@ class TestRolloutAcrossRegions:
         """
         stub, nodes = fleet
         rollout = await _promote_staged(stub, 2)
-        done = await _finished(cluster.regions["ap"].listen, rollout.name)
+        done = await _finished(cluster.regions["ap"].listen, rollout)
         assert done.state == res.ROLLOUT_STATE_COMMITTED, done.abort_reason
         assert [r.region for r in done.readiness] == list(REGIONS)
         assert all(r.ready and r.ready_nodes == NODES_PER_REGION for r in done.readiness)
@@ -225,7 +229,7 @@ class TestRolloutAcrossRegions:
         cluster.cut()
         try:
             rollout = await _promote_staged(stub, 2)
-            done = await _finished(cluster.regions["us"].listen, rollout.name)
+            done = await _finished(cluster.regions["us"].listen, rollout)
         finally:
             cluster.heal()
         assert done.state == res.ROLLOUT_STATE_ABORTED
@@ -253,7 +257,7 @@ class TestRolloutAcrossRegions:
         """
         stub, nodes = fleet
         rollout = await _promote_staged(stub, 2)
-        done = await _finished(cluster.regions["us"].listen, rollout.name)
+        done = await _finished(cluster.regions["us"].listen, rollout)
         assert done.state == res.ROLLOUT_STATE_COMMITTED, done.abort_reason
         for node in nodes:
             await node.watcher.wait_for_version(2, timeout=30)
