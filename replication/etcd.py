@@ -26,10 +26,31 @@ CHANNEL_OPTIONS = {
     "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
+    # How long a ping waits for its ack (60 s by default): in grpc core, since grpc/grpc#34647,
+    # this and not keepalive_timeout_ms ends a connection that stopped answering. Without it
+    # a black-holed link to the primary was held for over a minute (grpcio 1.85).
+    "grpc.http2.ping_timeout_ms": 5_000,
     # A watch response carries whole revisions; one may hold every key of a large Txn.
     "grpc.max_receive_message_length": 256 * 1024 * 1024,
 }
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+async def send(call: Any, request: Any) -> None:
+    """Writes ``request`` to the stream ``call``; a call that has ended raises its own error.
+
+    For a write to an RPC that ended since it was last read (its connection reset while the
+    caller was between a read and a write, such as a watch's progress probe), grpc.aio raises
+    ``asyncio.InvalidStateError``, not the RPC's ``AioRpcError``: a caller that handles stream
+    failures would crash on it instead of reconnecting. A finished call's read raises that
+    error (or returns EOF, which the caller's own read sees next).
+    """
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError:
+        if not call.done():
+            raise  # written after done_writing(): a bug, not a failure
+        await call.read()
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:

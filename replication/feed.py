@@ -14,7 +14,9 @@ reads the primary's current revision. If that is no newer than the last response
 nothing is owed and the primary is alive (:class:`Contact`). If something newer exists and the
 watch stays silent for three intervals (at least ``MIN_SILENCE``), or the primary does not
 answer, the watch ends with :class:`EtcdUnavailable`; the caller resumes from its last applied
-revision + 1. A compacted start revision raises :class:`Compacted`.
+revision + 1. A compacted start revision raises :class:`Compacted`. The stream is written through
+:func:`~modelreg.replication.etcd.send`, so a connection reset between a probe's silent wait and
+its progress request ends the watch like any other stream failure.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import grpc
 from aetcd import rpc
 
 from modelreg.replication.errors import Compacted, EtcdUnavailable
-from modelreg.replication.etcd import Etcd
+from modelreg.replication.etcd import Etcd, send
 from modelreg.replication.layout import Envelope, is_replicated, prefix_end
 from modelreg.replication.plan import KeyChange, Revision
 
@@ -92,14 +94,14 @@ class PrimaryFeed:
         owed_since: float | None = None  # since when the primary is ahead of a silent watch
         reading: asyncio.Future[Any] | None = None
         try:
-            await call.write(rpc.WatchRequest(create_request=create))
+            await send(call, rpc.WatchRequest(create_request=create))
             while True:
                 if reading is None:
                     reading = asyncio.ensure_future(call.read())
                 done, _ = await asyncio.wait({reading}, timeout=self._interval)
                 if not done:
-                    await call.write(
-                        rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                    await send(
+                        call, rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
                     current = await self._current()
                     now = loop.time()
                     if current is not None and current <= head:

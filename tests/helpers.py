@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from grpc_status import rpc_status
 
 from modelreg.server.app import App
 from modelreg.server.config import ServerConfig
+from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.identity import Authenticator, Authorizer
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import model_service_pb2_grpc
@@ -202,3 +205,40 @@ async def register(stub, directory: Path, n: int) -> Path:
             size_bytes=len(data))))
     assert created.model_version.version == n
     return path
+
+
+async def reset_under_watches(
+    proxy: Any, ready: Callable[[], Awaitable[object]],
+    watch: Callable[[], AsyncIterator[object]], rounds: int = 40,
+) -> None:
+    """``rounds`` times: once ``ready()`` answers through ``proxy`` (a ``LatencyProxy``), a
+    watch from ``watch()`` is followed and the proxy resets its connection a few probe
+    intervals later, at a random moment. Each watch must end with ``UnavailableError``, what
+    the stage hub retries on: not with the error of a progress request written to the stream
+    as it ended (grpc.aio's ``InvalidStateError``, or INTERNAL), which used to replace it and
+    end the hub.
+    """
+    rng = random.Random(rounds)
+    for _ in range(rounds):
+        async with asyncio.timeout(30):  # the channel reconnects after the last heal
+            while True:
+                try:
+                    await ready()
+                    break
+                except UnavailableError:
+                    await asyncio.sleep(0.02)
+
+        async def follow() -> None:
+            async for _ in watch():
+                pass
+
+        reader = asyncio.ensure_future(follow())
+        await asyncio.sleep(rng.uniform(0.03, 0.12))
+        proxy.cut("reset")
+        try:
+            async with asyncio.timeout(15):
+                with pytest.raises(UnavailableError):
+                    await reader
+        finally:
+            reader.cancel()
+            proxy.heal()

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
+from modelreg.replication.etcd import send
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch, Change, CompactedError, Progress
 from modelreg.server.store.etcd import EtcdStore
@@ -95,7 +96,10 @@ class EtcdChangeFeed:
                         call.cancel()
                         return
                     last_answer = loop.time()
-                await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                try:
+                    await send(call, rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                except grpc.aio.AioRpcError:
+                    return  # the stream ended: the watch's own read raises how, not this task
 
         create = rpc.WatchCreateRequest(
             key=self._key(start), range_end=self._key(end), start_revision=from_revision
@@ -105,7 +109,7 @@ class EtcdChangeFeed:
         announced = 0  # the last Progress yielded
         evidence: tuple[int, int] | None = None  # (L, H) read, H not yet announced
         try:
-            await call.write(rpc.WatchRequest(create_request=create))
+            await send(call, rpc.WatchRequest(create_request=create))
             prober = asyncio.create_task(keep_alive())
             while True:
                 resp = await call.read()

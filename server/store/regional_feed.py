@@ -40,6 +40,7 @@ import grpc
 from aetcd import rpc
 
 from modelreg.replication import layout
+from modelreg.replication.etcd import send
 from modelreg.replication.layout import Kind, State
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch, Change, CompactedError, Progress
@@ -118,7 +119,10 @@ class RegionalChangeFeed:
                         call.cancel()
                         return
                     last_answer = loop.time()
-                await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                try:
+                    await send(call, rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                except grpc.aio.AioRpcError:
+                    return  # the stream ended: the watch's own read raises how, not this task
 
         root = layout.replica_root(replica.prefix)
         create = rpc.WatchCreateRequest(key=root, range_end=layout.prefix_end(root),
@@ -129,7 +133,7 @@ class RegionalChangeFeed:
         last_batch = 0
         announced = 0
         try:
-            await call.write(rpc.WatchRequest(create_request=create))
+            await send(call, rpc.WatchRequest(create_request=create))
             prober = asyncio.create_task(keep_alive())
             while True:
                 resp = await call.read()

@@ -17,9 +17,12 @@ from aetcd import rpc
 from modelreg.replication import Kind, Replicator, layout
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch, ChangeFeed, CompactedError, Progress
+from modelreg.server.latency_proxy import LatencyProxy
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
+from modelreg.server.store.regional import RegionalStore
 from modelreg.server.store.regional_feed import RegionalChangeFeed
+from tests.helpers import reset_under_watches
 from tests.replication.region_env import (
     BIG,
     Writer,
@@ -246,3 +249,25 @@ class TestLiveness:
         finally:
             await store.close()
         assert items == []
+
+    async def test_a_reset_connection_ends_the_watch_unavailable(self, pair, prefix):
+        """Forty resets of the connection to the regional etcd (the latency proxy's cut) under
+        a watch that probes every 10 ms: each ends the watch with ``UnavailableError``, however
+        the reset falls against the probe's writes.
+        """
+        primary, region = pair
+        direct = regional(primary, region, prefix)
+        try:
+            async with Replicator(config(primary, region, prefix)):
+                applied = await direct.wait_applied(1)
+        finally:
+            await direct.close()
+        async with LatencyProxy(region.endpoint, name="to the regional etcd") as proxy:
+            store = RegionalStore([primary.endpoint], [proxy.address], prefix, region_name="eu",
+                                  timeout=1.0)
+            feed = RegionalChangeFeed(store, progress_interval=0.01)
+            try:
+                await reset_under_watches(proxy, store.replica.state_revision,
+                                          lambda: feed.watch(START, END, applied + 1))
+            finally:
+                await store.close()

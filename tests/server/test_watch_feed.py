@@ -15,12 +15,21 @@ import pytest
 
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch
+from modelreg.server.latency_proxy import LatencyProxy
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import watch_service_pb2 as ws
 from modelreg.v1 import watch_service_pb2_grpc
-from tests.helpers import MODEL, ActorStub, error_info, make_model, stage, start_server
+from tests.helpers import (
+    MODEL,
+    ActorStub,
+    error_info,
+    make_model,
+    reset_under_watches,
+    stage,
+    start_server,
+)
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
 
 BOOKMARK = ws.WATCH_MESSAGE_TYPE_BOOKMARK
@@ -106,6 +115,21 @@ class TestLiveness:
             os.kill(own_etcd.pid, signal.SIGCONT)
             await store.close()
 
+
+    async def test_a_reset_connection_ends_the_watch_unavailable(self, etcd_server, etcd_prefix):
+        """Forty resets of the connection (the latency proxy's cut) under a watch that probes
+        every 10 ms: each ends the watch with ``UnavailableError``, however the reset falls
+        against the probe's writes.
+        """
+        async with LatencyProxy(etcd_server.endpoint, name="to etcd") as proxy:
+            store = EtcdStore([proxy.address], etcd_prefix, timeout=1)
+            feed = EtcdChangeFeed(store, progress_interval=0.01)
+            try:
+                await reset_under_watches(
+                    proxy, lambda: store.last_change("stages/", "stages0"),
+                    lambda: feed.watch("stages/", "stages0", 1))
+            finally:
+                await store.close()
 
 async def _first_messages(target: str, request: ws.WatchStagesRequest, count: int
                           ) -> list[ws.WatchStagesResponse]:
