@@ -76,17 +76,29 @@ def models_update(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 
 def models_set_policy(c: RegistryClient, a: argparse.Namespace) -> Output:
-    model = c.get_model(a.model).model
-    policies = {stage: model.rollout_policies[stage] for stage in model.rollout_policies}
-    if a.clear:
+    policy = rq.rollout_policy(
+        regions=a.region, readiness_fraction=a.readiness_fraction,
+        prepare_deadline=a.prepare_deadline, activation_margin=a.activation_margin)
+    return _change_policies(c, a.model, lambda policies: policies.update({a.stage: policy}))
+
+
+def models_clear_policy(c: RegistryClient, a: argparse.Namespace) -> Output:
+    def clear(policies: dict[str, res.RolloutPolicy]) -> None:
         if a.stage not in policies:
             raise UsageError(f"stage {a.stage} of {a.model} has no rollout policy to clear")
         del policies[a.stage]
-    else:
-        policies[a.stage] = rq.rollout_policy(
-            regions=a.region, readiness_fraction=a.readiness, prepare_deadline=a.prepare_deadline,
-            activation_margin=a.activation_margin)
-    resp = c.update_model(a.model, rollout_policies=policies, etag=model.etag)
+
+    return _change_policies(c, a.model, clear)
+
+
+def _change_policies(
+    c: RegistryClient, model_id: str, change: Callable[[dict[str, res.RolloutPolicy]], None]
+) -> Output:
+    """Read-modify-write of a model's rollout policies, guarded by the model's etag."""
+    model = c.get_model(model_id).model
+    policies = {stage: model.rollout_policies[stage] for stage in model.rollout_policies}
+    change(policies)
+    resp = c.update_model(model_id, rollout_policies=policies, etag=model.etag)
     return Output(r.to_json(resp), r.model_details(resp.model))
 
 

@@ -168,18 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etag", type=r.parse_etag, help="only if the model's etag is still this")
     p = leaf(msub, "set-policy", cmd.models_set_policy,
              "govern a stage by a rollout policy: its promotions become two-phase rollouts "
-             "that switch every region together (or --clear it)")
+             "that switch every region together")
     model_arg(p)
     p.add_argument("stage", help="the stage it governs, e.g. production")
     p.add_argument("--region", action="append", metavar="REGION",
                    help="a region that must be ready (repeatable; default every region)")
-    p.add_argument("--readiness", type=float, default=0.0, metavar="FRACTION",
+    p.add_argument("--readiness-fraction", type=float, default=0.0, metavar="F",
                    help="fraction of a region's live nodes that must have prepared (default 1)")
     p.add_argument("--prepare-deadline", type=float, metavar="SECONDS",
                    help="abort if not every region is ready by then (default 300)")
     p.add_argument("--activation-margin", type=float, metavar="SECONDS",
                    help="how far after the commit every node switches (default 2)")
-    p.add_argument("--clear", action="store_true", help="remove the stage's policy instead")
+    p = leaf(msub, "clear-policy", cmd.models_clear_policy,
+             "remove a stage's rollout policy: its promotions move the pointer at once again")
+    model_arg(p)
+    p.add_argument("stage", help="the stage it governs, e.g. production")
     p = leaf(msub, "delete", cmd.models_delete, "delete a model and its versions (no stage set)")
     model_arg(p)
     p.add_argument("--etag", type=r.parse_etag, help="only if the model's etag is still this")

@@ -73,6 +73,9 @@ def channel_options(connect_timeout: float) -> list[tuple[str, Any]]:
         # accept a ping every 10 s).
         ("grpc.keepalive_time_ms", 15_000),
         ("grpc.keepalive_timeout_ms", 5_000),
+        # The ping's ack timeout proper (grpc core waits 60 s otherwise, whatever
+        # keepalive_timeout_ms says): a black-holed primary is given up in seconds.
+        ("grpc.http2.ping_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),  # the forwarder decides what is retried, and where

@@ -66,6 +66,9 @@ CHANNEL_OPTIONS = {
     "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
+    # The ack a keepalive ping waits for (grpc core's own 60 s otherwise, whatever
+    # keepalive_timeout_ms says): an etcd behind a silent network is dropped in seconds.
+    "grpc.http2.ping_timeout_ms": 5_000,
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
 LEASE_ROTATION = 3600.0

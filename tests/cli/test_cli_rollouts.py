@@ -38,8 +38,9 @@ class TestRolloutCommands:
         pointer moved with an activation time; the rollout is listed and shown.
         """
         _model(up, "governed")
-        shown = up.cli("models", "set-policy", "governed", "production", "--readiness", "0.9",
-                       "--prepare-deadline", "60", "--activation-margin", "0.5").stdout
+        shown = up.cli("models", "set-policy", "governed", "production",
+                       "--readiness-fraction", "0.9", "--prepare-deadline", "60",
+                       "--activation-margin", "0.5").stdout
         assert "rollout policies: production: every region; 90% ready; deadline 60s; " \
                "margin 0.5s" in shown
         done = up.cli("promote", "governed", "production", "2", "--reason", "first")
@@ -57,6 +58,11 @@ class TestRolloutCommands:
         assert got["commit_revision"] > 0 and got["readiness"][0]["ready"] is True
         details = up.cli("rollouts", "get", "models/governed/stages/production/rollouts/1")
         assert "state:" in details.stdout and "committed" in details.stdout
+        cleared = up.cli("models", "clear-policy", "governed", "production").stdout
+        assert "rollout policies" not in cleared
+        assert up.cli_json("models", "get", "governed")["model"]["rollout_policies"] == {}
+        again = up.cli("models", "clear-policy", "governed", "production", check=False)
+        assert again.returncode == 2 and "no rollout policy" in again.stderr
 
     def test_no_wait_then_watch_and_cancel(self, up):
         """--no-wait returns the rollout at once; a cancel names the reason and nothing moves;

@@ -13,7 +13,13 @@ from typing import Any
 
 from modelreg.client import cli
 from modelreg.server.embedded_etcd import free_port
-from modelreg.v1 import fleet_service_pb2, model_service_pb2, resources_pb2, watch_service_pb2
+from modelreg.v1 import (
+    fleet_service_pb2,
+    model_service_pb2,
+    resources_pb2,
+    rollout_service_pb2,
+    watch_service_pb2,
+)
 from tests.up_process import MODELREG, Up
 
 
@@ -91,7 +97,8 @@ class TestJsonShape:
         """Each enum value of the API prints as its name without the enum's prefix."""
         from modelreg.client._json import short_enum_name
 
-        modules = (resources_pb2, model_service_pb2, fleet_service_pb2, watch_service_pb2)
+        modules = (resources_pb2, model_service_pb2, fleet_service_pb2, watch_service_pb2,
+                   rollout_service_pb2)
         enums = [e for m in modules for e in m.DESCRIPTOR.enum_types_by_name.values()]
         assert len(enums) >= 4
         for enum in enums:
@@ -235,14 +242,16 @@ class TestFlagNames:
         its singular, --clear-X clears field X, --X-file reads field X from a file), or is one
         of the few flags that only steer the CLI.
         """
-        modules = (resources_pb2, model_service_pb2, fleet_service_pb2, watch_service_pb2)
+        modules = (resources_pb2, model_service_pb2, fleet_service_pb2, watch_service_pb2,
+                   rollout_service_pb2)
         fields: set[str] = set()
         pending = [m for mod in modules for m in mod.DESCRIPTOR.message_types_by_name.values()]
         while pending:
             message = pending.pop()
             fields |= set(message.fields_by_name)
             pending += message.nested_types
-        cli_only = {"help", "target", "timeout", "json", "artifact", "limit", "bookmarks"}
+        cli_only = {"help", "target", "timeout", "json", "artifact", "limit", "bookmarks",
+                    "no_wait"}
 
         def is_field(name: str) -> bool:
             return name in fields or f"{name}s" in fields
