@@ -83,9 +83,15 @@ def models_set_policy(c: RegistryClient, a: argparse.Namespace) -> Output:
             raise UsageError(f"stage {a.stage} of {a.model} has no rollout policy to clear")
         del policies[a.stage]
     else:
+        guard = dict(a.guard or ())
+        if not guard and (a.bake_window is not None or a.breach_duration is not None
+                          or a.guard_node_fraction):
+            raise UsageError("--bake-window, --breach-duration and --guard-node-fraction shape "
+                             "a rollout guard: name its figures with --guard FIGURE<=MAX")
         policies[a.stage] = rq.rollout_policy(
             regions=a.region, readiness_fraction=a.readiness, prepare_deadline=a.prepare_deadline,
-            activation_margin=a.activation_margin)
+            activation_margin=a.activation_margin, guard=guard, bake_window=a.bake_window,
+            breach_duration=a.breach_duration, guard_node_fraction=a.guard_node_fraction)
     resp = c.update_model(a.model, rollout_policies=policies, etag=model.etag)
     return Output(r.to_json(resp), r.model_details(resp.model))
 
