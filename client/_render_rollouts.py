@@ -80,10 +80,11 @@ def guard_status(rollout: res.Rollout, now_ns: int | None = None) -> str:
     """
     verdict = rollout.guard
     if rollout.HasField("guard"):
-        if verdict.rollback:
-            return f"rolled back by its guard at {_instant(verdict.fire_time)} ({verdict.rollback})"
-        return (f"its guard fired at {_instant(verdict.fire_time)} but could not roll back: "
-                f"{verdict.error}")
+        if verdict.error:
+            return (f"its guard fired at {_instant(verdict.fire_time)} but could not roll "
+                    f"back: {verdict.error}")
+        made = f" ({verdict.rollback})" if verdict.rollback else ""
+        return f"rolled back by its guard at {_instant(verdict.fire_time)}{made}"
     guard = rollout.policy.guard
     if (not guard.max_values or rollout.kind != res.ROLLOUT_KIND_PROMOTE
             or rollout.state != res.ROLLOUT_STATE_COMMITTED):

@@ -184,7 +184,7 @@ class Coordinator:
             log.warning("coordinator_leadership_lost", candidate=self._election.candidate)
 
     async def _work_appears(self) -> None:
-        """Returns once a rollout is preparing (at once without a hint).
+        """Returns once a rollout is preparing or a guarded one baking (at once without a hint).
 
         A coordinator campaigns only when there is something to coordinate (a rollout
         preparing, or a guarded one baking), so a deployment without governed stages never

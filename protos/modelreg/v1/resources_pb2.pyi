@@ -1196,7 +1196,8 @@ class GuardVerdict(_message.Message):
     """
     rollback: _builtins.str
     """The emergency rollback the guard made (`models/{model}/stages/{stage}/rollouts/{id}`);
-    empty if the rollback was refused (see error).
+    empty if the rollback was refused (see error), or if it made no rollout record (the
+    stage's policy was removed after the rollout started: a plain rollback).
     """
     error: _builtins.str
     """Why the stage could not be rolled back (no known-good version to go to...), if so."""
