@@ -29,6 +29,7 @@ from modelreg.client._watch_support import (
     LoadedModel,
     SwapCallback,
     call_back,
+    check_health,
     check_node_id,
     default_node_id,
     deregister,
@@ -68,6 +69,10 @@ class AsyncModelWatcher(Generic[T]):
     swaps instantly. A failed attempt never touches :attr:`current`: it is logged, passed to
     ``on_error``, reported (``failed_version``) and retried with backoff until it succeeds or
     the pointer moves on. A pointer that is emptied or deleted leaves the model serving.
+
+    Health: :meth:`set_health` publishes figures of the node's choosing (an error rate, a
+    latency percentile) with every fleet report, for the rollout guard of a governed stage,
+    which rolls a new version back in every region when too many nodes breach its thresholds.
 
     Two-phase rollouts: while the pointer carries a rollout's ``pending_version``, that version
     is prepared the same way (fetched, verified, loaded) but not served: it is kept as
@@ -158,6 +163,8 @@ class AsyncModelWatcher(Generic[T]):
         self._clock = ServerClock()
         self._pointer: StageTarget | None = None  # None until the first snapshot
         self._preparing: _Preparing | None = None
+        self._health: tuple[int, dict[str, float]] = (0, {})
+        """The figures of :meth:`set_health`, with the version serving when they were set."""
         self._channel: aio.Channel | None = None
         self._main: asyncio.Task[None] | None = None
 
@@ -189,6 +196,37 @@ class AsyncModelWatcher(Generic[T]):
     def state(self) -> ClientState:
         """Lifecycle: unopened, opened (started) or closed (stopped)."""
         return self._state
+
+    @property
+    def health(self) -> dict[str, float]:
+        """The health figures reported now (see :meth:`set_health`); empty after a swap."""
+        version, figures = self._health
+        current = self.current
+        return dict(figures) if current is not None and current.version == version else {}
+
+    def set_health(self, figures: Mapping[str, float]) -> None:
+        """Publish this node's health figures, replacing those set before; reported at once.
+
+        Figures of the application's choosing, by name (e.g. ``{"error_rate": 0.02,
+        "latency_p99_ms": 180.0}``), sent with every fleet report (``ServedStage.health``): a
+        stage's rollout guard compares them with its thresholds while a new version bakes,
+        and rolls the stage back in every region if too many nodes breach them. The figures
+        describe the version serving when they are set: after a swap they are no longer
+        reported until set again, so the old version's figures are never taken for the new
+        one's. Call it from the watcher's event loop (``ThreadedModelWatcher.set_health``
+        from any thread); an empty mapping stops reporting figures.
+
+        Raises:
+            ValueError: More than 32 figures, a name the server refuses (1-64 characters of
+                ``a-z 0-9 _ . -``, starting with a letter or digit), a value not finite.
+            TypeError: A value that is not a number.
+
+        """
+        checked = check_health(figures)
+        current = self.current
+        self._health = (current.version if current is not None else 0, checked)
+        if self._state is ClientState.OPENED:
+            self._report_now.set()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -506,6 +544,7 @@ class AsyncModelWatcher(Generic[T]):
                 rollout=pointer.rollout_of(self._counters.failed_version or ready),
                 counters=self._counters,
                 ttl_seconds=self._ttl,
+                health=self.health,
             )
 
         await report_loop(self._fleet_stub, request, self._report_now, self._counters, self._config)

@@ -76,9 +76,16 @@ def models_update(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 
 def models_set_policy(c: RegistryClient, a: argparse.Namespace) -> Output:
+    guard = dict(a.guard or ())
+    if not guard and (a.bake_window is not None or a.breach_duration is not None
+                      or a.node_fraction):
+        raise UsageError("--bake-window, --breach-duration and --node-fraction shape "
+                         "a rollout guard: name its figures with --guard FIGURE<=MAX")
     policy = rq.rollout_policy(
         regions=a.region, readiness_fraction=a.readiness_fraction,
-        prepare_deadline=a.prepare_deadline, activation_margin=a.activation_margin)
+        prepare_deadline=a.prepare_deadline, activation_margin=a.activation_margin,
+        guard=guard, bake_window=a.bake_window, breach_duration=a.breach_duration,
+        guard_node_fraction=a.node_fraction)
     return _change_policies(c, a.model, lambda policies: policies.update({a.stage: policy}))
 
 

@@ -43,6 +43,23 @@ def parse_metric(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"metric {key!r}: {value!r} is not a number") from None
 
 
+def parse_guard(text: str) -> tuple[str, float]:
+    """Parse ``FIGURE<=MAX`` (``error_rate<=0.05``), a rollout guard's threshold.
+
+    An argparse ``type``; the server checks the figure's name.
+    """
+    figure, sep, value = text.partition("<=")
+    figure = figure.strip()
+    if not sep or not figure:
+        raise argparse.ArgumentTypeError(
+            f"expected FIGURE<=MAX (e.g. error_rate<=0.05), got {text!r}")
+    try:
+        return figure, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"guard {figure!r}: {value.strip()!r} is not a number") from None
+
+
 def parse_etag(text: str) -> str:
     """Accept an etag as tables print it (``"11"``) or as the shell leaves it (``11``).
 
@@ -161,14 +178,33 @@ def model_details(m: res.RegisteredModel) -> str:
 
 
 def policy_text(p: res.RolloutPolicy) -> str:
-    """``regions us, eu; 90% ready; deadline 300s; margin 2s`` (unset parts: the defaults)."""
+    """``regions us, eu; 90% ready; deadline 300s; margin 2s`` (unset parts: the defaults).
+
+    With a guard: ``...; guard error_rate<=0.05 for 60s after the switch (breach 10s, 50%
+    of nodes)``.
+    """
     parts = [f"regions {', '.join(p.regions)}" if p.regions else "every region",
              f"{(p.readiness_fraction or 1.0):.0%} ready"]
     if p.HasField("prepare_deadline"):
         parts.append(f"deadline {p.prepare_deadline.ToTimedelta().total_seconds():g}s")
     if p.HasField("activation_margin"):
         parts.append(f"margin {p.activation_margin.ToTimedelta().total_seconds():g}s")
+    if p.guard.max_values:
+        parts.append(guard_text(p.guard))
     return "; ".join(parts)
+
+
+def guard_text(g: res.RolloutGuard) -> str:
+    """A rollout guard, its defaults written out.
+
+    E.g. ``guard error_rate<=0.05, latency_p99_ms<=250 for 600s after the switch (breach 0s,
+    50% of nodes)``.
+    """
+    bake = g.bake_window.ToTimedelta().total_seconds() if g.HasField("bake_window") else 600
+    figures = ", ".join(f"{name}<={g.max_values[name]:g}" for name in sorted(g.max_values))
+    return (f"guard {figures} for {bake:g}s after the switch (breach "
+            f"{g.breach_duration.ToTimedelta().total_seconds():g}s, "
+            f"{(g.node_fraction or 0.5):.0%} of nodes)")
 
 
 def models_table(models: Iterable[res.RegisteredModel]) -> str:

@@ -57,13 +57,30 @@ def rollout_policy(
     readiness_fraction: float = 0.0,
     prepare_deadline: float | None = None,
     activation_margin: float | None = None,
+    guard: Mapping[str, float] | None = None,
+    bake_window: float | None = None,
+    breach_duration: float | None = None,
+    guard_node_fraction: float = 0.0,
 ) -> res.RolloutPolicy:
-    """A RolloutPolicy from plain values (seconds for the durations; None: the server's default)."""
+    """A RolloutPolicy from plain values (seconds for the durations; None: the server's default).
+
+    ``guard`` names the highest allowed value of each health figure nodes report (e.g.
+    ``{"error_rate": 0.05}``); with it, ``bake_window``, ``breach_duration`` and
+    ``guard_node_fraction`` shape the rollout guard (see ``RolloutGuard``). Without it there is
+    no guard, and those three must be left unset (the server refuses a guard without figures).
+    """
     policy = res.RolloutPolicy(regions=list(regions or ()), readiness_fraction=readiness_fraction)
     if prepare_deadline is not None:
         policy.prepare_deadline.FromNanoseconds(round(prepare_deadline * 1e9))
     if activation_margin is not None:
         policy.activation_margin.FromNanoseconds(round(activation_margin * 1e9))
+    if guard or bake_window is not None or breach_duration is not None or guard_node_fraction:
+        policy.guard.max_values.update(dict(guard or {}))
+        policy.guard.node_fraction = guard_node_fraction
+        if bake_window is not None:
+            policy.guard.bake_window.FromNanoseconds(round(bake_window * 1e9))
+        if breach_duration is not None:
+            policy.guard.breach_duration.FromNanoseconds(round(breach_duration * 1e9))
     return policy
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import os
 import random
 import re
@@ -63,6 +64,10 @@ class LoadedModel(Generic[T]):
 
 NODE_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 """A node id: a lowercase slug of 1-63 characters, as the server validates it."""
+FIGURE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+"""A health figure's name, as the server validates it (``error_rate``, ``latency_p99_ms``)."""
+MAX_FIGURES = 32
+"""Health figures a node may report per stage."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,29 @@ def check_node_id(node_id: str) -> str:
     return node_id
 
 
+def check_health(figures: Mapping[str, float]) -> dict[str, float]:
+    """Return ``figures`` as a dict of floats if the server would accept them, else raise.
+
+    At most 32 figures; names of 1-64 characters of ``a-z 0-9 _ . -`` starting with a letter
+    or digit; finite numbers (``ValueError`` otherwise, ``TypeError`` for a non-number).
+    """
+    if len(figures) > MAX_FIGURES:
+        raise ValueError(f"at most {MAX_FIGURES} health figures, not {len(figures)}")
+    out: dict[str, float] = {}
+    for name, value in figures.items():
+        if not isinstance(name, str) or not FIGURE_RE.fullmatch(name):
+            raise ValueError(
+                f"health figure name {name!r} must be 1-64 characters of a-z, 0-9, '_', '.', "
+                "'-', starting with a letter or digit"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"health figure {name}: {value!r} is not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"health figure {name} must be a finite number, not {value!r}")
+        out[name] = float(value)
+    return out
+
+
 def report_request(
     *,
     node_id: str,
@@ -117,12 +145,13 @@ def report_request(
     rollout: str,
     counters: Counters,
     ttl_seconds: int,
+    health: Mapping[str, float] | None = None,
 ) -> fs.ReportNodeRequest:
     """Build the ``ReportNode`` request for a node following one stage.
 
     ``prepared_version`` is what could serve at once (the serving version unless a rollout's
     target is loaded beside it); ``rollout`` is the rollout whose target the prepared or
-    failed version is, if any.
+    failed version is, if any; ``health`` the figures of the serving version, if any.
     """
     served = fs.ServedStage(
         stage=stage_name,
@@ -131,6 +160,7 @@ def report_request(
         failed_version=counters.failed_version,
         error=counters.last_error[:1000],
         rollout=rollout,
+        health=dict(health or {}),
     )
     if counters.swap_time is not None:
         ts = timestamp_pb2.Timestamp()

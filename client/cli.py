@@ -179,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="abort if not every region is ready by then (default 300)")
     p.add_argument("--activation-margin", type=float, metavar="SECONDS",
                    help="how far after the commit every node switches (default 2)")
+    p.add_argument("--guard", action="append", type=r.parse_guard, metavar="FIGURE<=MAX",
+                   help="roll back by itself when nodes report FIGURE above MAX after a commit, "
+                        "e.g. error_rate<=0.05 (repeatable; the rollout guard)")
+    p.add_argument("--bake-window", type=float, metavar="SECONDS",
+                   help="how long after the switch the guard watches (default 600)")
+    p.add_argument("--breach-duration", type=float, metavar="SECONDS",
+                   help="how long a region must breach before the guard rolls back (default 0)")
+    p.add_argument("--node-fraction", type=float, default=0.0, metavar="F",
+                   help="fraction of a region's nodes on the new version that must breach "
+                        "for the guard (default 0.5)")
     p = leaf(msub, "clear-policy", cmd.models_clear_policy,
              "remove a stage's rollout policy: its promotions move the pointer at once again")
     model_arg(p)

@@ -58,7 +58,7 @@ import concurrent.futures
 import contextlib
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
@@ -71,6 +71,7 @@ from modelreg.client._watch_support import (
     ErrorCallback,
     LoadedModel,
     SwapCallback,
+    check_health,
     default_node_id,
 )
 
@@ -169,6 +170,25 @@ class ThreadedModelWatcher(Generic[T]):
     def state(self) -> ClientState:
         """Lifecycle: unopened, opened (started) or closed (stopped)."""
         return self._watcher.state
+
+    @property
+    def health(self) -> dict[str, float]:
+        """The health figures reported now (see :meth:`set_health`)."""
+        return self._watcher.health
+
+    def set_health(self, figures: Mapping[str, float]) -> None:
+        """Publish this node's health figures (see :meth:`AsyncModelWatcher.set_health`).
+
+        Safe from any thread: checked here (bad figures raise in the caller's thread), then
+        handed to the watcher's loop, which reports them at once.
+        """
+        checked = check_health(figures)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._watcher.set_health(checked)  # not started yet (or stopped): nothing runs
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed in between
+            loop.call_soon_threadsafe(self._watcher.set_health, checked)
 
     def __enter__(self) -> Self:
         self.start()

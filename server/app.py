@@ -233,6 +233,7 @@ class App:
             coordinator = await stack.enter_async_context(open_coordinator(
                 config, topology, self.registry.rollouts, self.fleet.readiness, self.metrics,
                 hint=lambda: hub.ready.is_set() and bool(hub.pending_rollouts()),
+                guard=self.registry.guard, local_health=self.fleet.health,
                 own_etcd=self.endpoints,
                 candidate=f"{socket.gethostname()}/{self.address}"))
         self.coordinator = coordinator

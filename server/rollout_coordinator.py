@@ -24,6 +24,11 @@ leader) cannot both decide: the second Txn fails its compare (``ROLLOUT_DONE``).
 
 **Never a commit without every region.** A region that is unreachable, has not replicated the
 rollout, or answers anything but a positive summary is not ready; only an abort can follow.
+
+**The rollout guard.** On the same ticks the leader watches every committed promotion whose
+policy has a guard, for its bake window (:mod:`modelreg.server.rollout_guard`): a region whose
+fleet breaches the guard's thresholds for the breach duration gets the stage rolled back in
+every region. The coordinator campaigns while such a rollout bakes, as while one prepares.
 """
 
 from __future__ import annotations
@@ -43,7 +48,13 @@ from modelreg.server.config import ServerConfig
 from modelreg.server.domain.errors import ModelregError
 from modelreg.server.domain.rollout_decision import decide, stage_of
 from modelreg.server.rollout_election import Election, Leadership
-from modelreg.server.rollout_readiness import COORDINATOR_ACTOR, LocalReadiness, RegionReadiness
+from modelreg.server.rollout_guard import BakingGuards, GuardRecords
+from modelreg.server.rollout_readiness import (
+    COORDINATOR_ACTOR,
+    LocalHealth,
+    LocalReadiness,
+    RegionReadiness,
+)
 from modelreg.server.topology import Topology
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
@@ -53,7 +64,8 @@ log = structlog.get_logger("modelreg.server.coordinator")
 
 _DONE = ErrorReason.Name(ErrorReason.ROLLOUT_DONE)
 FULL_LOOK = 5.0
-"""Seconds between fresh looks for preparing rollouts when the hint says there are none."""
+"""Seconds between fresh looks for preparing rollouts when the hint says there are none (and
+for baking rollouts: the hint knows nothing of guards)."""
 
 
 class RolloutRecords(Protocol):
@@ -82,12 +94,18 @@ class RolloutRecords(Protocol):
 
 
 class ReadinessSource(Protocol):
-    """A region's readiness (``rollout_readiness.RegionReadiness``)."""
+    """A region's readiness and health (``rollout_readiness.RegionReadiness``)."""
 
     async def readiness(
         self, region: str, request: fs.GetRegionReadinessRequest, *, min_revision: int
     ) -> res.RegionReadiness:
         """Never raises: a region that cannot say is not ready, with ``error`` set."""
+        ...
+
+    async def health(
+        self, region: str, request: fs.GetRegionHealthRequest, *, min_revision: int
+    ) -> res.RegionHealth:
+        """Never raises: a region that cannot say does not breach, with ``error`` set."""
         ...
 
 
@@ -114,6 +132,7 @@ class Coordinator:
         interval: float,
         metrics: Metrics,
         hint: Callable[[], bool] | None = None,
+        guard: GuardRecords | None = None,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         """Drives ``rollouts`` while ``election`` says this server leads.
@@ -121,7 +140,8 @@ class Coordinator:
         ``hint`` (the stage hub's cached pointers: does any name a pending rollout?) spares
         the fresh read of every stage pointer on ticks with nothing to do, and the campaign
         itself until there is a rollout to drive; a fresh read is still made every
-        :data:`FULL_LOOK` seconds, so a hint that lags cannot stall a rollout.
+        :data:`FULL_LOOK` seconds, so a hint that lags cannot stall a rollout. ``guard`` (the
+        domain's rollout guard) turns on the watch of baking rollouts.
         """
         self._rollouts = rollouts
         self._hint = hint
@@ -136,6 +156,10 @@ class Coordinator:
         """The last error logged, per rollout ("" for the whole tick): logged once a streak."""
         self.leading = False
         """Whether this server's coordinator acts now (also the ``is_leader`` gauge)."""
+        self.guards = (BakingGuards(guard, readiness, metrics=metrics, warn=self._warn,
+                                    look_every=FULL_LOOK, clock=clock)
+                       if guard is not None else None)
+        """The rollout guard's watch of baking rollouts, if on."""
 
     async def run(self) -> None:
         """Campaigns, leads until the lease may have lapsed, campaigns again; until cancelled.
@@ -160,12 +184,13 @@ class Coordinator:
             log.warning("coordinator_leadership_lost", candidate=self._election.candidate)
 
     async def _work_appears(self) -> None:
-        """Returns once a rollout is preparing (at once without a hint).
+        """Returns once a rollout is preparing or a guarded one baking (at once without a hint).
 
-        A coordinator campaigns only when there is something to coordinate, so a deployment
-        without governed stages never writes a leader key or holds a lease (nor do tests that
-        compare what is stored before and after a call). The hub's hint is looked at every
-        interval, the store itself every :data:`FULL_LOOK` seconds.
+        A coordinator campaigns only when there is something to coordinate (a rollout
+        preparing, or a guarded one baking), so a deployment without governed stages never
+        writes a leader key or holds a lease (nor do tests that compare what is stored before
+        and after a call). The hub's hint is looked at every interval, the store itself every
+        :data:`FULL_LOOK` seconds.
         """
         if self._hint is None:
             return
@@ -177,6 +202,8 @@ class Coordinator:
                 self._looked = loop.time()
                 try:
                     if await self._rollouts.preparing():
+                        return
+                    if self.guards is not None and await self.guards.any_baking():
                         return
                     self._failing.pop("", None)
                 except ModelregError as err:
@@ -197,6 +224,8 @@ class Coordinator:
     async def _lead(self, leadership: Leadership) -> None:
         keeper = asyncio.create_task(leadership.keep(), name="coordinator-lease")
         self._start_revisions.clear()  # learnt afresh: nothing in memory matters
+        if self.guards is not None:
+            self.guards.reset()
         try:
             while not leadership.lost.is_set():
                 try:
@@ -212,7 +241,21 @@ class Coordinator:
                 await keeper
 
     async def tick(self, leadership: Leadership) -> None:
-        """One pass over every PREPARING rollout (each concurrently, each on its own)."""
+        """One pass over every PREPARING rollout (each concurrently, each on its own).
+
+        And the guard's pass over every baking one, beside it.
+        """
+        if self.guards is None:
+            await self._prepare_tick(leadership)
+            return
+        # Both run to their end whatever the other does (no step left running unawaited).
+        results = await asyncio.gather(self._prepare_tick(leadership),
+                                       self.guards.tick(leadership.lost), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _prepare_tick(self, leadership: Leadership) -> None:
         now = asyncio.get_running_loop().time()
         if (self._hint is not None and not self._start_revisions and not self._hint()
                 and now - self._looked < FULL_LOOK):
@@ -278,6 +321,8 @@ class Coordinator:
                         cause="lifecycle", reason=done.abort_reason)
             return
         self._metrics.rollouts_committed.inc()
+        if self.guards is not None and rollout.policy.guard.max_values:
+            self.guards.look_soon()
         log.info("rollout_committed", rollout=rollout.name, version=done.target_version,
                  regions=list(rollout.regions),
                  ready={r.region: f"{r.ready_nodes}/{r.live_nodes}" for r in readiness},
@@ -318,13 +363,16 @@ async def open_coordinator(
     metrics: Metrics,
     *,
     hint: Callable[[], bool],
+    guard: GuardRecords | None = None,
+    local_health: LocalHealth | None = None,
     own_etcd: tuple[str, ...],
     candidate: str,
 ) -> AsyncIterator[Coordinator]:
     """The rollout coordinator of a server (``App`` runs it), not yet running; then closed.
 
     ``rollouts`` and ``local`` (this region's readiness) are the server's domain over its
-    store; ``hint`` its stage hub's look at pending rollouts.
+    store; ``hint`` its stage hub's look at pending rollouts; ``guard`` and ``local_health``
+    (this region's health) the rollout guard's, which is off without them.
 
     It elects through the primary etcd, under the deployment's prefix: the server's own
     endpoints (``own_etcd``) in the primary region or without a topology, else the topology's
@@ -337,10 +385,11 @@ async def open_coordinator(
         own_region=config.region_name, local=local,
         regions={r.name: r.servers for r in topology.regions} if topology is not None else {},
         timeout=min(READINESS_TIMEOUT, config.forward_timeout),
-        connect_timeout=config.forward_connect_timeout)
+        connect_timeout=config.forward_connect_timeout, local_health=local_health)
     election = Election(etcd, config.prefix, candidate, ttl=config.coordinator_lease,
                         poll=config.rollout_interval)
     coordinator = Coordinator(rollouts, readiness, election, hint=hint,
+                              guard=guard if local_health is not None else None,
                               interval=config.rollout_interval, metrics=metrics)
     try:
         readiness.connect()

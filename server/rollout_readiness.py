@@ -1,4 +1,4 @@
-"""Where the rollout coordinator learns whether a region is ready: its own fleet, or gRPC.
+"""Where the rollout coordinator learns whether a region is ready or healthy: own fleet, or gRPC.
 
 A region's readiness is summarised by the region itself, from its own serving nodes' reports
 (``FleetService.GetRegionReadiness``): node traffic stays in the region, only the summary
@@ -14,6 +14,10 @@ every other region over gRPC, at the servers the topology lists for it, with
 Nothing here raises: a region that cannot be asked is *not ready*, and ``error`` says why
 (unreachable and what was tried, not yet replicated, what it answered instead). That is the
 safety rule of the coordinator: it commits only on positive answers from every region.
+
+The rollout guard asks the same way for a region's health on a committed version
+(``FleetService.GetRegionHealth``, with the commit's revision as the minimum): a region that
+cannot be asked does not breach, with ``error`` saying why.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -37,12 +42,17 @@ from modelreg.v1 import fleet_service_pb2_grpc
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1.errors_pb2 import ErrorReason
 
+if TYPE_CHECKING:
+    from modelreg.v1.fleet_service_pb2_grpc import FleetServiceAsyncStub
+
 COORDINATOR_ACTOR = "modelreg-coordinator"
 """The principal the coordinator names in its calls to other regions and in its audit events."""
 
 LocalReadiness = Callable[[fs.GetRegionReadinessRequest],
                           Awaitable[fs.GetRegionReadinessResponse]]
 """The fleet domain's ``readiness``: this server's own region, from its own store."""
+LocalHealth = Callable[[fs.GetRegionHealthRequest], Awaitable[fs.GetRegionHealthResponse]]
+"""The fleet domain's ``health``: this server's own region, from its own store."""
 
 _READY = grpc.ChannelConnectivity.READY
 _DOWN = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
@@ -88,8 +98,16 @@ class _Link:
         return state == _READY
 
 
+Metadata = tuple[tuple[str, str], ...]
+Ask = Callable[["FleetServiceAsyncStub", float, Metadata], Awaitable[Message]]
+"""One call to one server of a region: ``ask(stub, seconds, metadata)``."""
+
+
 class RegionReadiness:
-    """Asks each region of a rollout whether it is ready: this one in-process, others by gRPC."""
+    """Asks each region of a rollout whether it is ready (or healthy).
+
+    This server's region in-process, the others by gRPC.
+    """
 
     def __init__(
         self,
@@ -99,6 +117,7 @@ class RegionReadiness:
         regions: Mapping[str, Sequence[str]],
         timeout: float,
         connect_timeout: float,
+        local_health: LocalHealth | None = None,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         """Readiness of ``own_region`` from ``local``, of the others from their servers.
@@ -109,11 +128,13 @@ class RegionReadiness:
             regions: Every other region's server addresses (the topology's ``servers``).
             timeout: Longest one question to a region may take, in seconds.
             connect_timeout: Longest a server that is connecting is waited for.
+            local_health: The fleet domain's ``health``, for ``own_region`` (the guard's).
             clock: Unix nanoseconds, for ``check_time``.
 
         """
         self.own_region = own_region
         self._local = local
+        self._local_health = local_health
         self._timeout = timeout
         self._connect_timeout = connect_timeout
         self._clock = clock
@@ -132,18 +153,32 @@ class RegionReadiness:
         await asyncio.gather(*(link.channel.close()
                                for links in self._links.values() for link in links))
 
+    def _elsewhere(self, region: str) -> str:
+        return (f"region {region} is not in this server's topology "
+                f"({', '.join(sorted([self.own_region, *self._links]))})")
+
     async def readiness(
         self, region: str, request: fs.GetRegionReadinessRequest, *, min_revision: int
     ) -> res.RegionReadiness:
         """``region``'s readiness for ``request``; not ready, with ``error``, if it cannot say."""
+        answer = res.RegionReadiness()
         if region == self.own_region:
-            answer = await self._ask_local(region, request)
+            got = await self._ask_local(region, self._local, request)
         elif region in self._links:
-            answer = await self._ask_remote(region, self._links[region], request, min_revision)
+            async def ask(stub: FleetServiceAsyncStub, within: float,
+                          metadata: Metadata) -> Message:
+                response: fs.GetRegionReadinessResponse = await stub.GetRegionReadiness(
+                    request, timeout=within, metadata=metadata)
+                return response
+            got = await self._ask_remote(region, self._links[region], ask, min_revision,
+                                         what="the rollout")
         else:
-            answer = res.RegionReadiness(
-                error=f"region {region} is not in this server's topology "
-                      f"({', '.join(sorted([self.own_region, *self._links]))})")
+            got = self._elsewhere(region)
+        if isinstance(got, str):
+            answer.error = got
+        else:
+            assert isinstance(got, fs.GetRegionReadinessResponse)
+            answer.CopyFrom(got.readiness)
         answer.region = region
         answer.check_time.CopyFrom(now_timestamp(self._clock()))
         if answer.error:
@@ -151,31 +186,61 @@ class RegionReadiness:
             answer.error = answer.error[:MAX_ERROR]
         return answer
 
-    async def _ask_local(
-        self, region: str, request: fs.GetRegionReadinessRequest
-    ) -> res.RegionReadiness:
+    async def health(
+        self, region: str, request: fs.GetRegionHealthRequest, *, min_revision: int
+    ) -> res.RegionHealth:
+        """``region``'s health for ``request``; not breached, with ``error``, if it cannot say."""
+        answer = res.RegionHealth()
+        if region == self.own_region and self._local_health is not None:
+            got = await self._ask_local(region, self._local_health, request)
+        elif region in self._links:
+            async def ask(stub: FleetServiceAsyncStub, within: float,
+                          metadata: Metadata) -> Message:
+                response: fs.GetRegionHealthResponse = await stub.GetRegionHealth(
+                    request, timeout=within, metadata=metadata)
+                return response
+            got = await self._ask_remote(region, self._links[region], ask, min_revision,
+                                         what="the commit")
+        elif region == self.own_region:
+            got = f"region {region}: this coordinator cannot read its own region's health"
+        else:
+            got = self._elsewhere(region)
+        if isinstance(got, str):
+            answer.error = got
+        else:
+            assert isinstance(got, fs.GetRegionHealthResponse)
+            answer.CopyFrom(got.health)
+        answer.region = region
+        answer.check_time.CopyFrom(now_timestamp(self._clock()))
+        if answer.error:
+            answer.breached = False
+            answer.error = answer.error[:MAX_ERROR]
+        return answer
+
+    async def _ask_local(self, region: str, local: Callable[[Any], Awaitable[Message]],
+                         request: Message) -> Message | str:
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._local(request)
+                return await local(request)
         except ModelregError as err:
-            return res.RegionReadiness(error=f"region {region}: {err.message}")
+            return f"region {region}: {err.message}"
         except TimeoutError:
-            return res.RegionReadiness(
-                error=f"region {region}: no answer from its store in {self._timeout:g} s")
-        answer = res.RegionReadiness()
-        answer.CopyFrom(response.readiness)
-        return answer
+            return f"region {region}: no answer from its store in {self._timeout:g} s"
 
     async def _ask_remote(
         self,
         region: str,
         links: list[_Link],
-        request: fs.GetRegionReadinessRequest,
+        ask: Ask,
         min_revision: int,
-    ) -> res.RegionReadiness:
+        *,
+        what: str,
+    ) -> Message | str:
+        """The answer of the first server of ``region`` that gives one; else why none did."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        metadata = ((MIN_REVISION_HEADER, str(min_revision)), (ACTOR_HEADER, COORDINATOR_ACTOR))
+        metadata: Metadata = ((MIN_REVISION_HEADER, str(min_revision)),
+                              (ACTOR_HEADER, COORDINATOR_ACTOR))
         tried: list[str] = []
         for link in list(links):
             left = deadline - loop.time()
@@ -186,29 +251,24 @@ class RegionReadiness:
                 tried.append(f"{link.address}: {link.state().name.lower()}")
                 continue
             try:
-                response: fs.GetRegionReadinessResponse = await link.stub.GetRegionReadiness(
-                    request, timeout=max(0.001, deadline - loop.time()), metadata=metadata)
+                response = await ask(link.stub, max(0.001, deadline - loop.time()), metadata)
             except grpc.aio.AioRpcError as err:
                 reason, info = _reason(err)
                 if reason == _NOT_APPLIED:
-                    return res.RegionReadiness(error=(
-                        f"region {region} has not yet replicated the rollout (it applied "
-                        f"revision {info.get('applied_revision', '?')}, the rollout started "
-                        f"at {min_revision})"))
+                    return (f"region {region} has not yet replicated {what} (it applied "
+                            f"revision {info.get('applied_revision', '?')}, {what} "
+                            f"{'started' if what == 'the rollout' else 'was'} at "
+                            f"{min_revision})")
                 if reason and err.code() != grpc.StatusCode.UNAVAILABLE:
                     # A refusal (the server is too old, the request wrong...): every server
                     # of the region would give the same one.
-                    return res.RegionReadiness(error=(
-                        f"region {region} answered {err.code().name} ({reason}): "
-                        f"{err.details()}"))
+                    return (f"region {region} answered {err.code().name} ({reason}): "
+                            f"{err.details()}")
                 # The connection failed, or this server cannot reach its store: try another.
                 tried.append(f"{link.address}: {err.code().name.lower()} ({err.details()})")
                 continue
             # Prefer the server that answered: one warm connection per region.
             links.remove(link)
             links.insert(0, link)
-            answer = res.RegionReadiness()
-            answer.CopyFrom(response.readiness)
-            return answer
-        return res.RegionReadiness(
-            error=f"region {region} is unreachable: {'; '.join(tried) or 'no servers'}")
+            return response
+        return f"region {region} is unreachable: {'; '.join(tried) or 'no servers'}"

@@ -45,9 +45,14 @@ class FleetServicer(fleet_service_pb2_grpc.FleetServiceServicer):
     ) -> fs.GetRolloutStatusResponse:
         return await self._fleet.rollout(request)
 
-
     @override
     async def GetRegionReadiness(
         self, request: fs.GetRegionReadinessRequest, context: Any
     ) -> fs.GetRegionReadinessResponse:
         return await self._fleet.readiness(request)
+
+    @override
+    async def GetRegionHealth(
+        self, request: fs.GetRegionHealthRequest, context: Any
+    ) -> fs.GetRegionHealthResponse:
+        return await self._fleet.health(request)

@@ -38,6 +38,9 @@ class Metrics:
     """Rollouts this server's coordinator aborted, by cause (deadline, failures, lifecycle)."""
     coordinator_leader: Gauge
     """1 while this server's rollout coordinator is the elected one, else 0."""
+    guard_fired: Counter
+    """Times this server's coordinator's rollout guard fired, by outcome (rolled_back, or
+    refused: the stage had no version to roll back to)."""
 
     @classmethod
     def create(cls) -> Metrics:
@@ -61,6 +64,9 @@ class Metrics:
                     registry=reg),
             Gauge("modelreg_rollout_coordinator_is_leader",
                   "1 while this server's rollout coordinator is the elected one", registry=reg),
+            Counter("modelreg_rollout_guard_fired",
+                    "Times this server's coordinator's rollout guard fired, by outcome",
+                    ["outcome"], registry=reg),
         )
 
 

@@ -15,7 +15,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from modelreg.server.domain import keys, names, outcomes, readiness, records, validation
+from modelreg.server.domain import (
+    health,
+    keys,
+    names,
+    outcomes,
+    readiness,
+    records,
+    validation,
+)
 from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
 from modelreg.server.domain.ports import Entry, Guard, ModelStore, Put, Unchanged
 from modelreg.server.domain.transaction import DEFAULT_REGION, now_timestamp
@@ -56,6 +64,8 @@ def _check_node(v: validation.Violations, node: fs.Node) -> None:
         validation.text(v, f"node.stages[{i}].error", served.error, MAX_ERROR)
         if served.HasField("swap_time"):
             validation.timestamp(v, f"node.stages[{i}].swap_time", served.swap_time)
+        validation.figures(v, f"node.stages[{i}].health", served.health,
+                           what="a health figure")
 
 
 class Fleet:
@@ -169,6 +179,26 @@ class Fleet:
             self._region, req.name, req.version, fraction,
             (fs.Node.FromString(e.value) for e in page.entries))
         return fs.GetRegionReadinessResponse(readiness=found, revision=page.revision)
+
+    async def health(self, req: fs.GetRegionHealthRequest) -> fs.GetRegionHealthResponse:
+        """How healthy this region's nodes on a committed version are, per guarded figure.
+
+        As ``readiness``: every live node in this server's store counts (the store holds its
+        region's reports only), here those serving ``version``.
+        """
+        names.parse_stage("name", req.name)
+        v = validation.Violations()
+        v.check(req.version > 0, "version", "must be the committed version (positive)")
+        if req.guard.max_values:
+            validation.rollout_guard(v, "guard", req.guard)
+        else:
+            v.add("guard.max_values", "name at least one figure and its maximum")
+        v.raise_if_any()
+        page = await self._store.scan(keys.NODES_START, keys.NODES_END, limit=0)
+        found = health.region_health(
+            self._region, req.name, req.version, req.guard,
+            (fs.Node.FromString(e.value) for e in page.entries))
+        return fs.GetRegionHealthResponse(health=found, revision=page.revision)
 
     async def rollout(self, req: fs.GetRolloutStatusRequest) -> fs.GetRolloutStatusResponse:
         """The committed version of a stage and how many live nodes serve it."""

@@ -83,6 +83,8 @@ PERMISSIONS: Mapping[str, Permission] = MappingProxyType({
     "/modelreg.v1.FleetService/GetRolloutStatus": _P.FLEET_READ,
     # What the rollout coordinator asks every region: a read of the fleet view.
     "/modelreg.v1.FleetService/GetRegionReadiness": _P.FLEET_READ,
+    # What the rollout coordinator asks every region while a guarded rollout bakes.
+    "/modelreg.v1.FleetService/GetRegionHealth": _P.FLEET_READ,
     "/modelreg.v1.RolloutService/GetRollout": _P.MODELS_READ,
     "/modelreg.v1.RolloutService/ListRollouts": _P.MODELS_READ,
     "/modelreg.v1.RolloutService/WatchRollout": _P.MODELS_READ,

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from modelreg.server.domain.audit import AuditLog
+from modelreg.server.domain.guard import Guard
 from modelreg.server.domain.models import Models
 from modelreg.server.domain.ports import ModelStore
 from modelreg.server.domain.rollouts import Rollouts
@@ -17,13 +18,15 @@ from modelreg.server.domain.versions import Versions
 
 @dataclass(frozen=True)
 class Registry:
-    """Models, versions, stages, rollouts and the audit log over one ``ModelStore``."""
+    """Models, versions, stages, rollouts, their guard and the audit log over one ``ModelStore``."""
 
     models: Models
     versions: Versions
     stages: Stages
     audit: AuditLog
     rollouts: Rollouts
+    guard: Guard
+    """The rollout guard's reads and rollback (the coordinator's, while a rollout bakes)."""
 
     @classmethod
     def over(
@@ -40,4 +43,4 @@ class Registry:
         """
         return cls(Models(store, clock, regions=regions), Versions(store, clock),
                    Stages(store, clock, regions=regions), AuditLog(store),
-                   Rollouts(store, clock, regions=regions))
+                   Rollouts(store, clock, regions=regions), Guard(store, clock, regions=regions))

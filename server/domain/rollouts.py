@@ -24,8 +24,9 @@ A stage is *governed* when its model has a rollout policy for it
 
 A record changes only while PREPARING (readiness, then commit or abort), so a COMMITTED
 record's ``mod_revision`` is its commit's revision: ``commit_revision`` is filled in from it
-on every read rather than stored. The coordinator keeps no state of its own: ``preparing``
-finds every rollout to drive from etcd alone.
+on every read rather than stored. The one exception, the rollout guard's verdict written on a
+committed promotion (``guard``), stores the commit revision with it. The coordinator keeps
+no state of its own: ``preparing`` finds every rollout to drive from etcd alone.
 """
 
 from __future__ import annotations
@@ -90,20 +91,23 @@ def _plus(ts: timestamp_pb2.Timestamp, d: duration_pb2.Duration) -> timestamp_pb
 def decode(entry: Entry) -> res.Rollout:
     """A stored rollout, with its etag and (once committed) its commit revision."""
     rollout = records.decode(entry, res.Rollout)
-    if rollout.state == COMMITTED:
+    if rollout.state == COMMITTED and not rollout.commit_revision:
         rollout.commit_revision = entry.mod_revision
     return rollout
 
 
-def encode(rollout: res.Rollout) -> bytes:
+def encode(rollout: res.Rollout, *, keep_commit_revision: bool = False) -> bytes:
     """The stored form of a rollout: without etag and commit revision (both derived).
 
-    Not ``records.encode``: a rollout's ``state`` is its own, not derived from pointers.
+    Not ``records.encode``: a rollout's ``state`` is its own, not derived from pointers. A
+    committed record written again (the guard's verdict: ``keep_commit_revision``) stores its
+    commit revision, which its ``mod_revision`` no longer is.
     """
     stored = res.Rollout()
     stored.CopyFrom(rollout)
     stored.ClearField("etag")
-    stored.ClearField("commit_revision")  # the record's mod_revision (see module docstring)
+    if not keep_commit_revision:
+        stored.ClearField("commit_revision")  # the record's mod_revision (see module docstring)
     return stored.SerializeToString(deterministic=True)
 
 

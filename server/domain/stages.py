@@ -32,7 +32,7 @@ from modelreg.server.domain.errors import (
     RolloutInProgressError,
 )
 from modelreg.server.domain.ports import Put, Unchanged
-from modelreg.server.domain.transaction import Call, Operations, Plan, Reader
+from modelreg.server.domain.transaction import Call, Decide, Operations, Plan, Reader
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
@@ -178,7 +178,7 @@ class Stages(Operations):
         self, call: Call, req: svc.RollbackStageRequest
     ) -> svc.RollbackStageResponse:
         """Moves a stage back to its last known-good version, or to a named former one."""
-        model_id, stage = names.parse_stage("name", req.name)
+        names.parse_stage("name", req.name)
         _check_move(req)
         if req.to_version < 0:
             raise InvalidArgumentError.field(
@@ -189,6 +189,20 @@ class Stages(Operations):
                 "allow_unserved", "applies to a named to_version only: name the version to force")
         if req.allow_unserved and not req.reason.strip():
             raise InvalidArgumentError.field("reason", "is required with allow_unserved")
+        resp = await self._mutate(call, self.rollback_decision(call.actor, req),
+                                  svc.RollbackStageResponse)
+        if resp.HasField("rollout"):
+            resp.rollout.commit_revision = resp.revision
+        return resp
+
+    def rollback_decision(self, actor: str, req: svc.RollbackStageRequest) -> Decide:
+        """The decision of a rollback (``req`` validated), for ``rollback`` and the guard.
+
+        The rollout guard (``guard``) rolls back through here, so its rollback is exactly an
+        operator's: the same candidates, the same fleet evidence, an emergency rollout on a
+        governed stage.
+        """
+        model_id, stage = names.parse_stage("name", req.name)
         stage_key = keys.stage(model_id, stage)
 
         async def decide(r: Reader) -> Plan:
@@ -214,7 +228,7 @@ class Stages(Operations):
                 fleet=fleet,
                 allow_unserved=req.allow_unserved,
                 reason=req.reason,
-                actor=call.actor,
+                actor=actor,
                 now=r.now,
             )
             audit = res.AuditEvent(
@@ -235,14 +249,11 @@ class Stages(Operations):
             plan = Plan([], audit, response)
             if stage in model.rollout_policies:
                 await self._emergency(r, model_id, stage, old, move,
-                                      model.rollout_policies[stage], call.actor, req, plan)
+                                      model.rollout_policies[stage], actor, req, plan)
             plan.writes = [*_move_writes(model_id, stage, move), *plan.writes]
             return plan
 
-        resp = await self._mutate(call, decide, svc.RollbackStageResponse)
-        if resp.HasField("rollout"):
-            resp.rollout.commit_revision = resp.revision
-        return resp
+        return decide
 
     async def _emergency(self, r: Reader, model_id: str, stage: str, old: res.StagePointer,
                          move: lifecycle.Move, policy: res.RolloutPolicy, actor: str,

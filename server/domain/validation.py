@@ -59,6 +59,15 @@ MAX_POLICY_REGIONS = 64
 MIN_PREPARE_DEADLINE_NS = 1_000_000_000
 MAX_PREPARE_DEADLINE_NS = 24 * 3600 * 1_000_000_000
 MAX_ACTIVATION_MARGIN_NS = 60 * 1_000_000_000
+FIGURE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+"""A health figure's name (``error_rate``, ``latency.p99_ms``): what nodes report, what a
+rollout guard bounds."""
+MAX_FIGURES = 32
+"""Health figures per stage in a node's report, and bounded by one rollout guard."""
+MIN_BAKE_WINDOW_NS = 1_000_000_000
+MAX_BAKE_WINDOW_NS = 24 * 3600 * 1_000_000_000
+DEFAULT_BAKE_WINDOW_NS = 600 * 1_000_000_000
+"""A guard's bake window when its policy leaves it unset: 10 minutes."""
 MAX_DURATION_SECONDS = 315_576_000_000
 """The range ``google.protobuf.Duration`` documents: about 10,000 years either way."""
 
@@ -276,6 +285,46 @@ def rollout_policies(
         if policy.HasField("activation_margin"):
             _duration(v, f"{at}.activation_margin", policy.activation_margin,
                       0, MAX_ACTIVATION_MARGIN_NS, "must be 0 to 60 s (unset: 2 s)")
+        if policy.HasField("guard"):
+            rollout_guard(v, f"{at}.guard", policy.guard)
+
+
+def figures(v: Violations, field: str, values: Mapping[str, float], *, what: str) -> None:
+    """Named figures (a node's health, a guard's maxima): at most 32, sound names, finite."""
+    v.check(len(values) <= MAX_FIGURES, field,
+            f"has {len(values)} figures; at most {MAX_FIGURES} allowed")
+    for name, value in values.items():
+        at = map_key(field, name)
+        v.check(bool(FIGURE_RE.fullmatch(name)), at,
+                "figure names are 1-64 characters of a-z, 0-9, '_', '.' and '-', starting "
+                "with a letter or digit (e.g. error_rate, latency_p99_ms)")
+        v.check(math.isfinite(value), at, f"{what} must be a finite number")
+
+
+def rollout_guard(v: Violations, field: str, guard: resources_pb2.RolloutGuard) -> None:
+    """A rollout guard: figures to bound, and a bake window, breach duration, node fraction.
+
+    A guard without figures is off; then it must say nothing else either, so that a policy
+    that looks guarded always is.
+    """
+    if not guard.max_values:
+        if guard.ByteSize():
+            v.add(f"{field}.max_values", "name at least one figure and its maximum (e.g. "
+                  "error_rate <= 0.05), or leave the guard unset")
+        return
+    figures(v, f"{field}.max_values", guard.max_values, what="a maximum")
+    bake = DEFAULT_BAKE_WINDOW_NS
+    if guard.HasField("bake_window"):
+        _duration(v, f"{field}.bake_window", guard.bake_window, MIN_BAKE_WINDOW_NS,
+                  MAX_BAKE_WINDOW_NS, "must be 1 s to 24 h (unset: 10 minutes)")
+        bake = guard.bake_window.ToNanoseconds()
+    if guard.HasField("breach_duration"):
+        _duration(v, f"{field}.breach_duration", guard.breach_duration, 0, max(bake, 0),
+                  "must be 0 up to the bake window "
+                  f"({bake / 1e9:g} s{'' if guard.HasField('bake_window') else ', its default'})")
+    fraction = guard.node_fraction
+    v.check(math.isfinite(fraction) and 0.0 <= fraction <= 1.0, f"{field}.node_fraction",
+            "must be between 0 and 1 (0 means 0.5: half the live nodes)")
 
 
 def number(value: str) -> int:

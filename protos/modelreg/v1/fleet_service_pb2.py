@@ -26,43 +26,51 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from modelreg.v1 import resources_pb2 as modelreg_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelreg/v1/fleet_service.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmodelreg/v1/resources.proto\"\xb6\x01\n\x0bServedStage\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\x03\x12\x18\n\x10prepared_version\x18\x03 \x01(\x03\x12\x16\n\x0e\x66\x61iled_version\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12-\n\tswap_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07rollout\x18\x07 \x01(\t\"\xee\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12-\n\x06labels\x18\x04 \x03(\x0b\x32\x1d.modelreg.v1.Node.LabelsEntry\x12(\n\x06stages\x18\x05 \x03(\x0b\x32\x18.modelreg.v1.ServedStage\x12/\n\x0breport_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x11ReportNodeRequest\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.modelreg.v1.Node\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\";\n\x12ReportNodeResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\"!\n\x11\x44\x65leteNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x12\x44\x65leteNodeResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"X\n\x10ListNodesRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.modelreg.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"7\n\x17GetRolloutStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\".\n\x0cVersionCount\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05nodes\x18\x02 \x01(\x05\"\xcc\x01\n\x18GetRolloutStatusResponse\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.StagePointer\x12\x13\n\x0btotal_nodes\x18\x02 \x01(\x05\x12*\n\x07serving\x18\x03 \x03(\x0b\x32\x19.modelreg.v1.VersionCount\x12\"\n\x07lagging\x18\x04 \x03(\x0b\x32\x11.modelreg.v1.Node\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\"V\n\x19GetRegionReadinessRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1a\n\x12readiness_fraction\x18\x03 \x01(\x01\"_\n\x1aGetRegionReadinessResponse\x12/\n\treadiness\x18\x01 \x01(\x0b\x32\x1c.modelreg.v1.RegionReadiness\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xc0\x03\n\x0c\x46leetService\x12M\n\nReportNode\x12\x1e.modelreg.v1.ReportNodeRequest\x1a\x1f.modelreg.v1.ReportNodeResponse\x12M\n\nDeleteNode\x12\x1e.modelreg.v1.DeleteNodeRequest\x1a\x1f.modelreg.v1.DeleteNodeResponse\x12J\n\tListNodes\x12\x1d.modelreg.v1.ListNodesRequest\x1a\x1e.modelreg.v1.ListNodesResponse\x12_\n\x10GetRolloutStatus\x12$.modelreg.v1.GetRolloutStatusRequest\x1a%.modelreg.v1.GetRolloutStatusResponse\x12\x65\n\x12GetRegionReadiness\x12&.modelreg.v1.GetRegionReadinessRequest\x1a\'.modelreg.v1.GetRegionReadinessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelreg/v1/fleet_service.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmodelreg/v1/resources.proto\"\x9b\x02\n\x0bServedStage\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\x03\x12\x18\n\x10prepared_version\x18\x03 \x01(\x03\x12\x16\n\x0e\x66\x61iled_version\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12-\n\tswap_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07rollout\x18\x07 \x01(\t\x12\x34\n\x06health\x18\x08 \x03(\x0b\x32$.modelreg.v1.ServedStage.HealthEntry\x1a-\n\x0bHealthEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xee\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12-\n\x06labels\x18\x04 \x03(\x0b\x32\x1d.modelreg.v1.Node.LabelsEntry\x12(\n\x06stages\x18\x05 \x03(\x0b\x32\x18.modelreg.v1.ServedStage\x12/\n\x0breport_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x11ReportNodeRequest\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.modelreg.v1.Node\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\";\n\x12ReportNodeResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\"!\n\x11\x44\x65leteNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x12\x44\x65leteNodeResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"X\n\x10ListNodesRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.modelreg.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"7\n\x17GetRolloutStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\".\n\x0cVersionCount\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05nodes\x18\x02 \x01(\x05\"\xcc\x01\n\x18GetRolloutStatusResponse\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.StagePointer\x12\x13\n\x0btotal_nodes\x18\x02 \x01(\x05\x12*\n\x07serving\x18\x03 \x03(\x0b\x32\x19.modelreg.v1.VersionCount\x12\"\n\x07lagging\x18\x04 \x03(\x0b\x32\x11.modelreg.v1.Node\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\"V\n\x19GetRegionReadinessRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1a\n\x12readiness_fraction\x18\x03 \x01(\x01\"_\n\x1aGetRegionReadinessResponse\x12/\n\treadiness\x18\x01 \x01(\x0b\x32\x1c.modelreg.v1.RegionReadiness\x12\x10\n\x08revision\x18\x02 \x01(\x03\"a\n\x16GetRegionHealthRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12(\n\x05guard\x18\x03 \x01(\x0b\x32\x19.modelreg.v1.RolloutGuard\"V\n\x17GetRegionHealthResponse\x12)\n\x06health\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.RegionHealth\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\x9e\x04\n\x0c\x46leetService\x12M\n\nReportNode\x12\x1e.modelreg.v1.ReportNodeRequest\x1a\x1f.modelreg.v1.ReportNodeResponse\x12M\n\nDeleteNode\x12\x1e.modelreg.v1.DeleteNodeRequest\x1a\x1f.modelreg.v1.DeleteNodeResponse\x12J\n\tListNodes\x12\x1d.modelreg.v1.ListNodesRequest\x1a\x1e.modelreg.v1.ListNodesResponse\x12_\n\x10GetRolloutStatus\x12$.modelreg.v1.GetRolloutStatusRequest\x1a%.modelreg.v1.GetRolloutStatusResponse\x12\x65\n\x12GetRegionReadiness\x12&.modelreg.v1.GetRegionReadinessRequest\x1a\'.modelreg.v1.GetRegionReadinessResponse\x12\\\n\x0fGetRegionHealth\x12#.modelreg.v1.GetRegionHealthRequest\x1a$.modelreg.v1.GetRegionHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelreg.v1.fleet_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SERVEDSTAGE_HEALTHENTRY']._loaded_options = None
+  _globals['_SERVEDSTAGE_HEALTHENTRY']._serialized_options = b'8\001'
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_SERVEDSTAGE']._serialized_start=111
-  _globals['_SERVEDSTAGE']._serialized_end=293
-  _globals['_NODE']._serialized_start=296
-  _globals['_NODE']._serialized_end=534
-  _globals['_NODE_LABELSENTRY']._serialized_start=489
-  _globals['_NODE_LABELSENTRY']._serialized_end=534
-  _globals['_REPORTNODEREQUEST']._serialized_start=536
-  _globals['_REPORTNODEREQUEST']._serialized_end=609
-  _globals['_REPORTNODERESPONSE']._serialized_start=611
-  _globals['_REPORTNODERESPONSE']._serialized_end=670
-  _globals['_DELETENODEREQUEST']._serialized_start=672
-  _globals['_DELETENODEREQUEST']._serialized_end=705
-  _globals['_DELETENODERESPONSE']._serialized_start=707
-  _globals['_DELETENODERESPONSE']._serialized_end=745
-  _globals['_LISTNODESREQUEST']._serialized_start=747
-  _globals['_LISTNODESREQUEST']._serialized_end=835
-  _globals['_LISTNODESRESPONSE']._serialized_start=837
-  _globals['_LISTNODESRESPONSE']._serialized_end=933
-  _globals['_GETROLLOUTSTATUSREQUEST']._serialized_start=935
-  _globals['_GETROLLOUTSTATUSREQUEST']._serialized_end=990
-  _globals['_VERSIONCOUNT']._serialized_start=992
-  _globals['_VERSIONCOUNT']._serialized_end=1038
-  _globals['_GETROLLOUTSTATUSRESPONSE']._serialized_start=1041
-  _globals['_GETROLLOUTSTATUSRESPONSE']._serialized_end=1245
-  _globals['_GETREGIONREADINESSREQUEST']._serialized_start=1247
-  _globals['_GETREGIONREADINESSREQUEST']._serialized_end=1333
-  _globals['_GETREGIONREADINESSRESPONSE']._serialized_start=1335
-  _globals['_GETREGIONREADINESSRESPONSE']._serialized_end=1430
-  _globals['_FLEETSERVICE']._serialized_start=1433
-  _globals['_FLEETSERVICE']._serialized_end=1881
+  _globals['_SERVEDSTAGE']._serialized_end=394
+  _globals['_SERVEDSTAGE_HEALTHENTRY']._serialized_start=349
+  _globals['_SERVEDSTAGE_HEALTHENTRY']._serialized_end=394
+  _globals['_NODE']._serialized_start=397
+  _globals['_NODE']._serialized_end=635
+  _globals['_NODE_LABELSENTRY']._serialized_start=590
+  _globals['_NODE_LABELSENTRY']._serialized_end=635
+  _globals['_REPORTNODEREQUEST']._serialized_start=637
+  _globals['_REPORTNODEREQUEST']._serialized_end=710
+  _globals['_REPORTNODERESPONSE']._serialized_start=712
+  _globals['_REPORTNODERESPONSE']._serialized_end=771
+  _globals['_DELETENODEREQUEST']._serialized_start=773
+  _globals['_DELETENODEREQUEST']._serialized_end=806
+  _globals['_DELETENODERESPONSE']._serialized_start=808
+  _globals['_DELETENODERESPONSE']._serialized_end=846
+  _globals['_LISTNODESREQUEST']._serialized_start=848
+  _globals['_LISTNODESREQUEST']._serialized_end=936
+  _globals['_LISTNODESRESPONSE']._serialized_start=938
+  _globals['_LISTNODESRESPONSE']._serialized_end=1034
+  _globals['_GETROLLOUTSTATUSREQUEST']._serialized_start=1036
+  _globals['_GETROLLOUTSTATUSREQUEST']._serialized_end=1091
+  _globals['_VERSIONCOUNT']._serialized_start=1093
+  _globals['_VERSIONCOUNT']._serialized_end=1139
+  _globals['_GETROLLOUTSTATUSRESPONSE']._serialized_start=1142
+  _globals['_GETROLLOUTSTATUSRESPONSE']._serialized_end=1346
+  _globals['_GETREGIONREADINESSREQUEST']._serialized_start=1348
+  _globals['_GETREGIONREADINESSREQUEST']._serialized_end=1434
+  _globals['_GETREGIONREADINESSRESPONSE']._serialized_start=1436
+  _globals['_GETREGIONREADINESSRESPONSE']._serialized_end=1531
+  _globals['_GETREGIONHEALTHREQUEST']._serialized_start=1533
+  _globals['_GETREGIONHEALTHREQUEST']._serialized_end=1630
+  _globals['_GETREGIONHEALTHRESPONSE']._serialized_start=1632
+  _globals['_GETREGIONHEALTHRESPONSE']._serialized_end=1718
+  _globals['_FLEETSERVICE']._serialized_start=1721
+  _globals['_FLEETSERVICE']._serialized_end=2263
 # @@protoc_insertion_point(module_scope)

@@ -26,6 +26,26 @@ class ServedStage(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HealthEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STAGE_FIELD_NUMBER: _builtins.int
     SERVING_VERSION_FIELD_NUMBER: _builtins.int
     PREPARED_VERSION_FIELD_NUMBER: _builtins.int
@@ -33,6 +53,7 @@ class ServedStage(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     SWAP_TIME_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
     """`models/{model}/stages/{stage}`."""
     serving_version: _builtins.int
@@ -52,6 +73,14 @@ class ServedStage(_message.Message):
     """
     @_builtins.property
     def swap_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def health(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Health figures of the node's choosing for the version it serves, by name, e.g.
+        {"error_rate": 0.02, "latency_p99_ms": 180}: what a rollout guard (RolloutGuard) compares
+        with its thresholds. Names: 1-64 characters of [a-z0-9_.-], starting with a letter or
+        digit; values finite; at most 32 per stage.
+        """
+
     def __init__(
         self,
         *,
@@ -62,10 +91,11 @@ class ServedStage(_message.Message):
         error: _builtins.str = ...,
         swap_time: _timestamp_pb2.Timestamp | None = ...,
         rollout: _builtins.str = ...,
+        health: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["swap_time", b"swap_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "failed_version", b"failed_version", "prepared_version", b"prepared_version", "rollout", b"rollout", "serving_version", b"serving_version", "stage", b"stage", "swap_time", b"swap_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "failed_version", b"failed_version", "health", b"health", "prepared_version", b"prepared_version", "rollout", b"rollout", "serving_version", b"serving_version", "stage", b"stage", "swap_time", b"swap_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,3 +475,60 @@ class GetRegionReadinessResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRegionReadinessResponse: _TypeAlias = GetRegionReadinessResponse  # noqa: Y015
+
+@_typing.final
+class GetRegionHealthRequest(_message.Message):
+    """Request of GetRegionHealth."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    GUARD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`models/{model}/stages/{stage}`."""
+    version: _builtins.int
+    """The committed version: only live nodes serving it count."""
+    @_builtins.property
+    def guard(self) -> _resources_pb2.RolloutGuard:
+        """The thresholds; max_values must name at least one figure."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        guard: _resources_pb2.RolloutGuard | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["guard", b"guard"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guard", b"guard", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRegionHealthRequest: _TypeAlias = GetRegionHealthRequest  # noqa: Y015
+
+@_typing.final
+class GetRegionHealthResponse(_message.Message):
+    """Response of GetRegionHealth."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEALTH_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    @_builtins.property
+    def health(self) -> _resources_pb2.RegionHealth: ...
+    def __init__(
+        self,
+        *,
+        health: _resources_pb2.RegionHealth | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRegionHealthResponse: _TypeAlias = GetRegionHealthResponse  # noqa: Y015

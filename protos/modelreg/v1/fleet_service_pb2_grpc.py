@@ -62,6 +62,11 @@ class FleetServiceStub:
                 request_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessRequest.SerializeToString,
                 response_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessResponse.FromString,
                 _registered_method=True)
+        self.GetRegionHealth = channel.unary_unary(
+                '/modelreg.v1.FleetService/GetRegionHealth',
+                request_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionHealthRequest.SerializeToString,
+                response_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionHealthResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -110,6 +115,15 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRegionHealth(self, request, context):
+        """How healthy this server's region's fleet is on a committed version, against a rollout
+        guard's thresholds (RolloutGuard), from the region's own node reports: what the rollout
+        coordinator asks every region while a guarded rollout bakes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +151,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.GetRegionReadiness,
                     request_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessRequest.FromString,
                     response_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessResponse.SerializeToString,
+            ),
+            'GetRegionHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRegionHealth,
+                    request_deserializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionHealthRequest.FromString,
+                    response_serializer=modelreg_dot_v1_dot_fleet__service__pb2.GetRegionHealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +296,33 @@ class FleetService:
             '/modelreg.v1.FleetService/GetRegionReadiness',
             modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessRequest.SerializeToString,
             modelreg_dot_v1_dot_fleet__service__pb2.GetRegionReadinessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRegionHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelreg.v1.FleetService/GetRegionHealth',
+            modelreg_dot_v1_dot_fleet__service__pb2.GetRegionHealthRequest.SerializeToString,
+            modelreg_dot_v1_dot_fleet__service__pb2.GetRegionHealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

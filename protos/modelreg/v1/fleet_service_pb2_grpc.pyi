@@ -54,6 +54,11 @@ class FleetServiceStub:
     """How ready this server's region is for a rollout's target, from the region's own node
     reports: what the rollout coordinator asks every region.
     """
+    GetRegionHealth: _grpc.UnaryUnaryMultiCallable[_fleet_service_pb2.GetRegionHealthRequest, _fleet_service_pb2.GetRegionHealthResponse]
+    """How healthy this server's region's fleet is on a committed version, against a rollout
+    guard's thresholds (RolloutGuard), from the region's own node reports: what the rollout
+    coordinator asks every region while a guarded rollout bakes.
+    """
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -80,6 +85,11 @@ class FleetServiceAsyncStub(FleetServiceStub):
     GetRegionReadiness: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.GetRegionReadinessRequest, _fleet_service_pb2.GetRegionReadinessResponse]  # type: ignore[assignment]
     """How ready this server's region is for a rollout's target, from the region's own node
     reports: what the rollout coordinator asks every region.
+    """
+    GetRegionHealth: _aio.UnaryUnaryMultiCallable[_fleet_service_pb2.GetRegionHealthRequest, _fleet_service_pb2.GetRegionHealthResponse]  # type: ignore[assignment]
+    """How healthy this server's region's fleet is on a committed version, against a rollout
+    guard's thresholds (RolloutGuard), from the region's own node reports: what the rollout
+    coordinator asks every region while a guarded rollout bakes.
     """
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,6 +144,17 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_fleet_service_pb2.GetRegionReadinessResponse, _abc.Awaitable[_fleet_service_pb2.GetRegionReadinessResponse]]:
         """How ready this server's region is for a rollout's target, from the region's own node
         reports: what the rollout coordinator asks every region.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRegionHealth(
+        self,
+        request: _fleet_service_pb2.GetRegionHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_service_pb2.GetRegionHealthResponse, _abc.Awaitable[_fleet_service_pb2.GetRegionHealthResponse]]:
+        """How healthy this server's region's fleet is on a committed version, against a rollout
+        guard's thresholds (RolloutGuard), from the region's own node reports: what the rollout
+        coordinator asks every region while a guarded rollout bakes.
         """
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

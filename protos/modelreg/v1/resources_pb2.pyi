@@ -611,6 +611,7 @@ class RolloutPolicy(_message.Message):
     READINESS_FRACTION_FIELD_NUMBER: _builtins.int
     PREPARE_DEADLINE_FIELD_NUMBER: _builtins.int
     ACTIVATION_MARGIN_FIELD_NUMBER: _builtins.int
+    GUARD_FIELD_NUMBER: _builtins.int
     readiness_fraction: _builtins.float
     """Fraction of a region's live nodes following the stage that must have prepared the target
     for the region to be ready, in (0, 1]; 0 means 1. A region with no live node following
@@ -632,6 +633,10 @@ class RolloutPolicy(_message.Message):
         replication lag to the farthest region plus the worst clock error of a serving node.
         """
 
+    @_builtins.property
+    def guard(self) -> Global___RolloutGuard:
+        """Automated rollback after a commit (see RolloutGuard); unset or without max_values: off."""
+
     def __init__(
         self,
         *,
@@ -639,10 +644,11 @@ class RolloutPolicy(_message.Message):
         readiness_fraction: _builtins.float = ...,
         prepare_deadline: _duration_pb2.Duration | None = ...,
         activation_margin: _duration_pb2.Duration | None = ...,
+        guard: Global___RolloutGuard | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_margin", b"activation_margin", "prepare_deadline", b"prepare_deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_margin", b"activation_margin", "guard", b"guard", "prepare_deadline", b"prepare_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_margin", b"activation_margin", "prepare_deadline", b"prepare_deadline", "readiness_fraction", b"readiness_fraction", "regions", b"regions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_margin", b"activation_margin", "guard", b"guard", "prepare_deadline", b"prepare_deadline", "readiness_fraction", b"readiness_fraction", "regions", b"regions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -755,6 +761,7 @@ class Rollout(_message.Message):
     ABORT_REASON_FIELD_NUMBER: _builtins.int
     CANCELLED_BY_FIELD_NUMBER: _builtins.int
     COMMIT_REVISION_FIELD_NUMBER: _builtins.int
+    GUARD_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`models/{model}/stages/{stage}/rollouts/{id}` (ids 1, 2, ... per stage)."""
@@ -800,6 +807,12 @@ class Rollout(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it committed or aborted."""
 
+    @_builtins.property
+    def guard(self) -> Global___GuardVerdict:
+        """What the rollout guard (policy.guard) decided, once it fired on this committed promotion;
+        unset while it watches, and if it never fires.
+        """
+
     def __init__(
         self,
         *,
@@ -822,11 +835,12 @@ class Rollout(_message.Message):
         abort_reason: _builtins.str = ...,
         cancelled_by: _builtins.str = ...,
         commit_revision: _builtins.int = ...,
+        guard: Global___GuardVerdict | None = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "guard", b"guard", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "activation_time", b"activation_time", "actor", b"actor", "cancelled_by", b"cancelled_by", "commit_revision", b"commit_revision", "create_time", b"create_time", "deadline", b"deadline", "done", b"done", "end_time", b"end_time", "etag", b"etag", "from_version", b"from_version", "hotfix", b"hotfix", "kind", b"kind", "name", b"name", "policy", b"policy", "readiness", b"readiness", "reason", b"reason", "regions", b"regions", "state", b"state", "target_version", b"target_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "activation_time", b"activation_time", "actor", b"actor", "cancelled_by", b"cancelled_by", "commit_revision", b"commit_revision", "create_time", b"create_time", "deadline", b"deadline", "done", b"done", "end_time", b"end_time", "etag", b"etag", "from_version", b"from_version", "guard", b"guard", "hotfix", b"hotfix", "kind", b"kind", "name", b"name", "policy", b"policy", "readiness", b"readiness", "reason", b"reason", "regions", b"regions", "state", b"state", "target_version", b"target_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -991,3 +1005,228 @@ class AuditEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class RolloutGuard(_message.Message):
+    """The rollout guard of a governed stage (RolloutPolicy.guard): automated rollback after a commit.
+    Serving nodes report health figures of their own choosing with their fleet reports
+    (ServedStage.health: an error rate, a latency percentile, any named gauge). For `bake_window`
+    after a committed promotion's activation time, the rollout coordinator asks every region of
+    the rollout for its fleet's health on the committed version (FleetService.GetRegionHealth); a
+    region *breaches* when at least `node_fraction` of its live nodes serving that version report
+    a figure above its maximum. A region that breaches on every look for `breach_duration` makes
+    the coordinator roll the stage back in every region at once (an emergency rollback: committed
+    at once, nodes switch on receipt to the warm previous version), with the evidence as the
+    reason of the rollback and its audit event, and in the rollout's `guard` verdict. It fires at
+    most once per rollout, only within the bake window, and never once the stage has moved on
+    (another rollout committed, a rollback). A region that cannot be asked does not breach (and
+    ends a breach in progress: the guard acts only on evidence it saw throughout).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MaxValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MAX_VALUES_FIELD_NUMBER: _builtins.int
+    BAKE_WINDOW_FIELD_NUMBER: _builtins.int
+    BREACH_DURATION_FIELD_NUMBER: _builtins.int
+    NODE_FRACTION_FIELD_NUMBER: _builtins.int
+    node_fraction: _builtins.float
+    """Fraction of a region's live nodes serving the committed version that must breach (some
+    figure) for the region to breach, in [0, 1]; 0 means 0.5. At least one node always.
+    """
+    @_builtins.property
+    def max_values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The highest allowed value of each named figure, by the figure's name as nodes report it in
+        ServedStage.health, e.g. {"error_rate": 0.05, "latency_p99_ms": 250}. A node breaches a
+        figure when it reports a value above the maximum; a node that does not report the figure
+        does not breach it. Names: 1-64 characters of [a-z0-9_.-], starting with a letter or digit;
+        values finite; at most 32 figures. Empty: no guard (the other fields must then be unset).
+        """
+
+    @_builtins.property
+    def bake_window(self) -> _duration_pb2.Duration:
+        """How long after the activation time the guard watches: 1 s to 24 h; unset: 10 minutes."""
+
+    @_builtins.property
+    def breach_duration(self) -> _duration_pb2.Duration:
+        """How long a region must breach, on every look, before the guard fires: 0 (the first
+        breaching look fires) up to bake_window; unset: 0.
+        """
+
+    def __init__(
+        self,
+        *,
+        max_values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        bake_window: _duration_pb2.Duration | None = ...,
+        breach_duration: _duration_pb2.Duration | None = ...,
+        node_fraction: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bake_window", b"bake_window", "breach_duration", b"breach_duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bake_window", b"bake_window", "breach_duration", b"breach_duration", "max_values", b"max_values", "node_fraction", b"node_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutGuard: _TypeAlias = RolloutGuard  # noqa: Y015
+
+@_typing.final
+class FigureHealth(_message.Message):
+    """One guarded figure in one region (RegionHealth)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIGURE_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    REPORTING_NODES_FIELD_NUMBER: _builtins.int
+    BREACHING_NODES_FIELD_NUMBER: _builtins.int
+    WORST_VALUE_FIELD_NUMBER: _builtins.int
+    WORST_NODE_FIELD_NUMBER: _builtins.int
+    BREACHED_FIELD_NUMBER: _builtins.int
+    figure: _builtins.str
+    """The figure's name (a key of RolloutGuard.max_values)."""
+    max_value: _builtins.float
+    """The highest value allowed."""
+    reporting_nodes: _builtins.int
+    """Live nodes serving the version that report the figure."""
+    breaching_nodes: _builtins.int
+    """Of those, nodes reporting a value above max_value."""
+    worst_value: _builtins.float
+    """The highest value reported, and by which node (`nodes/{node_id}`)."""
+    worst_node: _builtins.str
+    breached: _builtins.bool
+    """Whether breaching_nodes reach the guard's node_fraction of the region's live nodes."""
+    def __init__(
+        self,
+        *,
+        figure: _builtins.str = ...,
+        max_value: _builtins.float = ...,
+        reporting_nodes: _builtins.int = ...,
+        breaching_nodes: _builtins.int = ...,
+        worst_value: _builtins.float = ...,
+        worst_node: _builtins.str = ...,
+        breached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breached", b"breached", "breaching_nodes", b"breaching_nodes", "figure", b"figure", "max_value", b"max_value", "reporting_nodes", b"reporting_nodes", "worst_node", b"worst_node", "worst_value", b"worst_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FigureHealth: _TypeAlias = FigureHealth  # noqa: Y015
+
+@_typing.final
+class RegionHealth(_message.Message):
+    """How healthy one region's fleet is on a committed version, from the region's own node reports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    LIVE_NODES_FIELD_NUMBER: _builtins.int
+    FIGURES_FIELD_NUMBER: _builtins.int
+    BREACHED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CHECK_TIME_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    live_nodes: _builtins.int
+    """Live nodes following the stage that serve the version."""
+    breached: _builtins.bool
+    """Whether some figure breaches (see RolloutGuard)."""
+    error: _builtins.str
+    """Why the region could not be asked; empty if it answered."""
+    @_builtins.property
+    def figures(self) -> _containers.RepeatedCompositeFieldContainer[Global___FigureHealth]:
+        """Each guarded figure, in name order."""
+
+    @_builtins.property
+    def check_time(self) -> _timestamp_pb2.Timestamp:
+        """When the coordinator heard from the region."""
+
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        live_nodes: _builtins.int = ...,
+        figures: _abc.Iterable[Global___FigureHealth] | None = ...,
+        breached: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        check_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check_time", b"check_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breached", b"breached", "check_time", b"check_time", "error", b"error", "figures", b"figures", "live_nodes", b"live_nodes", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionHealth: _TypeAlias = RegionHealth  # noqa: Y015
+
+@_typing.final
+class GuardVerdict(_message.Message):
+    """What the rollout guard did when it fired (Rollout.guard)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRE_TIME_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    BREACH_START_TIME_FIELD_NUMBER: _builtins.int
+    evidence: _builtins.str
+    """Why, for people: the region, each breached figure with the observed and allowed values, the
+    nodes, and for how long. Also the reason of the rollback and of its audit event.
+    """
+    rollback: _builtins.str
+    """The emergency rollback the guard made (`models/{model}/stages/{stage}/rollouts/{id}`);
+    empty if the rollback was refused (see error), or if it made no rollout record (the
+    stage's policy was removed after the rollout started: a plain rollback).
+    """
+    error: _builtins.str
+    """Why the stage could not be rolled back (no known-good version to go to...), if so."""
+    @_builtins.property
+    def fire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it fired."""
+
+    @_builtins.property
+    def health(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionHealth]:
+        """Every region's health on the look that fired (the breaching region first)."""
+
+    @_builtins.property
+    def breach_start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the breach began, as the coordinator saw it."""
+
+    def __init__(
+        self,
+        *,
+        fire_time: _timestamp_pb2.Timestamp | None = ...,
+        evidence: _builtins.str = ...,
+        health: _abc.Iterable[Global___RegionHealth] | None = ...,
+        rollback: _builtins.str = ...,
+        error: _builtins.str = ...,
+        breach_start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breach_start_time", b"breach_start_time", "fire_time", b"fire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breach_start_time", b"breach_start_time", "error", b"error", "evidence", b"evidence", "fire_time", b"fire_time", "health", b"health", "rollback", b"rollback"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuardVerdict: _TypeAlias = GuardVerdict  # noqa: Y015
