@@ -125,11 +125,22 @@ class TestLiveness:
             store = EtcdStore([proxy.address], etcd_prefix, timeout=1)
             feed = EtcdChangeFeed(store, progress_interval=0.01)
             try:
+                # From the current revision: the session's etcd may have compacted older ones.
+                start = (await etcd_store_revision(etcd_server.endpoint, etcd_prefix)) + 1
                 await reset_under_watches(
                     proxy, lambda: store.last_change("stages/", "stages0"),
-                    lambda: feed.watch("stages/", "stages0", 1))
+                    lambda: feed.watch("stages/", "stages0", start))
             finally:
                 await store.close()
+
+async def etcd_store_revision(endpoint: str, prefix: str) -> int:
+    """The current revision of etcd, read directly (not through the proxy)."""
+    direct = EtcdStore([endpoint], prefix, timeout=5)
+    try:
+        return (await direct.read([], fresh=True)).revision
+    finally:
+        await direct.close()
+
 
 async def _first_messages(target: str, request: ws.WatchStagesRequest, count: int
                           ) -> list[ws.WatchStagesResponse]:
