@@ -23,10 +23,9 @@ from modelreg.client.watcher import AsyncModelWatcher, Backoff
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import region_service_pb2 as rgs
-from modelreg.v1 import region_service_pb2_grpc
+from modelreg.v1 import region_service_pb2_grpc, watch_service_pb2_grpc
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
-from modelreg.v1 import watch_service_pb2_grpc
 from tests.helpers import MODEL, PARENT, Toy, error_info, load_toy, register, stage
 from tests.helpers import on_each_etcd_build as etcd_server  # noqa: F401 (a fixture)
 from tests.server.rollout_env import (
@@ -43,9 +42,9 @@ UNPIN = res.AUDIT_ACTION_BREAK_GLASS_UNPIN
 
 
 @pytest.fixture
-async def env(etcd_server: EmbeddedEtcd, eu_etcd: EmbeddedEtcd, etcd_prefix: str,  # noqa: F811
+async def env(etcd_server: EmbeddedEtcd, eu_etcd: EmbeddedEtcd, etcd_prefix: str,
               tmp_path: Path) -> AsyncIterator[Regions]:
-    """us and eu running; production at v2 (v1 before it), applied in eu."""
+    """Us and eu running; production at v2 (v1 before it), applied in eu."""
     async with regions(etcd_server, eu_etcd, etcd_prefix, tmp_path,
                        coordinator="off", bookmark_interval=0.2) as e:
         us = e.models()
@@ -101,7 +100,7 @@ async def next_message(stream: Any, kind: int) -> ws.WatchStagesResponse:
     raise AssertionError("the stream ended")
 
 
-async def local_keys(eu_etcd: EmbeddedEtcd, prefix: str) -> list[bytes]:  # noqa: F811
+async def local_keys(eu_etcd: EmbeddedEtcd, prefix: str) -> list[bytes]:
     """The break-glass keys in eu's etcd."""
     async with aetcd.Client(eu_etcd.host, eu_etcd.client_port, timeout=10) as client:
         found = []
@@ -214,7 +213,7 @@ class TestPinWithThePrimaryDown:
 
 class TestRefusals:
     async def test_bad_requests_write_nothing(self, env: Regions,
-                                              eu_etcd: EmbeddedEtcd) -> None:  # noqa: F811
+                                              eu_etcd: EmbeddedEtcd) -> None:
         """No reason, no region, another region, an unknown one, a version that is no former
         version of the stage, a pin asked of the primary's server and an unpin of a stage not
         pinned are each refused with their reason; eu's etcd holds no break-glass key after.
