@@ -233,7 +233,7 @@ class App:
         self.pins = Pins(store, local, regions, changed=lambda: self._pins_changed())
         self.registry = Registry.over(store, regions=[r.name for r in listed], local=local,
                                       local_events=self.pins.local_events if local else None)
-        self.fleet = Fleet(store, region=config.region_name)
+        self.fleet = Fleet(store, region=config.region_name, local=local)
         add_services(parts, self.registry, hub=self.hub, fleet=self.fleet,
                      regions=regions, pins=self.pins, locality=locality,
                      bookmark_interval=config.bookmark_interval)

@@ -21,9 +21,10 @@ import pytest
 
 from modelreg.client.watcher import AsyncModelWatcher, Backoff
 from modelreg.server.embedded_etcd import EmbeddedEtcd
+from modelreg.v1 import fleet_service_pb2 as fs
+from modelreg.v1 import fleet_service_pb2_grpc, region_service_pb2_grpc, watch_service_pb2_grpc
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import region_service_pb2 as rgs
-from modelreg.v1 import region_service_pb2_grpc, watch_service_pb2_grpc
 from modelreg.v1 import resources_pb2 as res
 from modelreg.v1 import watch_service_pb2 as ws
 from tests.helpers import MODEL, PARENT, Toy, error_info, load_toy, register, stage
@@ -154,6 +155,14 @@ class TestPinWithThePrimaryDown:
                 assert (read.stage.version, read.stage.local_pin.primary_version) == (1, 2)
                 listed = await eu.ListStages(svc.ListStagesRequest(parent=PARENT))
                 assert [p.version for p in listed.stages if p.HasField("local_pin")] == [1]
+                fleet = fleet_service_pb2_grpc.FleetServiceStub(env.channel(env.eu.target))
+
+                async def eu_fleet_on_the_pin() -> fs.GetRolloutStatusResponse | None:
+                    got = await fleet.GetRolloutStatus(fs.GetRolloutStatusRequest(
+                        name=PRODUCTION), metadata=ACTOR, timeout=10)
+                    return got if [c.version for c in got.serving] == [1] else None
+                status = await until(eu_fleet_on_the_pin, "eu's node reporting v1")
+                assert status.stage.version == 1 and "PINNED here" in status.summary
                 local = break_glass(await audit(eu))
                 assert [(e.action, e.actor, e.region, e.from_value, e.to_value)
                         for e in local] == [(PIN, "oncall", "regions/eu", "2", "1")]
