@@ -242,7 +242,10 @@ class TestFlagNames:
             message = pending.pop()
             fields |= set(message.fields_by_name)
             pending += message.nested_types
-        cli_only = {"help", "target", "timeout", "json", "artifact", "limit", "bookmarks"}
+        cli_only = {"help", "target", "timeout", "json", "artifact", "limit", "bookmarks",
+                    # promote --no-wait (do not follow the rollout), models set-policy --clear
+                    # (drop the stage's policy), rollback --local (break glass: PinStage)
+                    "no_wait", "clear", "local"}
 
         def is_field(name: str) -> bool:
             return name in fields or f"{name}s" in fields

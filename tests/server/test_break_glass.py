@@ -302,3 +302,20 @@ class TestWatchContract:
         finally:
             resumed.cancel()
             other.cancel()
+
+
+class TestPinAgain:
+    async def test_a_second_pin_starts_from_the_pinned_version(self, env: Regions) -> None:
+        """Pinning a pinned stage again moves on from the pinned version: production (v2, v1
+        before it) pinned to v1 has no older candidate, so a second pin is refused
+        NO_ROLLBACK_CANDIDATE and the first stays in force.
+        """
+        assert env.eu is not None
+        eu = region_stub(env, env.eu.target)
+        request = rgs.PinStageRequest(name=PRODUCTION, region="regions/eu", reason="r")
+        await eu.PinStage(request, metadata=ACTOR, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await eu.PinStage(request, metadata=ACTOR, timeout=10)
+        assert error_info(err.value)[0] == "NO_ROLLBACK_CANDIDATE"
+        read = await env.models(env.eu).GetStage(svc.GetStageRequest(name=PRODUCTION))
+        assert (read.stage.version, read.stage.local_pin.overridden_version) == (1, 2)
