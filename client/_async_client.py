@@ -319,10 +319,55 @@ class AsyncRegistryClient(AsyncModelsAndVersions):
 
         ``region`` (``eu`` or ``regions/eu``) must be the server's own region; empty means it.
         """
-        name = "regions/" + region.removeprefix("regions/") if region else ""
-        req = rs.GetRegionStatusRequest(name=name)
+        req = rs.GetRegionStatusRequest(name=rq.region_name(region) if region else "")
         return await self._call(
             lambda s: s.regions.GetRegionStatus, req, timeout, min_revision=min_revision
+        )
+
+    async def pin_stage(
+        self,
+        model: str,
+        stage: str,
+        *,
+        region: str,
+        reason: str,
+        to_version: int = 0,
+        allow_unserved: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> rs.PinStageResponse:
+        """Break glass: pin ``stage`` in ``region`` (the server's own) to a known-good version.
+
+        Answered by the region's own server, primary reachable or not: the region serves the
+        pinned version (the last known-good one, or former ``to_version``) until
+        :meth:`unpin_stage`; the pin is audited there and reported to the primary when it can.
+        """
+        req = rs.PinStageRequest(
+            name=rq.stage_name(model, stage), region=rq.region_name(region), reason=reason,
+            to_version=int(to_version), allow_unserved=allow_unserved,
+            request_id=rq.new_request_id(request_id),
+        )
+        return await self._call(
+            lambda s: s.regions.PinStage, req, timeout, idempotent=bool(req.request_id)
+        )
+
+    async def unpin_stage(
+        self,
+        model: str,
+        stage: str,
+        *,
+        region: str,
+        reason: str,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> rs.UnpinStageResponse:
+        """Clear ``region``'s pin of ``stage``: it follows the primary's pointer again."""
+        req = rs.UnpinStageRequest(
+            name=rq.stage_name(model, stage), region=rq.region_name(region), reason=reason,
+            request_id=rq.new_request_id(request_id),
+        )
+        return await self._call(
+            lambda s: s.regions.UnpinStage, req, timeout, idempotent=bool(req.request_id)
         )
 
     async def get_rollout(

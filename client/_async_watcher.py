@@ -314,11 +314,15 @@ class AsyncModelWatcher(Generic[T]):
 
     async def _watch_loop(self) -> None:
         def request(start_revision: int) -> ws.WatchStagesRequest:
+            # A pin is its region's state, outside the revisions a stream resumes from: a
+            # watcher that serves a pinned version starts over from a snapshot (the pin may
+            # have been cleared meanwhile, or this may be another region's server).
+            pinned = self._pointer is not None and self._pointer.pinned
             return ws.WatchStagesRequest(
                 models=[self.model_id],
                 stages=[self.stage_id],
                 region=self.region,
-                start_revision=start_revision,
+                start_revision=0 if pinned else start_revision,
             )
 
         await follow_stream(
@@ -337,7 +341,9 @@ class AsyncModelWatcher(Generic[T]):
                 log.warning("watch of %s reset at revision %d", self.stage_name, message.revision)
             target = StageTarget() if found is None else StageTarget.of(found, message)
             self._set_pointer(target)
-        elif message.type == ws.WATCH_MESSAGE_TYPE_CHANGES and message.revision > c.last_revision:
+        elif message.type == ws.WATCH_MESSAGE_TYPE_CHANGES and (
+            message.revision > c.last_revision or message.local_change
+        ):  # a region's pin set or cleared comes at a revision the stream may have reached
             for change in message.changes:
                 if change.stage.name == self.stage_name:
                     self._set_pointer(
@@ -346,6 +352,15 @@ class AsyncModelWatcher(Generic[T]):
         c.last_revision = max(c.last_revision, message.revision)
 
     def _set_pointer(self, pointer: StageTarget) -> None:
+        before = self._pointer
+        if pointer.pinned and (before is None or before.pinned != pointer.pinned
+                               or before.version != pointer.version):
+            log.warning("%s is pinned to v%d in %s (break glass): the primary's pointer is "
+                        "overridden until an operator clears the pin",
+                        self.stage_name, pointer.version, pointer.pinned)
+        elif before is not None and before.pinned and not pointer.pinned:
+            log.warning("%s: the pin in %s was cleared; following the primary's v%d",
+                        self.stage_name, before.pinned, pointer.version)
         self._pointer = pointer
         c = self._counters
         c.committed_version = pointer.version

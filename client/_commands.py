@@ -184,7 +184,9 @@ def versions_update(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 def stages_list(c: RegistryClient, a: argparse.Namespace) -> Output:
     resp = c.list_stages(a.model)
-    return Output(r.to_json(resp), r.stages_table(resp.stages))
+    warnings = r.pin_warnings(resp.stages, rq.model_id(a.model))
+    return Output(r.to_json(resp), r.stages_table(resp.stages)
+                  + (f"\n\n{warnings}" if warnings else ""))
 
 
 def status(c: RegistryClient, a: argparse.Namespace) -> Output:
@@ -196,8 +198,9 @@ def status(c: RegistryClient, a: argparse.Namespace) -> Output:
     own = next(v for v in views if v.region.name == listed[0])
     if own.stages is None:
         raise own.error or RuntimeError("no stages")  # the model is missing here: exit 1
+    warnings = rg.pin_warnings(views, rq.model_id(a.model))
     text = "\n\n".join((r.stages_table(own.stages.stages), rg.stages_by_region(views),
-                         rg.regions_table(views)))
+                         rg.regions_table(views), *([warnings] if warnings else [])))
     data = {**r.to_json(own.stages), "regions": [rg.view_json(v) for v in views]}
     return Output(data, text)
 
@@ -232,6 +235,8 @@ def promote(c: RegistryClient, a: argparse.Namespace) -> Output:
 
 
 def rollback(c: RegistryClient, a: argparse.Namespace) -> Output:
+    if a.local or a.region:
+        return _pin(c, a)
     resp = c.rollback(
         a.model,
         a.stage,
@@ -245,6 +250,35 @@ def rollback(c: RegistryClient, a: argparse.Namespace) -> Output:
     skipped = "".join(f"\nskipped v{s.version}: {s.detail}" for s in resp.skipped)
     etag = r.unquote_etag(p.etag)
     return Output(r.to_json(resp), f"{text}{skipped}\netag {etag}, revision {resp.revision}")
+
+
+def _pin(c: RegistryClient, a: argparse.Namespace) -> Output:
+    """``rollback --local --region R``: break glass in region R, through R's own server."""
+    if not (a.local and a.region):
+        raise UsageError("a rollback in one region only is break glass: give both --local and "
+                         "--region REGION (the region of the --target server)")
+    if a.etag:
+        raise UsageError("--etag does not apply to --local (the pin is not the primary's pointer)")
+    if not a.reason.strip():
+        raise UsageError("--local needs --reason (break glass is audited)")
+    resp = c.pin_stage(a.model, a.stage, region=a.region, reason=a.reason, to_version=a.to,
+                       allow_unserved=a.allow_unserved)
+    p, pin = resp.stage, resp.stage.local_pin
+    text = (f"{r.last_segment(p.name)}: PINNED (break glass) in {r.last_segment(pin.region)} to "
+            f"v{pin.version} (the primary says {r.version_label(pin.primary_version)}); "
+            f"audited as {resp.audit_event.name}, reported to the primary once it is reachable")
+    skipped = "".join(f"\nskipped v{s.version}: {s.detail}" for s in resp.skipped)
+    return Output(r.to_json(resp), f"{text}{skipped}\nrevision {resp.revision}")
+
+
+def stages_unpin(c: RegistryClient, a: argparse.Namespace) -> Output:
+    """Clear a region's break-glass pin: it follows the primary again."""
+    resp = c.unpin_stage(a.model, a.stage, region=a.region, reason=a.reason)
+    region = r.last_segment(resp.cleared_pin.region)
+    text = (f"{r.last_segment(resp.stage.name)}: pin cleared in {region} (was "
+            f"v{resp.cleared_pin.version}); following the primary's "
+            f"{r.version_label(resp.stage.version)}")
+    return Output(r.to_json(resp), f"{text}\nrevision {resp.revision}")
 
 
 def stages_clear(c: RegistryClient, a: argparse.Namespace) -> Output:

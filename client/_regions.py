@@ -239,8 +239,18 @@ def view_json(view: RegionView) -> dict[str, Any]:
     return data
 
 
+def pin_warnings(views: list[RegionView], model: str) -> str:
+    """The break-glass warnings of every region that answered (one line per pinned stage)."""
+    lines = [r.pin_warnings(v.stages.stages, model) for v in views if v.stages is not None]
+    return "\n".join(line for line in lines if line)
+
+
 def stages_by_region(views: list[RegionView]) -> str:
-    """A stage-by-region table of the version each region's store has; ``?``: no answer."""
+    """A stage-by-region table of the version each region's store has; ``?``: no answer.
+
+    A region that pinned a stage (break glass) shows the version it serves marked
+    ``[PINNED]``; :func:`pin_warnings` says more.
+    """
     names: list[str] = []
     for v in views:
         for p in v.stages.stages if v.stages is not None else ():
@@ -256,7 +266,10 @@ def stages_by_region(views: list[RegionView]) -> str:
             if v.stages is None:
                 cells.append("?")
                 continue
-            versions = {r.last_segment(p.name): p.version for p in v.stages.stages}
-            cells.append(r.version_label(versions.get(stage, 0)))
+            pointers = {r.last_segment(p.name): p for p in v.stages.stages}
+            found = pointers.get(stage)
+            pinned = found is not None and found.HasField("local_pin")
+            cells.append(r.version_label(found.version if found else 0)
+                         + ("[PINNED]" if pinned else ""))
         rows.append(cells)
     return r.table(headers, rows)

@@ -269,9 +269,34 @@ def versions_table(versions: Iterable[res.ModelVersion]) -> str:
 
 
 def _flags(p: res.StagePointer | res.PointerHistoryEntry | res.AuditEvent) -> str:
-    """The FLAGS cell of every table: ``hotfix``, ``backfill-required``, joined by ``,``."""
-    flags = [("hotfix", p.hotfix), ("backfill-required", getattr(p, "backfill_required", False))]
+    """The FLAGS cell of every table: its flags joined by ``,`` (``-``: none).
+
+    ``hotfix``, ``backfill-required``, and for break glass ``PINNED`` (a pointer) or
+    ``in-REGION`` and ``not-yet-on-primary`` (an event).
+    """
+    flags = [("hotfix", p.hotfix), ("backfill-required", getattr(p, "backfill_required", False)),
+             ("PINNED", isinstance(p, res.StagePointer) and p.HasField("local_pin"))]
+    if isinstance(p, res.AuditEvent) and p.region:  # break glass: made in one region only
+        flags += [(f"in-{last_segment(p.region)}", True),
+                  ("not-yet-on-primary", not p.HasField("report_time"))]
     return ",".join(name for name, on in flags if on) or "-"
+
+
+def pin_warnings(stages: Iterable[res.StagePointer], model: str) -> str:
+    """One loud line per stage a region pinned (break glass), with how to clear it; or ""."""
+    lines = []
+    for p in stages:
+        if not p.HasField("local_pin"):
+            continue
+        pin, stage = p.local_pin, last_segment(p.name)
+        region = last_segment(pin.region)
+        lines.append(
+            f"WARNING: {stage} is PINNED (break glass) in {region} to {version_label(pin.version)}"
+            f" over the primary's {version_label(pin.primary_version)}, by {pin.actor or '-'} "
+            f"{when(pin.pin_time)}: {clip(pin.reason)} (reported to the primary: "
+            f"{'yes' if pin.reported else 'not yet'}); clear it with: modelreg stages unpin "
+            f"{model} {stage} --region {region} --reason ...")
+    return "\n".join(lines)
 
 
 def stage_details(p: res.StagePointer) -> str:
@@ -288,6 +313,11 @@ def stage_details(p: res.StagePointer) -> str:
             ("reason", p.reason),
             ("updated", by(p.update_time, p.updated_by)),
             ("etag", unquote_etag(p.etag)),
+            *([("PINNED", f"(break glass) {version_label(p.local_pin.version)} in "
+                f"{last_segment(p.local_pin.region)} over the primary's "
+                f"{version_label(p.local_pin.primary_version)}, by {p.local_pin.actor} "
+                f"{when(p.local_pin.pin_time)}: {p.local_pin.reason}")]
+              if p.HasField("local_pin") else []),
         ]
     )
 

@@ -31,6 +31,11 @@ def version_name(model: str, version: int) -> str:
     return f"{model_name(model)}/versions/{int(version)}"
 
 
+def region_name(region: str) -> str:
+    """``regions/{region}`` for ``eu`` or ``regions/eu``."""
+    return "regions/" + region.removeprefix("regions/")
+
+
 def stage_name(model: str, stage: str) -> str:
     """Return ``models/{model}/stages/{stage}``; a full stage name is passed through."""
     if stage.startswith("models/"):

@@ -26,6 +26,9 @@ class StageTarget:
     """The version a rollout prepares (0: none): load it, do not serve it."""
     pending_rollout: str = ""
     """The rollout preparing ``pending_version``."""
+    pinned: str = ""
+    """The region (``regions/eu``) whose operator pinned ``version`` (break glass), if one
+    did: the server's region overrides the primary's pointer until the pin is cleared."""
 
     @classmethod
     def of(cls, pointer: res.StagePointer, message: ws.WatchStagesResponse) -> StageTarget:
@@ -48,6 +51,7 @@ class StageTarget:
             rollout=pointer.rollout,
             pending_version=pending,
             pending_rollout=pointer.pending_rollout if pending else "",
+            pinned=pointer.local_pin.region if pointer.HasField("local_pin") else "",
         )
 
     def rollout_of(self, version: int) -> str:

@@ -272,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="why (recorded; required with --force)")
     p.add_argument("--force", action="store_true", help="required to clear production")
     p.add_argument("--etag", help="only if the stage's etag is still this")
+    p = leaf(ssub, "unpin", cmd.stages_unpin,
+             "clear a region's break-glass pin (rollback --local): it follows the primary again")
+    model_arg(p)
+    p.add_argument("stage", help="staging, production or a custom stage")
+    p.add_argument("--region", required=True,
+                   help="the pinned region; --target must be a server of it")
+    p.add_argument("--reason", required=True, help="why (recorded in the region's audit trail "
+                   "and, once reachable, the primary's)")
     model_arg(leaf(cmds, "status", cmd.status, "show every stage of a model with its version, "
                    "and with regions the version in each region and its lag"))
     leaf(cmds, "regions", cmd.regions,
@@ -308,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reason", default="", help="why (recorded in the audit trail)")
     p.add_argument("--etag", type=r.parse_etag, help="only if the stage's etag is still this")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="break glass: pin the stage in --region only, written by that region's server "
+        "(--target) with the primary unreachable or not; needs --reason; served there until "
+        "`modelreg stages unpin`, and reported to the primary once reachable",
+    )
+    p.add_argument("--region", default="", help="with --local: the region to pin (the "
+                   "--target server's own)")
     rollouts = cmds.add_parser(
         "rollouts", help="follow and cancel the rollouts of stages with a rollout policy",
         description="follow and cancel the two-phase rollouts of stages with a rollout policy: "

@@ -18,8 +18,9 @@ regional key                               value
 ``R + "replica/leader"``                   id of the replica that applies, on its lease
 ``R + "replica/status"``                   :class:`Status`: the leader's lag figures, renewed
                                            every few seconds
-``R + K`` for ``K`` in ``LOCAL_FAMILIES``  region-local keys (serving node reports): never
-                                           replicated, written by the regional servers
+``R + K`` for ``K`` in ``LOCAL_FAMILIES``  region-local keys (serving node reports, break-glass
+                                           pins and their audit events): never replicated,
+                                           written by the regional servers
 =========================================  ====================================================
 
 Only the replicator writes under ``R + "replica/"``. ``K`` keeps the primary's key schema
@@ -73,10 +74,12 @@ import enum
 import struct
 from dataclasses import dataclass
 
-LOCAL_FAMILIES: tuple[bytes, ...] = (b"nodes/", b"requests/")
+LOCAL_FAMILIES: tuple[bytes, ...] = (b"nodes/", b"requests/", b"pins/", b"localaudit/")
 """Key families under ``P`` that never leave their region: serving node reports and idempotency
 records live on leases that cannot cross clusters, and a region's node reports describe that
-region only (a request record matters only where the mutation committed, the primary)."""
+region only (a request record matters only where the mutation committed, the primary). A
+region's break-glass pins and their audit events are its own by definition: written with the
+primary unreachable, in the region's etcd (they reach the primary as reported audit events)."""
 
 REPLICA = b"replica/"
 """The replicator's own subtree under ``R``; every other key under ``R`` is region-local."""

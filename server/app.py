@@ -48,12 +48,14 @@ from modelreg.server.config import ServerConfig
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.fleet import Fleet
 from modelreg.server.domain.identity import Authenticator, Authorizer
+from modelreg.server.domain.pins import Pins
 from modelreg.server.domain.ports import ChangeFeed, LagSource, ModelStore
 from modelreg.server.domain.regions import RegionInfo, Regions
 from modelreg.server.domain.registry import Registry
 from modelreg.server.domain.stage_hub import StageHub
 from modelreg.server.embedded_etcd import EmbeddedEtcd
 from modelreg.server.etcd_supervisor import EtcdSupervisor
+from modelreg.server.pin_reporter import PinReporter
 from modelreg.server.rollout_coordinator import Coordinator, open_coordinator, runs_coordinator
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.etcd_watch import EtcdChangeFeed
@@ -132,6 +134,10 @@ class App:
     """Outside the primary region: the channels mutations are forwarded over."""
     coordinator: Coordinator | None = None
     """The rollout coordinator, when this server runs one (``config.coordinator``)."""
+    pins: Pins
+    """Break glass in this server's region (and, in the primary, the regions' reports)."""
+    reporter: PinReporter | None = None
+    """Outside the primary region: reports the region's break-glass events to the primary."""
 
     def __init__(
         self, config: ServerConfig, *, authenticator: Authenticator, authorizer: Authorizer
@@ -217,16 +223,23 @@ class App:
             estore = await stack.enter_async_context(_open_etcd(self.endpoints, config))
             store, feed = estore, _feed(estore, config)
         self.store = store
-        self.hub = StageHub(store, feed, queue_size=config.watch_queue)
+        # Break glass: the region's own keys (pins and their audit), outside the primary only.
+        local = rstore.local if regional else None
+        self.hub = StageHub(store, feed, queue_size=config.watch_queue, pins=local)
         lag, self.forwarder = await stack.enter_async_context(_open_region(config, topology))
         listed = _regions(config, topology)
         regions = Regions(config.region_name, listed, store, lag=lag, link=self.forwarder)
         locality = Locality(config.region_name, store, self.forwarder, config.min_revision_wait)
-        self.registry = Registry.over(store, regions=[r.name for r in listed])
-        self.fleet = Fleet(store, region=config.region_name)
+        self.pins = Pins(store, local, regions, changed=lambda: self._pins_changed())
+        self.registry = Registry.over(store, regions=[r.name for r in listed], local=local,
+                                      local_events=self.pins.local_events if local else None)
+        self.fleet = Fleet(store, region=config.region_name, local=local)
         add_services(parts, self.registry, hub=self.hub, fleet=self.fleet,
-                     regions=regions, locality=locality,
+                     regions=regions, pins=self.pins, locality=locality,
                      bookmark_interval=config.bookmark_interval)
+        if local is not None and self.forwarder is not None:
+            self.reporter = PinReporter(self.pins, self.forwarder, store,
+                                        region=config.region_name)
         coordinator = None
         if runs_coordinator(config, topology):
             hub = self.hub
@@ -252,6 +265,8 @@ class App:
             children.append(tasks.create_task(endpoint.serve(), name="metrics-endpoint"))
         if coordinator is not None:
             children.append(tasks.create_task(coordinator.run(), name="rollout-coordinator"))
+        if self.reporter is not None:
+            children.append(tasks.create_task(self.reporter.run(), name="break-glass-reporter"))
         alive = (lambda: supervisor.up) if self.etcd is not None else (lambda: True)
         health = tasks.create_task(self._follow_health(parts, alive), name="health")
         children.append(health)
@@ -295,6 +310,10 @@ class App:
         log.info("etcd_started", endpoint=etcd.endpoint, pid=etcd.pid, log=str(etcd.log_path))
         self.etcd = etcd
         return etcd.endpoint
+
+    def _pins_changed(self) -> None:
+        if self.reporter is not None:
+            self.reporter.kick()
 
     async def _etcd_changed(self, _: bool) -> None:
         self._health_wake.set()

@@ -3,7 +3,8 @@
 All writes commit in the primary's etcd (one compare-and-swap there is atomic for every
 region), so a regional server answers reads, watches and the fleet view from its own store and
 hands each mutation of :data:`FORWARDED` to a server of the primary region, over a channel of
-its own and the generated stub of the method's service (``ModelService``, ``RolloutService``).
+its own and the generated stub of the method's service (``ModelService``, ``RolloutService``,
+``RegionService``).
 The interceptor (:mod:`modelreg.server.api.grpc`) does this for every forwarded method in one
 place, after it has authenticated and authorised the caller; no handler knows about regions.
 
@@ -44,16 +45,17 @@ from grpc_status import rpc_status
 from modelreg.server.api.identity import FORWARDED_ACTOR_HEADER, FORWARDED_BY_HEADER
 from modelreg.server.domain.errors import PrimaryUnavailableError
 from modelreg.server.domain.identity import Principal
-from modelreg.v1 import model_service_pb2_grpc, rollout_service_pb2_grpc
+from modelreg.v1 import model_service_pb2_grpc, region_service_pb2_grpc, rollout_service_pb2_grpc
 
 _MODEL = "/modelreg.v1.ModelService/"
 FORWARDED: frozenset[str] = frozenset((*(_MODEL + name for name in (
     "CreateModel", "UpdateModel", "DeleteModel", "CreateModelVersion", "UpdateModelVersion",
     "PromoteVersion", "RollbackStage", "ClearStage",
-)), "/modelreg.v1.RolloutService/CancelRollout"))
-"""The mutations a server outside the primary region forwards: every ModelService and
-RolloutService RPC that writes (``tests/server`` checks that each other RPC of theirs is a
-Get, List or Watch)."""
+)), "/modelreg.v1.RolloutService/CancelRollout", "/modelreg.v1.RegionService/ReportBreakGlass"))
+"""The mutations a server outside the primary region forwards: every ModelService,
+RolloutService and RegionService RPC that writes (``tests/server`` checks that each other RPC
+of theirs is a Get, List or Watch), except break glass (``PinStage``, ``UnpinStage``), which
+a region's own server answers, written in the region's etcd only."""
 
 _STATUS_DETAILS = "grpc-status-details-bin"
 _READY = grpc.ChannelConnectivity.READY
@@ -124,6 +126,8 @@ class _Link:
             "modelreg.v1.ModelService": model_service_pb2_grpc.ModelServiceStub(self.channel),
             "modelreg.v1.RolloutService":
                 rollout_service_pb2_grpc.RolloutServiceStub(self.channel),
+            "modelreg.v1.RegionService":
+                region_service_pb2_grpc.RegionServiceStub(self.channel),
         }
         """The stub of each service with forwarded methods, by full service name."""
 

@@ -46,6 +46,7 @@ from modelreg.server.domain.identity import (
     Permission,
     Principal,
 )
+from modelreg.server.domain.pins import Pins
 from modelreg.server.domain.ports import ModelStore
 from modelreg.server.domain.regions import Regions
 from modelreg.server.domain.registry import Registry
@@ -340,6 +341,7 @@ def add_services(
     hub: StageHub,
     fleet: Fleet,
     regions: Regions,
+    pins: Pins,
     locality: Locality,
     bookmark_interval: float = 10.0,
 ) -> None:
@@ -354,7 +356,8 @@ def add_services(
     watch_service_pb2_grpc.add_WatchServiceServicer_to_server(
         WatchServicer(hub, bookmark_interval=bookmark_interval), server)
     fleet_service_pb2_grpc.add_FleetServiceServicer_to_server(FleetServicer(fleet), server)
-    region_service_pb2_grpc.add_RegionServiceServicer_to_server(RegionServicer(regions), server)
+    region_service_pb2_grpc.add_RegionServiceServicer_to_server(
+        RegionServicer(regions, pins), server)
     rollout_service_pb2_grpc.add_RolloutServiceServicer_to_server(
         RolloutServicer(registry.rollouts), server)
     names = (*(s.full_name for s in SERVICES),

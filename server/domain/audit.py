@@ -1,6 +1,13 @@
-"""The audit trail: every mutation's event, listed newest first with filters."""
+"""The audit trail: every mutation's event, listed newest first with filters.
+
+In a region outside the primary, the listing adds the region's break-glass events that the
+primary has not recorded yet (``pins``): each appears once, from the region until its copy
+from the primary has replicated there, then from the primary's log, under the same id.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from modelreg.server.domain import keys, names, records, validation
 from modelreg.server.domain.errors import InvalidArgumentError
@@ -13,8 +20,14 @@ from modelreg.v1.errors_pb2 import ErrorReason
 class AuditLog:
     """Reads the audit events that mutations write in their own transactions."""
 
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        local_events: Callable[[], Awaitable[list[res.AuditEvent]]] | None = None,
+    ) -> None:
         self._store = store
+        self._local_events = local_events
+        """The region's break-glass events not in the primary's log yet (None: no region)."""
 
     async def list(self, req: svc.ListAuditEventsRequest) -> svc.ListAuditEventsResponse:
         """Events newest first, by model (``parent``), actor and ``[start_time, end_time)``."""
@@ -54,8 +67,27 @@ class AuditLog:
             self._store, start, end, page_size=size, token=req.page_token, reverse=True,
             accept=accept if (model_id or req.actor) else None,
         )
+        listed = [(e.key, decoded(e)) for e in page.entries]
+        token = page.next_token
+        if self._local_events is not None:
+            # Newest first, like the page: a local event belongs on this page if its key lies
+            # in the part of the range the page covered.
+            after = records.decode_token(req.page_token, start, end)
+            low = (records.decode_token(token, start, end) or start) if token else start
+            high = after if after is not None else end
+            seen = {k for k, _ in listed}
+            for event in await self._local_events():
+                key = keys.AUDIT_START + event.name.removeprefix("auditEvents/")
+                if low <= key < high and key not in seen and (
+                        not model_id or event.model == model_id) and (
+                        not req.actor or event.actor == req.actor):
+                    listed.append((key, event))
+            listed.sort(key=lambda item: item[0], reverse=True)
+            if len(listed) > size:
+                listed = listed[:size]
+                token = records.encode_token(listed[-1][0])
         return svc.ListAuditEventsResponse(
-            audit_events=[decoded(e) for e in page.entries],
-            next_page_token=page.next_token,
+            audit_events=[event for _, event in listed],
+            next_page_token=token,
             revision=page.revision,
         )

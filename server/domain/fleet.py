@@ -20,12 +20,13 @@ from modelreg.server.domain import (
     keys,
     names,
     outcomes,
+    pin_view,
     readiness,
     records,
     validation,
 )
 from modelreg.server.domain.errors import InvalidArgumentError, NotFoundError
-from modelreg.server.domain.ports import Entry, Guard, ModelStore, Put, Unchanged
+from modelreg.server.domain.ports import Entry, Guard, LocalStore, ModelStore, Put, Unchanged
 from modelreg.server.domain.transaction import DEFAULT_REGION, now_timestamp
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import resources_pb2 as res
@@ -72,8 +73,11 @@ class Fleet:
     """Node reports, node listings and rollout status."""
 
     def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns, *,
-                 region: str = DEFAULT_REGION) -> None:
+                 region: str = DEFAULT_REGION, local: LocalStore | None = None) -> None:
         self._store = store
+        self._local = local
+        """The region's own store, outside the primary: a stage it pinned (break glass) is
+        committed at the pinned version, for this region's fleet."""
         self._clock = clock
         self._memo = outcomes.Memo()
         self._region = region
@@ -214,6 +218,9 @@ class Fleet:
         entry = snap.get(stage_key)
         pointer = (records.decode(entry, res.StagePointer) if entry is not None
                    else res.StagePointer(name=req.name, etag='"0"'))
+        pin = (await pin_view.served_pins(self._local, model_id)).get(stage)
+        if pin is not None:
+            pointer = pin_view.overlay(pointer, pin)
         page = await self._store.scan(keys.NODES_START, keys.NODES_END, limit=0)
         following: list[tuple[fs.Node, fs.ServedStage]] = []
         for e in page.entries:
@@ -249,6 +256,10 @@ def _summary(stage: str, pointer: res.StagePointer, total: int, counts: Counter[
     target = f"v{pointer.version}" if pointer.version else "nothing"
     text = (f"{stage} -> {target} at revision {revision}; "
             f"{counts.get(pointer.version, 0)}/{total} nodes serve {target}")
+    if pointer.HasField("local_pin"):
+        pin = pointer.local_pin
+        text += (f"; PINNED here (break glass) in {pin.region.removeprefix('regions/')}, "
+                 f"the primary says v{pin.primary_version}")
     if lagging:
         shown = ", ".join(
             f"{n.node_id} ({_served(n, pointer.name)})" for n in lagging[:10])

@@ -54,6 +54,8 @@ class Permission(StrEnum):
     FLEET_READ = "fleet.read"
     FLEET_REPORT = "fleet.report"
     REGIONS_READ = "regions.read"
+    STAGES_PIN = "stages.pin"
+    REGIONS_REPORT = "regions.report"
 
 
 _MODEL = "/modelreg.v1.ModelService/"
@@ -92,6 +94,12 @@ PERMISSIONS: Mapping[str, Permission] = MappingProxyType({
     "/modelreg.v1.RolloutService/CancelRollout": _P.STAGES_PROMOTE,
     "/modelreg.v1.RegionService/ListRegions": _P.REGIONS_READ,
     "/modelreg.v1.RegionService/GetRegionStatus": _P.REGIONS_READ,
+    # Break glass overrides what a region serves, whatever the primary says: a right of its
+    # own, for pinning and clearing alike.
+    "/modelreg.v1.RegionService/PinStage": _P.STAGES_PIN,
+    "/modelreg.v1.RegionService/UnpinStage": _P.STAGES_PIN,
+    # A region's servers recording its break-glass events in the primary's audit log.
+    "/modelreg.v1.RegionService/ReportBreakGlass": _P.REGIONS_REPORT,
 })
 """The one table of RPC → permission: every RPC of ``modelreg.v1``, by its full method path.
 

@@ -13,6 +13,8 @@ key                                                    value (protobuf, ``modelr
 ``outcomes/{model}/{stage}/{version:012d}/served``     ``StageOutcome`` (a node served it there)
 ``outcomes/{model}/{stage}/{version:012d}/failed``     ``StageOutcome`` (a node failed it there)
 ``rollouts/{model}/{stage}/{id:012d}``                 ``Rollout`` (a governed stage's move)
+``pins/{model}/{stage}``                               ``StoredPin`` (break glass; region-local)
+``localaudit/{unix_nanos:020d}-{random:08x}``          ``StoredLocalEvent`` (region-local audit)
 =====================================================  ==========================================
 
 Every per-model key ends its model part with ``/`` so one model's range never covers another
@@ -27,6 +29,12 @@ make "served in this stage" and "refused in this stage" facts a rollback can rel
 Rollout records are numbered per stage by the pointer's ``rollout_count`` (the start of a
 rollout writes both in one transaction), so the newest is last in key order; deleting a model
 deletes its rollouts with one range delete, like its versions and history.
+
+The last two live only in a regional etcd (``modelreg.replication.layout.LOCAL_FAMILIES``):
+a region's break-glass pins and their audit events (``modelreg.server.domain.pins``). A local
+event keeps its id when the region reports it: it becomes ``audit/{same id}`` on the primary,
+so a report is recorded once however often it is sent. Pins are never deleted either (a
+cleared pin stays as a record saying so), for the same reason as pointers below.
 
 Stage pointer keys are never deleted: emptying a stage (``ClearStage``) writes a pointer to
 version 0, and deleting a model (allowed only while every stage is empty) resets each of its
@@ -154,3 +162,21 @@ def rollout(model_id: str, stage_id: str, rollout_id: int) -> str:
 def rollouts_prefix(model_id: str, stage_id: str | None = None) -> str:
     """Prefix of the rollouts of one stage, or of every stage of a model."""
     return f"rollouts/{model_id}/" if stage_id is None else f"rollouts/{model_id}/{stage_id}/"
+
+
+def pin(model_id: str, stage_id: str) -> str:
+    """Key of a region's break-glass pin of a stage (region-local)."""
+    return f"pins/{model_id}/{stage_id}"
+
+
+PINS_START = "pins/"
+PINS_END = "pins0"
+
+
+def local_audit(unix_nanos: int, suffix: int) -> str:
+    """Key of a region-local audit event; its id is that of ``audit`` with the same arguments."""
+    return f"localaudit/{unix_nanos:020d}-{suffix:08x}"
+
+
+LOCAL_AUDIT_START = "localaudit/"
+LOCAL_AUDIT_END = "localaudit0"

@@ -313,3 +313,69 @@ class LagSource(Protocol):
 
         """
         ...
+
+
+@dataclass(frozen=True)
+class LocalChange:
+    """A region-local key as its region's etcd holds it (or deleted: ``value`` None).
+
+    ``position`` orders the region's own writes: an opaque number that is no revision of the
+    deployment. It stays inside the server (a watch of the region-local keys resumes from it)
+    and never reaches a client, whose revisions are the primary's only.
+    """
+
+    key: str
+    value: bytes | None
+    position: int
+
+
+@dataclass(frozen=True)
+class LocalRead:
+    """Region-local keys of a range, read at one position of the region's etcd."""
+
+    entries: Sequence[LocalChange]
+    position: int
+    """The position of the read: every change of the range up to it is in ``entries``."""
+    applied: int
+    """The primary revision the region had applied at the read."""
+
+
+class LocalStore(Protocol):
+    """The keys only a region's own etcd holds: its break-glass pins and their audit events.
+
+    Written by the region's servers, never replicated, and reachable with the primary down:
+    a guarded Txn in the regional etcd, as every mutation is, but compared on values (a
+    region-local key has no primary revision to compare).
+    """
+
+    region: str
+    """The region (``eu``) whose etcd this is."""
+
+    async def read_local(self, start: str, end: str) -> LocalRead:
+        """Every region-local key of ``[start, end)``, in key order, at one position.
+
+        Raises:
+            UnavailableError: The region's etcd cannot be read (or holds no replica yet).
+
+        """
+        ...
+
+    async def commit_local(
+        self, expect: Mapping[str, bytes | None], writes: Sequence[Put]
+    ) -> int | None:
+        """Puts ``writes`` if every key of ``expect`` still holds that value (None: absent).
+
+        One Txn in the region's etcd. Returns the primary revision the region had applied at
+        the commit, or None when a guard failed (nothing written).
+        """
+        ...
+
+    def watch_local(
+        self, start: str, end: str, from_position: int
+    ) -> AsyncIterator[list[LocalChange]]:
+        """The changes of ``[start, end)`` after ``from_position``, one list per Txn, in order.
+
+        Raises ``CompactedError`` when the region's etcd no longer has them (read again) and
+        ``UnavailableError`` when it cannot be reached or stops answering.
+        """
+        ...

@@ -111,12 +111,37 @@ class Regions:
             status.lag.update_time.FromMilliseconds(written_ms)
         return rs.GetRegionStatusResponse(region_status=status, revision=applied)
 
-    def _check_name(self, name: str) -> None:
+    @property
+    def own(self) -> RegionInfo:
+        """This server's region."""
+        return self._own
+
+    @property
+    def primary(self) -> RegionInfo:
+        """The primary region."""
+        return self._primary
+
+    def known(self, name: str) -> bool:
+        """Whether ``name`` (``regions/{region}``) is a region of the topology."""
+        return any(PREFIX + r.name == name for r in self._regions)
+
+    def check_own(self, name: str, field: str = "name") -> None:
+        """Refuses a ``regions/{region}`` that is not this server's (empty means this one).
+
+        Raises:
+            InvalidArgumentError: ``name`` is no region name.
+            NotFoundError: No region of the topology has that name.
+            FailedPreconditionError: NOT_THIS_REGION, naming that region's servers.
+
+        """
+        self._check_name(name, field)
+
+    def _check_name(self, name: str, field: str = "name") -> None:
         if not name:
             return
         region = name.removeprefix(PREFIX)
         if not name.startswith(PREFIX) or not region:
-            raise InvalidArgumentError.field("name", "must be regions/{region}, e.g. regions/eu")
+            raise InvalidArgumentError.field(field, "must be regions/{region}, e.g. regions/eu")
         if region == self._own.name:
             return
         other = next((r for r in self._regions if r.name == region), None)

@@ -14,6 +14,14 @@ follows one ``ChangeFeed`` on the ``stages/`` range and keeps:
 
 If the feed fails the hub resumes from its revision + 1 with backoff; if that revision was
 compacted it reloads the pointers and sends every stream a reset snapshot.
+
+In a region outside the primary the hub also follows the region's break-glass pins
+(:mod:`~modelreg.server.domain.hub_pins`): a pinned stage is served at the pinned version
+(``pin_view.overlay``) in snapshots and changes, and setting or clearing a pin sends the
+streams that select the stage a CHANGES message flagged ``local_change`` at the hub's revision
+(a region-local change, applied by the watcher even if it has reached that revision). A stream
+that resumes while a pin touches its selection opens with a ``reset`` snapshot: a replay of the
+primary's changes cannot tell it about the pins.
 """
 
 from __future__ import annotations
@@ -28,13 +36,15 @@ from typing import TypeAlias
 
 import structlog
 
-from modelreg.server.domain import keys, records
+from modelreg.server.domain import keys, pin_view, records
 from modelreg.server.domain.errors import OutOfRangeError, UnavailableError
+from modelreg.server.domain.hub_pins import HubPins
 from modelreg.server.domain.ports import (
     Batch,
     ChangeFeed,
     CompactedError,
     Entry,
+    LocalStore,
     ModelStore,
     Progress,
 )
@@ -113,9 +123,11 @@ class StageHub:
         *,
         buffer_size: int = 10_000,
         queue_size: int = 256,
+        pins: LocalStore | None = None,
     ) -> None:
         self._store = store
         self._feed = feed
+        self._pins = HubPins(pins) if pins is not None else None
         self._buffer: deque[Batch] = deque(maxlen=buffer_size)
         self._covered_from = 1
         """The buffer holds every stage change with a revision at or after this one."""
@@ -141,7 +153,15 @@ class StageHub:
         self._covered_from = self.revision + 1
 
     async def run(self) -> None:
-        """Follows etcd until cancelled, reconnecting with jittered backoff."""
+        """Follows etcd (and the region's pins) until cancelled, reconnecting with backoff."""
+        if self._pins is None:
+            await self._follow()
+            return
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._pins.run(lambda: self.revision, self._pin_changed))
+            tasks.create_task(self._follow())
+
+    async def _follow(self) -> None:
         delay = 0.1
         loaded = False
         while True:
@@ -152,6 +172,8 @@ class StageHub:
                         self.resets += 1
                         self._reset_all()
                     loaded = True
+                    if self._pins is not None:
+                        await self._pins.loaded.wait()
                     self.ready.set()
                     log.info("stage_hub_loaded", revision=self.revision,
                              pointers=len(self._pointers))
@@ -170,18 +192,24 @@ class StageHub:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 5.0)
 
+    def _served(self, key: str) -> res.StagePointer | None:
+        """The pointer under ``key`` as this region serves it (pinned or not)."""
+        pointer = self._pointers.get(key)
+        pin = self._pins.active.get(key) if self._pins is not None else None
+        return pin_view.overlay(pointer, pin) if pointer is not None and pin else pointer
+
     def _apply(self, batch: Batch) -> None:
         changes: list[tuple[str, ws.StageChange]] = []
         for change in batch.changes:
-            old = self._pointers.get(change.key)
+            old = self._served(change.key)
             if change.value is None:
                 self._pointers.pop(change.key, None)
                 changes.append((change.key, ws.StageChange(
                     stage=res.StagePointer(name=_name(change.key)),
                     from_version=old.version if old else 0, deleted=True)))
             else:
-                pointer = _pointer(change.key, change.value, batch.revision)
-                self._pointers[change.key] = pointer
+                self._pointers[change.key] = _pointer(change.key, change.value, batch.revision)
+                pointer = self._served(change.key)
                 changes.append((change.key, ws.StageChange(
                     stage=pointer, from_version=old.version if old else 0)))
         self._advance(batch.revision)
@@ -206,6 +234,20 @@ class StageHub:
             if message is not None:
                 self._offer(sub, message)
 
+    def _pin_changed(self, key: str, before: res.LocalPin | None, after: res.LocalPin | None,
+                     _: int) -> None:
+        """A pin was set, moved or cleared: every stream selecting the stage is told now."""
+        pointer = self._pointers.get(key)
+        if pointer is None:
+            return  # no pointer to serve pinned; a snapshot shows it once there is one
+        old = pin_view.overlay(pointer, before) if before is not None else pointer
+        change = ws.StageChange(stage=self._served(key), from_version=old.version)
+        for sub in self._subs:
+            if not sub.overflowed and sub.selector.matches(key):
+                self._offer(sub, Message(type=ws.WATCH_MESSAGE_TYPE_CHANGES, local_change=True,
+                                         revision=max(self.revision, sub.after),
+                                         changes=[change]))
+
     def _offer(self, sub: Subscription, message: Message) -> None:
         try:
             sub.queue.put_nowait(message)
@@ -224,7 +266,8 @@ class StageHub:
 
     def snapshot(self, selector: Selector, *, reset: bool = False) -> Message:
         """Every selected pointer at the hub's revision."""
-        pointers = [p for k, p in sorted(self._pointers.items()) if selector.matches(k)]
+        pointers = [p for k in sorted(self._pointers)
+                    if selector.matches(k) and (p := self._served(k)) is not None]
         return Message(type=ws.WATCH_MESSAGE_TYPE_SNAPSHOT, revision=self.revision,
                         reset=reset, snapshot=pointers)
 
@@ -254,15 +297,18 @@ class StageHub:
             await self.catch_up()
             self._skip_through(sub, self.revision)  # the snapshot covers what was queued
             return [self.snapshot(sub.selector)]
+        if self._pins is not None:
+            await self._pins.catch_up()  # a pin written before the request is known here
+        if self._pins is not None and self._pins.touched(sub.selector.matches,
+                                                         start_revision - 1):
+            if start_revision - 1 > self.revision:  # a snapshot the client is not ahead of
+                await self._not_future(start_revision)
+                await self._reach(start_revision - 1)
+            self._skip_through(sub, self.revision)
+            return [self.snapshot(sub.selector, reset=True)]
         if start_revision > sub.after:
             if start_revision > sub.after + 1:
-                _, current = await self._feed.latest(STAGES_START, STAGES_END)
-                if start_revision > current + 1:
-                    raise OutOfRangeError(
-                        "start_revision",
-                        f"is past the store's current revision {current}; resume from at "
-                        f"most {current + 1} (a revision this deployment handed out, plus 1)",
-                        reason=ErrorReason.REVISION_IN_FUTURE, revision=str(current))
+                await self._not_future(start_revision)
                 self._skip_through(sub, start_revision - 1)
             return []
         if start_revision >= self._covered_from:
@@ -277,6 +323,16 @@ class StageHub:
                 return [self.snapshot(sub.selector, reset=True)]
         return [m for b in batches if (m := self._message(sub.selector, b)) is not None]
 
+    async def _not_future(self, start_revision: int) -> None:
+        """Refuses a ``start_revision`` more than one past the store's current revision."""
+        _, current = await self._feed.latest(STAGES_START, STAGES_END)
+        if start_revision > current + 1:
+            raise OutOfRangeError(
+                "start_revision",
+                f"is past the store's current revision {current}; resume from at "
+                f"most {current + 1} (a revision this deployment handed out, plus 1)",
+                reason=ErrorReason.REVISION_IN_FUTURE, revision=str(current))
+
     async def catch_up(self) -> None:
         """Waits until the hub reflects every stage change committed before this call.
 
@@ -286,14 +342,21 @@ class StageHub:
         to ``H``, so the hub's revision may move on to ``H``.
         """
         last, current = await self._latest_from_now()
+        await self._reach(last)
+        self._advance(current)
+        if self._pins is not None:
+            await self._pins.catch_up()
+
+    async def _reach(self, revision: int) -> None:
+        """Waits until the hub has applied ``revision`` (at most ``CATCH_UP_TIMEOUT``)."""
         try:
             async with asyncio.timeout(CATCH_UP_TIMEOUT):
-                while self.revision < last:
+                while self.revision < revision:
                     await self._moved.wait()
         except TimeoutError:
             raise UnavailableError(
-                f"the watch cache is behind etcd (at {self.revision}, etcd at {last})") from None
-        self._advance(current)
+                f"the watch cache is behind etcd (at {self.revision}, etcd at {revision})"
+            ) from None
 
     async def _latest_from_now(self) -> tuple[int, int]:
         """``feed.latest`` of the stages, read after this call began.

@@ -16,12 +16,16 @@ past it.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+
 from modelreg.server.domain import (
     keys,
     lifecycle,
     moves,
     names,
     outcomes,
+    pin_view,
     records,
     rollouts,
     validation,
@@ -31,8 +35,15 @@ from modelreg.server.domain.errors import (
     NotFoundError,
     RolloutInProgressError,
 )
-from modelreg.server.domain.ports import Put, Unchanged
-from modelreg.server.domain.transaction import Call, Decide, Operations, Plan, Reader
+from modelreg.server.domain.ports import LocalStore, ModelStore, Put, Unchanged
+from modelreg.server.domain.transaction import (
+    DEFAULT_REGION,
+    Call,
+    Decide,
+    Operations,
+    Plan,
+    Reader,
+)
 from modelreg.v1 import model_service_pb2 as svc
 from modelreg.v1 import resources_pb2 as res
 
@@ -50,7 +61,7 @@ def _check_move(req: MoveRequest) -> None:
     v.raise_if_any()
 
 
-async def _fleet_record(
+async def fleet_record(
     r: Reader, model_id: str, stage: str, versions: list[int]
 ) -> outcomes.FleetRecord:
     """The outcome records of ``versions`` in ``stage``: one range read, guarded whole."""
@@ -65,7 +76,17 @@ async def _fleet_record(
 
 
 class Stages(Operations):
-    """Operations on stage pointers."""
+    """Operations on stage pointers.
+
+    ``local`` is the region-local store of a server outside the primary region: its reads
+    show a stage the region pinned (break glass, ``pins``) at the pinned version.
+    """
+
+    def __init__(self, store: ModelStore, clock: Callable[[], int] = time.time_ns, *,
+                 regions: Sequence[str] = (DEFAULT_REGION,),
+                 local: LocalStore | None = None) -> None:
+        super().__init__(store, clock, regions=regions)
+        self._local = local
 
     async def _model(self, r: Reader, model_id: str) -> res.RegisteredModel:
         entry = await r.get(keys.model(model_id))
@@ -84,9 +105,11 @@ class Stages(Operations):
         lifecycle.check_stage_declared(
             records.decode(model_entry, res.RegisteredModel), stage, "name"
         )
-        return svc.GetStageResponse(
-            stage=_pointer(snap.get(stage_key), model_id, stage), revision=snap.revision
-        )
+        pointer = _pointer(snap.get(stage_key), model_id, stage)
+        pin = (await pin_view.served_pins(self._local, model_id)).get(stage)
+        if pin is not None:
+            pointer = pin_view.overlay(pointer, pin)
+        return svc.GetStageResponse(stage=pointer, revision=snap.revision)
 
     async def list(self, req: svc.ListStagesRequest) -> svc.ListStagesResponse:
         """Every stage of a model, built-in and declared, with what each points at."""
@@ -98,8 +121,12 @@ class Stages(Operations):
         )
         found = {e.key.removeprefix(prefix): e for e in page.entries}
         stages = [*validation.BUILTIN_STAGES, *model.custom_stages]
+        pinned = await pin_view.served_pins(self._local, model_id)
+        pointers = [_pointer(found.get(s), model_id, s) for s in stages]
         return svc.ListStagesResponse(
-            stages=[_pointer(found.get(s), model_id, s) for s in stages], revision=page.revision
+            stages=[pin_view.overlay(p, pinned[s]) if s in pinned else p
+                    for s, p in zip(stages, pointers, strict=True)],
+            revision=page.revision,
         )
 
     async def promote(
@@ -218,7 +245,7 @@ class Stages(Operations):
                 c for c, e in zip(candidates, versions, strict=True)
                 if e is None or res.ModelVersion.FromString(e.value).HasField("sunset_time")
             }
-            fleet = await _fleet_record(r, model_id, stage, [old.version, *candidates])
+            fleet = await fleet_record(r, model_id, stage, [old.version, *candidates])
             move = lifecycle.rollback(
                 model_id,
                 stage,

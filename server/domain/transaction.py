@@ -103,6 +103,11 @@ class Plan:
     earlier_audit: list[resources_pb2.AuditEvent] = field(default_factory=list)
     """Further events of the same change, listed just before ``audit`` (e.g. the abort of a
     rollout that an emergency rollback supersedes); filled in like ``audit``."""
+    audit_key: str = ""
+    """Set when ``audit`` records a change made elsewhere first (a region's break glass,
+    ``modelreg.server.domain.pins``): the event is written under this key as it is, keeping
+    its name, actor and time, so that one event is recorded once however often it arrives
+    (the decision reads the key, which guards it)."""
 
 
 class Reader:
@@ -209,6 +214,9 @@ async def run_mutation(
         # nanosecond less each, so they sort just below it.
         events = [(unix_nanos, plan.audit)] + [
             (unix_nanos - 1 - i, e) for i, e in enumerate(plan.earlier_audit)]
+        if plan.audit_key:
+            writes.append(Put(plan.audit_key, plan.audit.SerializeToString()))
+            events = events[1:]
         for nanos, audit in events:
             audit_key = keys.audit(nanos, random.getrandbits(32))
             audit.name = "auditEvents/" + audit_key.removeprefix(keys.AUDIT_START)

@@ -18,6 +18,8 @@ replicated (all but the below)    read from the region's current generation at o
                                   and read in the same cut as the replica; they have no primary
                                   revision, so they are reported as of the cut (``mod_revision``
                                   = its applied revision). Commits may not touch them.
+``pins/``, ``localaudit/``        break glass: region-local too, written only through
+(``REGION_HELD``)                 ``local`` (:mod:`~modelreg.server.store.regional_local`)
 ``requests/`` (``PRIMARY_HELD``)  idempotency records: local to the primary, where the mutation
                                   engine writes them in the mutation's own Txn, so they are
                                   read there too (a retried request finds its first answer)
@@ -66,6 +68,7 @@ from modelreg.server.domain.ports import (
 )
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.server.store.regional_keys import REGION_HELD, Source, segments, source
+from modelreg.server.store.regional_local import RegionLocal
 from modelreg.server.store.regional_replica import Cut, Replica, unavailable
 
 log = structlog.get_logger(__name__)
@@ -125,6 +128,8 @@ class RegionalStore:
         etcd = Etcd(region, timeout=timeout, username=region_username, password=region_password)
         self.replica = Replica(etcd, (region_prefix or prefix).encode(), region_name)
         """The regional etcd as the replicator's layout reads it (the change feed uses it)."""
+        self.local = RegionLocal(self.replica)
+        """The keys only this region's etcd holds: break-glass pins and their audit."""
         self.wait_timeout = wait_timeout
 
     @property

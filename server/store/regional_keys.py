@@ -13,9 +13,11 @@ import enum
 from modelreg.replication import layout
 from modelreg.server.domain import keys as key_schema
 
-REGION_HELD: tuple[str, ...] = (key_schema.NODES_START,)
+REGION_HELD: tuple[str, ...] = (key_schema.NODES_START, key_schema.PINS_START,
+                                 key_schema.LOCAL_AUDIT_START)
 """Region-local families kept in the regional etcd: node reports describe their own region and
-live on leases of its cluster."""
+live on leases of its cluster; break-glass pins and their audit events are written there, and
+only there, by the region's servers (``modelreg.server.store.regional_local``)."""
 PRIMARY_HELD: tuple[str, ...] = tuple(
     f.decode() for f in layout.LOCAL_FAMILIES if f.decode() not in REGION_HELD)
 """The other region-local families (idempotency records): the mutation engine writes them in

@@ -251,7 +251,9 @@ class TestFlagNames:
             fields |= set(message.fields_by_name)
             pending += message.nested_types
         cli_only = {"help", "target", "timeout", "json", "artifact", "limit", "bookmarks",
-                    "no_wait"}
+                    # promote --no-wait (do not follow the rollout), rollback --local
+                    # (break glass: PinStage)
+                    "no_wait", "local"}
 
         def is_field(name: str) -> bool:
             return name in fields or f"{name}s" in fields

@@ -345,8 +345,9 @@ class TestSyncClient:
 
         assert surface(RegistryClient) == surface(AsyncRegistryClient)
         # + clear_stage, delete_node (issue 14); list_regions, iter_regions, region_status (8);
-        # get_rollout, list_rollouts, iter_rollouts, watch_rollout, cancel_rollout (9)
-        assert len(surface(RegistryClient)) == 34
+        # get_rollout, list_rollouts, iter_rollouts, watch_rollout, cancel_rollout, and break
+        # glass's pin_stage, unpin_stage (9)
+        assert len(surface(RegistryClient)) == 36
 
     async def test_errors_and_retries(self, service: tuple[FakeService, str]) -> None:
         """The blocking client decodes rich errors and retries reads like the async one."""

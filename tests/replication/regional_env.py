@@ -68,19 +68,28 @@ async def hub_over(store: RegionalStore) -> AsyncIterator[tuple[StageHub, Stream
     stream = Stream(hub)
     sub = hub.subscribe(Selector())
 
+    opened = asyncio.Event()
+
     async def record() -> None:
         await hub.ready.wait()
         stream.messages.extend(await hub.opening(sub, 0))
+        opened.set()
         while True:
             stream.messages.append(await sub.get())
 
     recorder = asyncio.create_task(record())
+    waiter = asyncio.ensure_future(opened.wait())
     try:
         async with asyncio.timeout(60):
-            await hub.ready.wait()
+            # The opening snapshot first: a change the test makes after this block is entered
+            # then comes as a change, never folded into the snapshot.
+            await asyncio.wait([recorder, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if recorder.done():
+            recorder.result()  # the opening failed: say why
         yield hub, stream
     finally:
-        for task in (recorder, runner):
+        for task in (waiter, recorder, runner):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # a recorder that failed (its stream overflowed) fails the test

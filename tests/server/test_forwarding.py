@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 from modelreg.server.api.forward import FORWARDED
 from modelreg.server.api.identity import FORWARDED_ACTOR_HEADER, FORWARDED_BY_HEADER
 from modelreg.v1 import model_service_pb2 as svc
+from modelreg.v1 import region_service_pb2, rollout_service_pb2, watch_service_pb2_grpc
 from modelreg.v1 import resources_pb2 as res
-from modelreg.v1 import rollout_service_pb2, watch_service_pb2_grpc
 from modelreg.v1 import watch_service_pb2 as ws
 from tests.helpers import MODEL, PARENT, error_info, make_model, stage
 from tests.server.forward_env import address, deployment
@@ -158,15 +158,18 @@ class TestForwardedMutations:
         assert len(history.entries) == 1
 
     async def test_every_mutation_is_forwarded_and_nothing_else(self):
-        """The forwarded table holds exactly the ModelService and RolloutService RPCs that are
-        no Get, List or Watch, so a new mutation cannot be answered from a regional store by
-        mistake.
+        """The forwarded table holds exactly the ModelService, RolloutService and RegionService
+        RPCs that are no Get, List or Watch, so a new mutation cannot be answered from a
+        regional store by mistake; the one exception is break glass (PinStage, UnpinStage),
+        which a region's own server answers by design.
         """
         services = (svc.DESCRIPTOR.services_by_name["ModelService"],
-                    rollout_service_pb2.DESCRIPTOR.services_by_name["RolloutService"])
+                    rollout_service_pb2.DESCRIPTOR.services_by_name["RolloutService"],
+                    region_service_pb2.DESCRIPTOR.services_by_name["RegionService"])
         writes = {f"/{service.full_name}/{m.name}" for service in services
                   for m in service.methods if not m.name.startswith(("Get", "List", "Watch"))}
-        assert writes == FORWARDED and len(FORWARDED) == 9
+        local = {"/modelreg.v1.RegionService/PinStage", "/modelreg.v1.RegionService/UnpinStage"}
+        assert writes - local == FORWARDED and len(FORWARDED) == 10
 
     async def test_the_primary_region_commits_itself(self, regions):
         """The primary's servers have no forwarder: they commit as a server without regions."""

@@ -14,6 +14,7 @@ class TestRouting:
         """
         assert {f.encode() for f in REGION_HELD + PRIMARY_HELD} == set(layout.LOCAL_FAMILIES)
         assert source(keys.node("n1")) is Source.REGION
+        assert source(keys.pin("m", "s")) is source(keys.local_audit(1, 2)) is Source.REGION
         assert source(keys.request("r1")) is Source.PRIMARY
         for key in (keys.model("m"), keys.stage("m", "s"), keys.version("m", 1), "nodes"):
             assert source(key) is Source.REPLICA
@@ -23,8 +24,10 @@ class TestRouting:
         range inside one family stays whole.
         """
         assert segments("a", "z") == [
-            (Source.REPLICA, "a", "nodes/"), (Source.REGION, "nodes/", "nodes0"),
-            (Source.REPLICA, "nodes0", "requests/"), (Source.PRIMARY, "requests/", "requests0"),
+            (Source.REPLICA, "a", "localaudit/"), (Source.REGION, "localaudit/", "localaudit0"),
+            (Source.REPLICA, "localaudit0", "nodes/"), (Source.REGION, "nodes/", "nodes0"),
+            (Source.REPLICA, "nodes0", "pins/"), (Source.REGION, "pins/", "pins0"),
+            (Source.REPLICA, "pins0", "requests/"), (Source.PRIMARY, "requests/", "requests0"),
             (Source.REPLICA, "requests0", "z"),
         ]
         assert segments("nodes/a", "nodes/b") == [(Source.REGION, "nodes/a", "nodes/b")]

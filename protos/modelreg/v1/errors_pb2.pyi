@@ -101,6 +101,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the rollout has already committed or aborted (`state` in the
     metadata); it cannot be cancelled.
     """
+    NOT_A_REGIONAL_SERVER: _ErrorReason.ValueType  # 40
+    """FAILED_PRECONDITION: break glass (RegionService.PinStage, UnpinStage) is for a region
+    outside the primary, answered by that region's own server: this server commits on the
+    primary (use RollbackStage) or reads no region-local store of its own.
+    """
+    STAGE_NOT_PINNED: _ErrorReason.ValueType  # 41
+    """FAILED_PRECONDITION: the stage is not pinned in this region; there is nothing to clear."""
     USAGE: _ErrorReason.ValueType  # 28
     """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
     input it refused before sending anything, so `--json` errors have one vocabulary.
@@ -197,6 +204,13 @@ ROLLOUT_DONE: ErrorReason.ValueType  # 33
 """FAILED_PRECONDITION: the rollout has already committed or aborted (`state` in the
 metadata); it cannot be cancelled.
 """
+NOT_A_REGIONAL_SERVER: ErrorReason.ValueType  # 40
+"""FAILED_PRECONDITION: break glass (RegionService.PinStage, UnpinStage) is for a region
+outside the primary, answered by that region's own server: this server commits on the
+primary (use RollbackStage) or reads no region-local store of its own.
+"""
+STAGE_NOT_PINNED: ErrorReason.ValueType  # 41
+"""FAILED_PRECONDITION: the stage is not pinned in this region; there is nothing to clear."""
 USAGE: ErrorReason.ValueType  # 28
 """Never sent by the server: the `modelreg` CLI's reason (code INVALID_ARGUMENT, exit 2) for
 input it refused before sending anything, so `--json` errors have one vocabulary.

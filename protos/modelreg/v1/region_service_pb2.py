@@ -23,29 +23,42 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from modelreg.v1 import resources_pb2 as modelreg_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n modelreg/v1/region_service.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\x08\x12\x0f\n\x07servers\x18\x03 \x03(\t\";\n\x12ListRegionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x13ListRegionsResponse\x12$\n\x07regions\x18\x01 \x03(\x0b\x32\x13.modelreg.v1.Region\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\"&\n\x16GetRegionStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x17GetRegionStatusResponse\x12\x30\n\rregion_status\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.RegionStatus\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\xa4\x01\n\x0cRegionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\x08\x12\x16\n\x0eprimary_region\x18\x03 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x04 \x01(\x03\x12\x19\n\x11primary_reachable\x18\x05 \x01(\x08\x12(\n\x03lag\x18\x06 \x01(\x0b\x32\x1b.modelreg.v1.ReplicationLag\"\x90\x01\n\x0eReplicationLag\x12\x11\n\trevisions\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x18\n\x10primary_revision\x18\x03 \x01(\x03\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63urrent\x18\x05 \x01(\x08\x32\xbf\x01\n\rRegionService\x12P\n\x0bListRegions\x12\x1f.modelreg.v1.ListRegionsRequest\x1a .modelreg.v1.ListRegionsResponse\x12\\\n\x0fGetRegionStatus\x12#.modelreg.v1.GetRegionStatusRequest\x1a$.modelreg.v1.GetRegionStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n modelreg/v1/region_service.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmodelreg/v1/resources.proto\"8\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\x08\x12\x0f\n\x07servers\x18\x03 \x03(\t\";\n\x12ListRegionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x13ListRegionsResponse\x12$\n\x07regions\x18\x01 \x03(\x0b\x32\x13.modelreg.v1.Region\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\"&\n\x16GetRegionStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x17GetRegionStatusResponse\x12\x30\n\rregion_status\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.RegionStatus\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\xa4\x01\n\x0cRegionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\x08\x12\x16\n\x0eprimary_region\x18\x03 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x04 \x01(\x03\x12\x19\n\x11primary_reachable\x18\x05 \x01(\x08\x12(\n\x03lag\x18\x06 \x01(\x0b\x32\x1b.modelreg.v1.ReplicationLag\"\x90\x01\n\x0eReplicationLag\x12\x11\n\trevisions\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x18\n\x10primary_revision\x18\x03 \x01(\x03\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63urrent\x18\x05 \x01(\x08\"\x7f\n\x0fPinStageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x12\n\nto_version\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x16\n\x0e\x61llow_unserved\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\xac\x01\n\x10PinStageResponse\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.StagePointer\x12.\n\x07skipped\x18\x02 \x03(\x0b\x32\x1d.modelreg.v1.SkippedCandidate\x12,\n\x0b\x61udit_event\x18\x03 \x01(\x0b\x32\x17.modelreg.v1.AuditEvent\x12\x10\n\x08revision\x18\x04 \x01(\x03\"U\n\x11UnpinStageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xaa\x01\n\x12UnpinStageResponse\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.StagePointer\x12*\n\x0b\x63leared_pin\x18\x02 \x01(\x0b\x32\x15.modelreg.v1.LocalPin\x12,\n\x0b\x61udit_event\x18\x03 \x01(\x0b\x32\x17.modelreg.v1.AuditEvent\x12\x10\n\x08revision\x18\x04 \x01(\x03\"G\n\x17ReportBreakGlassRequest\x12,\n\x0b\x61udit_event\x18\x01 \x01(\x0b\x32\x17.modelreg.v1.AuditEvent\"Z\n\x18ReportBreakGlassResponse\x12,\n\x0b\x61udit_event\x18\x01 \x01(\x0b\x32\x17.modelreg.v1.AuditEvent\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xb8\x03\n\rRegionService\x12P\n\x0bListRegions\x12\x1f.modelreg.v1.ListRegionsRequest\x1a .modelreg.v1.ListRegionsResponse\x12\\\n\x0fGetRegionStatus\x12#.modelreg.v1.GetRegionStatusRequest\x1a$.modelreg.v1.GetRegionStatusResponse\x12G\n\x08PinStage\x12\x1c.modelreg.v1.PinStageRequest\x1a\x1d.modelreg.v1.PinStageResponse\x12M\n\nUnpinStage\x12\x1e.modelreg.v1.UnpinStageRequest\x1a\x1f.modelreg.v1.UnpinStageResponse\x12_\n\x10ReportBreakGlass\x12$.modelreg.v1.ReportBreakGlassRequest\x1a%.modelreg.v1.ReportBreakGlassResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelreg.v1.region_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGION']._serialized_start=82
-  _globals['_REGION']._serialized_end=138
-  _globals['_LISTREGIONSREQUEST']._serialized_start=140
-  _globals['_LISTREGIONSREQUEST']._serialized_end=199
-  _globals['_LISTREGIONSRESPONSE']._serialized_start=201
-  _globals['_LISTREGIONSRESPONSE']._serialized_end=301
-  _globals['_GETREGIONSTATUSREQUEST']._serialized_start=303
-  _globals['_GETREGIONSTATUSREQUEST']._serialized_end=341
-  _globals['_GETREGIONSTATUSRESPONSE']._serialized_start=343
-  _globals['_GETREGIONSTATUSRESPONSE']._serialized_end=436
-  _globals['_REGIONSTATUS']._serialized_start=439
-  _globals['_REGIONSTATUS']._serialized_end=603
-  _globals['_REPLICATIONLAG']._serialized_start=606
-  _globals['_REPLICATIONLAG']._serialized_end=750
-  _globals['_REGIONSERVICE']._serialized_start=753
-  _globals['_REGIONSERVICE']._serialized_end=944
+  _globals['_REGION']._serialized_start=111
+  _globals['_REGION']._serialized_end=167
+  _globals['_LISTREGIONSREQUEST']._serialized_start=169
+  _globals['_LISTREGIONSREQUEST']._serialized_end=228
+  _globals['_LISTREGIONSRESPONSE']._serialized_start=230
+  _globals['_LISTREGIONSRESPONSE']._serialized_end=330
+  _globals['_GETREGIONSTATUSREQUEST']._serialized_start=332
+  _globals['_GETREGIONSTATUSREQUEST']._serialized_end=370
+  _globals['_GETREGIONSTATUSRESPONSE']._serialized_start=372
+  _globals['_GETREGIONSTATUSRESPONSE']._serialized_end=465
+  _globals['_REGIONSTATUS']._serialized_start=468
+  _globals['_REGIONSTATUS']._serialized_end=632
+  _globals['_REPLICATIONLAG']._serialized_start=635
+  _globals['_REPLICATIONLAG']._serialized_end=779
+  _globals['_PINSTAGEREQUEST']._serialized_start=781
+  _globals['_PINSTAGEREQUEST']._serialized_end=908
+  _globals['_PINSTAGERESPONSE']._serialized_start=911
+  _globals['_PINSTAGERESPONSE']._serialized_end=1083
+  _globals['_UNPINSTAGEREQUEST']._serialized_start=1085
+  _globals['_UNPINSTAGEREQUEST']._serialized_end=1170
+  _globals['_UNPINSTAGERESPONSE']._serialized_start=1173
+  _globals['_UNPINSTAGERESPONSE']._serialized_end=1343
+  _globals['_REPORTBREAKGLASSREQUEST']._serialized_start=1345
+  _globals['_REPORTBREAKGLASSREQUEST']._serialized_end=1416
+  _globals['_REPORTBREAKGLASSRESPONSE']._serialized_start=1418
+  _globals['_REPORTBREAKGLASSRESPONSE']._serialized_end=1508
+  _globals['_REGIONSERVICE']._serialized_start=1511
+  _globals['_REGIONSERVICE']._serialized_end=1951
 # @@protoc_insertion_point(module_scope)

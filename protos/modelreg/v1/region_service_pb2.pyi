@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from modelreg.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -252,3 +253,212 @@ class ReplicationLag(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplicationLag: _TypeAlias = ReplicationLag  # noqa: Y015
+
+@_typing.final
+class PinStageRequest(_message.Message):
+    """Request of PinStage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ALLOW_UNSERVED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`models/{model}/stages/{stage}`."""
+    region: _builtins.str
+    """`regions/{region}`: must be the answering server's own region (named, so an operator
+    never pins the wrong one).
+    """
+    to_version: _builtins.int
+    """A former version of the stage to pin; 0: the last known-good one."""
+    reason: _builtins.str
+    """Why; required."""
+    allow_unserved: _builtins.bool
+    """Pin a named `to_version` although it never served in this stage or the fleet refused it
+    (as RollbackStageRequest.allow_unserved).
+    """
+    request_id: _builtins.str
+    """Idempotency key: a retry of a pin that was applied gets the same answer."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        region: _builtins.str = ...,
+        to_version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        allow_unserved: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unserved", b"allow_unserved", "name", b"name", "reason", b"reason", "region", b"region", "request_id", b"request_id", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinStageRequest: _TypeAlias = PinStageRequest  # noqa: Y015
+
+@_typing.final
+class PinStageResponse(_message.Message):
+    """Response of PinStage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    AUDIT_EVENT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The primary revision the region had applied when it pinned."""
+    @_builtins.property
+    def stage(self) -> _resources_pb2.StagePointer:
+        """The pointer as the region serves it now (`local_pin` set)."""
+
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.SkippedCandidate]:
+        """Candidates passed over on the way to the pinned version, with why."""
+
+    @_builtins.property
+    def audit_event(self) -> _resources_pb2.AuditEvent:
+        """The region-local audit event of the pin."""
+
+    def __init__(
+        self,
+        *,
+        stage: _resources_pb2.StagePointer | None = ...,
+        skipped: _abc.Iterable[_resources_pb2.SkippedCandidate] | None = ...,
+        audit_event: _resources_pb2.AuditEvent | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event", "stage", b"stage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event", "revision", b"revision", "skipped", b"skipped", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinStageResponse: _TypeAlias = PinStageResponse  # noqa: Y015
+
+@_typing.final
+class UnpinStageRequest(_message.Message):
+    """Request of UnpinStage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`models/{model}/stages/{stage}`."""
+    region: _builtins.str
+    """`regions/{region}`: the answering server's own region."""
+    reason: _builtins.str
+    """Why; required."""
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        region: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "region", b"region", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnpinStageRequest: _TypeAlias = UnpinStageRequest  # noqa: Y015
+
+@_typing.final
+class UnpinStageResponse(_message.Message):
+    """Response of UnpinStage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    CLEARED_PIN_FIELD_NUMBER: _builtins.int
+    AUDIT_EVENT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    @_builtins.property
+    def stage(self) -> _resources_pb2.StagePointer:
+        """The pointer as the region serves it now: the primary's."""
+
+    @_builtins.property
+    def cleared_pin(self) -> _resources_pb2.LocalPin:
+        """The pin that was cleared."""
+
+    @_builtins.property
+    def audit_event(self) -> _resources_pb2.AuditEvent: ...
+    def __init__(
+        self,
+        *,
+        stage: _resources_pb2.StagePointer | None = ...,
+        cleared_pin: _resources_pb2.LocalPin | None = ...,
+        audit_event: _resources_pb2.AuditEvent | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event", "cleared_pin", b"cleared_pin", "stage", b"stage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event", "cleared_pin", b"cleared_pin", "revision", b"revision", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnpinStageResponse: _TypeAlias = UnpinStageResponse  # noqa: Y015
+
+@_typing.final
+class ReportBreakGlassRequest(_message.Message):
+    """Request of ReportBreakGlass."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def audit_event(self) -> _resources_pb2.AuditEvent:
+        """The region-local event as its region recorded it (action BREAK_GLASS_PIN or
+        BREAK_GLASS_UNPIN, `region` set, `name` its id in the region).
+        """
+
+    def __init__(
+        self,
+        *,
+        audit_event: _resources_pb2.AuditEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportBreakGlassRequest: _TypeAlias = ReportBreakGlassRequest  # noqa: Y015
+
+@_typing.final
+class ReportBreakGlassResponse(_message.Message):
+    """Response of ReportBreakGlass."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_EVENT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    @_builtins.property
+    def audit_event(self) -> _resources_pb2.AuditEvent:
+        """The event as the primary recorded it (`report_time` and `revision` set)."""
+
+    def __init__(
+        self,
+        *,
+        audit_event: _resources_pb2.AuditEvent | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_event", b"audit_event", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportBreakGlassResponse: _TypeAlias = ReportBreakGlassResponse  # noqa: Y015

@@ -51,6 +51,21 @@ class RegionServiceStub:
                 request_serializer=modelreg_dot_v1_dot_region__service__pb2.GetRegionStatusRequest.SerializeToString,
                 response_deserializer=modelreg_dot_v1_dot_region__service__pb2.GetRegionStatusResponse.FromString,
                 _registered_method=True)
+        self.PinStage = channel.unary_unary(
+                '/modelreg.v1.RegionService/PinStage',
+                request_serializer=modelreg_dot_v1_dot_region__service__pb2.PinStageRequest.SerializeToString,
+                response_deserializer=modelreg_dot_v1_dot_region__service__pb2.PinStageResponse.FromString,
+                _registered_method=True)
+        self.UnpinStage = channel.unary_unary(
+                '/modelreg.v1.RegionService/UnpinStage',
+                request_serializer=modelreg_dot_v1_dot_region__service__pb2.UnpinStageRequest.SerializeToString,
+                response_deserializer=modelreg_dot_v1_dot_region__service__pb2.UnpinStageResponse.FromString,
+                _registered_method=True)
+        self.ReportBreakGlass = channel.unary_unary(
+                '/modelreg.v1.RegionService/ReportBreakGlass',
+                request_serializer=modelreg_dot_v1_dot_region__service__pb2.ReportBreakGlassRequest.SerializeToString,
+                response_deserializer=modelreg_dot_v1_dot_region__service__pb2.ReportBreakGlassResponse.FromString,
+                _registered_method=True)
 
 
 class RegionServiceServicer:
@@ -80,6 +95,45 @@ class RegionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinStage(self, request, context):
+        """Break glass: pins a stage in this server's region to a known-good version, with the
+        primary unreachable or not. Answered by the region's own server, never forwarded: the pin
+        is written to the region's etcd only (compare-and-swap, with a region-local audit event),
+        and from then on the region's GetStage, ListStages and WatchStages serve the pinned
+        version (StagePointer.local_pin says so); other regions are unaffected. It stays in force
+        until UnpinStage, whatever the primary's pointer does. The region reports the pin's audit
+        event to the primary as soon as it can reach it (ReportBreakGlass), never dropping one.
+        The version: `to_version`, a former version of the stage (as RollbackStage would accept
+        it), or by default the last known-good one as RollbackStage decides it from the region's
+        replica (the pointer's rollback candidates and the fleet's outcome records). Pinning a
+        pinned stage again moves the pin (from the pinned version). A reason is required. Refused
+        with FAILED_PRECONDITION: in the primary region or a server without a regional store
+        (NOT_A_REGIONAL_SERVER), for another region (NOT_THIS_REGION); nothing is written then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinStage(self, request, context):
+        """Clears a region's pin: the region serves the primary's version again (watch streams get
+        the change). Audited in the region, and reported to the primary like the pin. A reason is
+        required; a stage that is not pinned is refused (FAILED_PRECONDITION, STAGE_NOT_PINNED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportBreakGlass(self, request, context):
+        """Called by a region's servers on the primary's: records a region's break-glass audit event
+        in the primary's audit log (replicated to every region), keeping its name, actor, time and
+        region. Exactly once: an event already recorded is refused with ALREADY_EXISTS, which
+        tells the region it arrived. Answered by the primary only (forwarded there from any
+        other region).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +146,21 @@ def add_RegionServiceServicer_to_server(servicer, server):
                     servicer.GetRegionStatus,
                     request_deserializer=modelreg_dot_v1_dot_region__service__pb2.GetRegionStatusRequest.FromString,
                     response_serializer=modelreg_dot_v1_dot_region__service__pb2.GetRegionStatusResponse.SerializeToString,
+            ),
+            'PinStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinStage,
+                    request_deserializer=modelreg_dot_v1_dot_region__service__pb2.PinStageRequest.FromString,
+                    response_serializer=modelreg_dot_v1_dot_region__service__pb2.PinStageResponse.SerializeToString,
+            ),
+            'UnpinStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinStage,
+                    request_deserializer=modelreg_dot_v1_dot_region__service__pb2.UnpinStageRequest.FromString,
+                    response_serializer=modelreg_dot_v1_dot_region__service__pb2.UnpinStageResponse.SerializeToString,
+            ),
+            'ReportBreakGlass': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBreakGlass,
+                    request_deserializer=modelreg_dot_v1_dot_region__service__pb2.ReportBreakGlassRequest.FromString,
+                    response_serializer=modelreg_dot_v1_dot_region__service__pb2.ReportBreakGlassResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -155,6 +224,87 @@ class RegionService:
             '/modelreg.v1.RegionService/GetRegionStatus',
             modelreg_dot_v1_dot_region__service__pb2.GetRegionStatusRequest.SerializeToString,
             modelreg_dot_v1_dot_region__service__pb2.GetRegionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelreg.v1.RegionService/PinStage',
+            modelreg_dot_v1_dot_region__service__pb2.PinStageRequest.SerializeToString,
+            modelreg_dot_v1_dot_region__service__pb2.PinStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelreg.v1.RegionService/UnpinStage',
+            modelreg_dot_v1_dot_region__service__pb2.UnpinStageRequest.SerializeToString,
+            modelreg_dot_v1_dot_region__service__pb2.UnpinStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBreakGlass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelreg.v1.RegionService/ReportBreakGlass',
+            modelreg_dot_v1_dot_region__service__pb2.ReportBreakGlassRequest.SerializeToString,
+            modelreg_dot_v1_dot_region__service__pb2.ReportBreakGlassResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,33 @@ class RegionServiceStub:
     whether it reaches the primary. Only the server's own region: another region's name is
     refused with FAILED_PRECONDITION (NOT_THIS_REGION) naming that region's servers.
     """
+    PinStage: _grpc.UnaryUnaryMultiCallable[_region_service_pb2.PinStageRequest, _region_service_pb2.PinStageResponse]
+    """Break glass: pins a stage in this server's region to a known-good version, with the
+    primary unreachable or not. Answered by the region's own server, never forwarded: the pin
+    is written to the region's etcd only (compare-and-swap, with a region-local audit event),
+    and from then on the region's GetStage, ListStages and WatchStages serve the pinned
+    version (StagePointer.local_pin says so); other regions are unaffected. It stays in force
+    until UnpinStage, whatever the primary's pointer does. The region reports the pin's audit
+    event to the primary as soon as it can reach it (ReportBreakGlass), never dropping one.
+    The version: `to_version`, a former version of the stage (as RollbackStage would accept
+    it), or by default the last known-good one as RollbackStage decides it from the region's
+    replica (the pointer's rollback candidates and the fleet's outcome records). Pinning a
+    pinned stage again moves the pin (from the pinned version). A reason is required. Refused
+    with FAILED_PRECONDITION: in the primary region or a server without a regional store
+    (NOT_A_REGIONAL_SERVER), for another region (NOT_THIS_REGION); nothing is written then.
+    """
+    UnpinStage: _grpc.UnaryUnaryMultiCallable[_region_service_pb2.UnpinStageRequest, _region_service_pb2.UnpinStageResponse]
+    """Clears a region's pin: the region serves the primary's version again (watch streams get
+    the change). Audited in the region, and reported to the primary like the pin. A reason is
+    required; a stage that is not pinned is refused (FAILED_PRECONDITION, STAGE_NOT_PINNED).
+    """
+    ReportBreakGlass: _grpc.UnaryUnaryMultiCallable[_region_service_pb2.ReportBreakGlassRequest, _region_service_pb2.ReportBreakGlassResponse]
+    """Called by a region's servers on the primary's: records a region's break-glass audit event
+    in the primary's audit log (replicated to every region), keeping its name, actor, time and
+    region. Exactly once: an event already recorded is refused with ALREADY_EXISTS, which
+    tells the region it arrived. Answered by the primary only (forwarded there from any
+    other region).
+    """
 
 @_typing.type_check_only
 class RegionServiceAsyncStub(RegionServiceStub):
@@ -70,6 +97,33 @@ class RegionServiceAsyncStub(RegionServiceStub):
     """How this server's region is doing: the revision it has applied, its replication lag, and
     whether it reaches the primary. Only the server's own region: another region's name is
     refused with FAILED_PRECONDITION (NOT_THIS_REGION) naming that region's servers.
+    """
+    PinStage: _aio.UnaryUnaryMultiCallable[_region_service_pb2.PinStageRequest, _region_service_pb2.PinStageResponse]  # type: ignore[assignment]
+    """Break glass: pins a stage in this server's region to a known-good version, with the
+    primary unreachable or not. Answered by the region's own server, never forwarded: the pin
+    is written to the region's etcd only (compare-and-swap, with a region-local audit event),
+    and from then on the region's GetStage, ListStages and WatchStages serve the pinned
+    version (StagePointer.local_pin says so); other regions are unaffected. It stays in force
+    until UnpinStage, whatever the primary's pointer does. The region reports the pin's audit
+    event to the primary as soon as it can reach it (ReportBreakGlass), never dropping one.
+    The version: `to_version`, a former version of the stage (as RollbackStage would accept
+    it), or by default the last known-good one as RollbackStage decides it from the region's
+    replica (the pointer's rollback candidates and the fleet's outcome records). Pinning a
+    pinned stage again moves the pin (from the pinned version). A reason is required. Refused
+    with FAILED_PRECONDITION: in the primary region or a server without a regional store
+    (NOT_A_REGIONAL_SERVER), for another region (NOT_THIS_REGION); nothing is written then.
+    """
+    UnpinStage: _aio.UnaryUnaryMultiCallable[_region_service_pb2.UnpinStageRequest, _region_service_pb2.UnpinStageResponse]  # type: ignore[assignment]
+    """Clears a region's pin: the region serves the primary's version again (watch streams get
+    the change). Audited in the region, and reported to the primary like the pin. A reason is
+    required; a stage that is not pinned is refused (FAILED_PRECONDITION, STAGE_NOT_PINNED).
+    """
+    ReportBreakGlass: _aio.UnaryUnaryMultiCallable[_region_service_pb2.ReportBreakGlassRequest, _region_service_pb2.ReportBreakGlassResponse]  # type: ignore[assignment]
+    """Called by a region's servers on the primary's: records a region's break-glass audit event
+    in the primary's audit log (replicated to every region), keeping its name, actor, time and
+    region. Exactly once: an event already recorded is refused with ALREADY_EXISTS, which
+    tells the region it arrived. Answered by the primary only (forwarded there from any
+    other region).
     """
 
 class RegionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -101,6 +155,51 @@ class RegionServiceServicer(metaclass=_abc_1.ABCMeta):
         """How this server's region is doing: the revision it has applied, its replication lag, and
         whether it reaches the primary. Only the server's own region: another region's name is
         refused with FAILED_PRECONDITION (NOT_THIS_REGION) naming that region's servers.
+        """
+
+    @_abc_1.abstractmethod
+    def PinStage(
+        self,
+        request: _region_service_pb2.PinStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_region_service_pb2.PinStageResponse, _abc.Awaitable[_region_service_pb2.PinStageResponse]]:
+        """Break glass: pins a stage in this server's region to a known-good version, with the
+        primary unreachable or not. Answered by the region's own server, never forwarded: the pin
+        is written to the region's etcd only (compare-and-swap, with a region-local audit event),
+        and from then on the region's GetStage, ListStages and WatchStages serve the pinned
+        version (StagePointer.local_pin says so); other regions are unaffected. It stays in force
+        until UnpinStage, whatever the primary's pointer does. The region reports the pin's audit
+        event to the primary as soon as it can reach it (ReportBreakGlass), never dropping one.
+        The version: `to_version`, a former version of the stage (as RollbackStage would accept
+        it), or by default the last known-good one as RollbackStage decides it from the region's
+        replica (the pointer's rollback candidates and the fleet's outcome records). Pinning a
+        pinned stage again moves the pin (from the pinned version). A reason is required. Refused
+        with FAILED_PRECONDITION: in the primary region or a server without a regional store
+        (NOT_A_REGIONAL_SERVER), for another region (NOT_THIS_REGION); nothing is written then.
+        """
+
+    @_abc_1.abstractmethod
+    def UnpinStage(
+        self,
+        request: _region_service_pb2.UnpinStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_region_service_pb2.UnpinStageResponse, _abc.Awaitable[_region_service_pb2.UnpinStageResponse]]:
+        """Clears a region's pin: the region serves the primary's version again (watch streams get
+        the change). Audited in the region, and reported to the primary like the pin. A reason is
+        required; a stage that is not pinned is refused (FAILED_PRECONDITION, STAGE_NOT_PINNED).
+        """
+
+    @_abc_1.abstractmethod
+    def ReportBreakGlass(
+        self,
+        request: _region_service_pb2.ReportBreakGlassRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_region_service_pb2.ReportBreakGlassResponse, _abc.Awaitable[_region_service_pb2.ReportBreakGlassResponse]]:
+        """Called by a region's servers on the primary's: records a region's break-glass audit event
+        in the primary's audit log (replicated to every region), keeping its name, actor, time and
+        region. Exactly once: an event already recorded is refused with ALREADY_EXISTS, which
+        tells the region it arrived. Answered by the primary only (forwarded there from any
+        other region).
         """
 
 def add_RegionServiceServicer_to_server(servicer: RegionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -156,6 +156,15 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     """
     AUDIT_ACTION_ABORT_ROLLOUT: _AuditAction.ValueType  # 10
     """A rollout aborted: nothing moved; `reason` says why."""
+    AUDIT_ACTION_BREAK_GLASS_PIN: _AuditAction.ValueType  # 20
+    """Break glass: an operator pinned a stage in one region (`region`) to `to_value`, over the
+    primary's `from_value`, written in that region's etcd only. Recorded there at once and in
+    the primary's log when the region reports it (`report_time`).
+    """
+    AUDIT_ACTION_BREAK_GLASS_UNPIN: _AuditAction.ValueType  # 21
+    """Break glass ended: an operator cleared a region's pin (`from_value` the pinned version,
+    `to_value` the primary's version the region follows again).
+    """
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What an audit event records."""
@@ -175,6 +184,15 @@ ROLLBACK event naming the rollout).
 """
 AUDIT_ACTION_ABORT_ROLLOUT: AuditAction.ValueType  # 10
 """A rollout aborted: nothing moved; `reason` says why."""
+AUDIT_ACTION_BREAK_GLASS_PIN: AuditAction.ValueType  # 20
+"""Break glass: an operator pinned a stage in one region (`region`) to `to_value`, over the
+primary's `from_value`, written in that region's etcd only. Recorded there at once and in
+the primary's log when the region reports it (`report_time`).
+"""
+AUDIT_ACTION_BREAK_GLASS_UNPIN: AuditAction.ValueType  # 21
+"""Break glass ended: an operator cleared a region's pin (`from_value` the pinned version,
+`to_value` the primary's version the region follows again).
+"""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 class _SkipReason:
@@ -525,6 +543,7 @@ class StagePointer(_message.Message):
     ACTIVATION_TIME_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
     ROLLOUT_COUNT_FIELD_NUMBER: _builtins.int
+    LOCAL_PIN_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `models/{model}/stages/{stage}`."""
@@ -571,6 +590,14 @@ class StagePointer(_message.Message):
         watcher SDK corrects for its own clock's offset (see WatchStagesResponse.server_time).
         """
 
+    @_builtins.property
+    def local_pin(self) -> Global___LocalPin:
+        """Set only by a server of a region where an operator pinned this stage (break glass,
+        RegionService.PinStage): `version` is then the pinned version, not the primary's, and
+        this says so (the primary's own version is `local_pin.primary_version`). Unset everywhere
+        else, and on every pointer the primary stores.
+        """
+
     def __init__(
         self,
         *,
@@ -591,15 +618,81 @@ class StagePointer(_message.Message):
         activation_time: _timestamp_pb2.Timestamp | None = ...,
         rollout: _builtins.str = ...,
         rollout_count: _builtins.int = ...,
+        local_pin: Global___LocalPin | None = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "local_pin", b"local_pin", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "backfill_required", b"backfill_required", "etag", b"etag", "former_versions", b"former_versions", "generation", b"generation", "hotfix", b"hotfix", "last_move", b"last_move", "name", b"name", "pending_rollout", b"pending_rollout", "pending_version", b"pending_version", "previous_version", b"previous_version", "reason", b"reason", "rollback_candidates", b"rollback_candidates", "rollout", b"rollout", "rollout_count", b"rollout_count", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_time", b"activation_time", "backfill_required", b"backfill_required", "etag", b"etag", "former_versions", b"former_versions", "generation", b"generation", "hotfix", b"hotfix", "last_move", b"last_move", "local_pin", b"local_pin", "name", b"name", "pending_rollout", b"pending_rollout", "pending_version", b"pending_version", "previous_version", b"previous_version", "reason", b"reason", "rollback_candidates", b"rollback_candidates", "rollout", b"rollout", "rollout_count", b"rollout_count", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StagePointer: _TypeAlias = StagePointer  # noqa: Y015
+
+@_typing.final
+class LocalPin(_message.Message):
+    """A break-glass pin: one region serves a stage at a version of its operator's choosing,
+    whatever the primary's pointer says, until an operator clears it (RegionService). Written
+    only to that region's etcd (so it works with the primary unreachable), audited there, and
+    reported to the primary's audit log as soon as the primary can be reached.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    OVERRIDDEN_VERSION_FIELD_NUMBER: _builtins.int
+    PRIMARY_VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    PIN_TIME_FIELD_NUMBER: _builtins.int
+    APPLIED_REVISION_FIELD_NUMBER: _builtins.int
+    REPORTED_FIELD_NUMBER: _builtins.int
+    AUDIT_EVENT_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """`regions/{region}`: the only region where it applies."""
+    version: _builtins.int
+    """The version the region serves while the pin is in force."""
+    overridden_version: _builtins.int
+    """The primary's version of the stage when the pin was set (what it overrode)."""
+    primary_version: _builtins.int
+    """The primary's version of the stage now, as the region has replicated it: what the region
+    would serve without the pin.
+    """
+    reason: _builtins.str
+    actor: _builtins.str
+    """Who pinned it."""
+    applied_revision: _builtins.int
+    """The primary revision the region had applied when the pin was set."""
+    reported: _builtins.bool
+    """Whether the pin's audit event has reached the primary's audit log."""
+    audit_event: _builtins.str
+    """The region-local audit event of the pin (`auditEvents/{id}`; the same name on the primary
+    once reported).
+    """
+    @_builtins.property
+    def pin_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        version: _builtins.int = ...,
+        overridden_version: _builtins.int = ...,
+        primary_version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        pin_time: _timestamp_pb2.Timestamp | None = ...,
+        applied_revision: _builtins.int = ...,
+        reported: _builtins.bool = ...,
+        audit_event: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pin_time", b"pin_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied_revision", b"applied_revision", "audit_event", b"audit_event", "overridden_version", b"overridden_version", "pin_time", b"pin_time", "primary_version", b"primary_version", "reason", b"reason", "region", b"region", "reported", b"reported", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalPin: _TypeAlias = LocalPin  # noqa: Y015
 
 @_typing.final
 class RolloutPolicy(_message.Message):
@@ -947,6 +1040,8 @@ class AuditEvent(_message.Message):
     SKIPPED_FIELD_NUMBER: _builtins.int
     FORCED_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    REPORT_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`auditEvents/{id}`."""
     action: Global___AuditAction.ValueType
@@ -972,11 +1067,22 @@ class AuditEvent(_message.Message):
     """
     rollout: _builtins.str
     """The rollout this event belongs to, if any (`models/{model}/stages/{stage}/rollouts/{id}`)."""
+    region: _builtins.str
+    """Break glass: `regions/{region}` where the change was made, in that region's etcd only.
+    Empty for changes committed on the primary.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedCandidate]:
         """Rollbacks: the candidates passed over on the way to `to_value`, with why."""
+
+    @_builtins.property
+    def report_time(self) -> _timestamp_pb2.Timestamp:
+        """Break glass: when the region reported the event to the primary (unset while it is known
+        in its region only). `time` is when the operator acted; `revision` is the revision of the
+        report on the primary (of the region's applied revision at the change, until reported).
+        """
 
     def __init__(
         self,
@@ -997,10 +1103,12 @@ class AuditEvent(_message.Message):
         skipped: _abc.Iterable[Global___SkippedCandidate] | None = ...,
         forced: _builtins.bool = ...,
         rollout: _builtins.str = ...,
+        region: _builtins.str = ...,
+        report_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report_time", b"report_time", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "forced", b"forced", "from_value", b"from_value", "hotfix", b"hotfix", "model", b"model", "name", b"name", "reason", b"reason", "request_id", b"request_id", "resource", b"resource", "revision", b"revision", "rollout", b"rollout", "skipped", b"skipped", "stage", b"stage", "time", b"time", "to_value", b"to_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "forced", b"forced", "from_value", b"from_value", "hotfix", b"hotfix", "model", b"model", "name", b"name", "reason", b"reason", "region", b"region", "report_time", b"report_time", "request_id", b"request_id", "resource", b"resource", "revision", b"revision", "rollout", b"rollout", "skipped", b"skipped", "stage", b"stage", "time", b"time", "to_value", b"to_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,17 +23,22 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from modelreg.v1 import resources_pb2 as modelreg_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17modelreg/v1/store.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\rStoredRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x0cStageOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17modelreg/v1/store.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmodelreg/v1/resources.proto\"p\n\rStoredRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\x0c\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x0cStageOutcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\tStoredPin\x12\"\n\x03pin\x18\x01 \x01(\x0b\x32\x15.modelreg.v1.LocalPin\x12\x0f\n\x07\x63leared\x18\x02 \x01(\x08\x12\x12\n\nchanged_at\x18\x03 \x01(\x03\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05\x65vent\x18\x05 \x01(\t\"L\n\x10StoredLocalEvent\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.modelreg.v1.AuditEvent\x12\x10\n\x08reported\x18\x02 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelreg.v1.store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOREDREQUEST']._serialized_start=73
-  _globals['_STOREDREQUEST']._serialized_end=185
-  _globals['_STAGEOUTCOME']._serialized_start=187
-  _globals['_STAGEOUTCOME']._serialized_end=291
+  _globals['_STOREDREQUEST']._serialized_start=102
+  _globals['_STOREDREQUEST']._serialized_end=214
+  _globals['_STAGEOUTCOME']._serialized_start=216
+  _globals['_STAGEOUTCOME']._serialized_end=320
+  _globals['_STOREDPIN']._serialized_start=322
+  _globals['_STOREDPIN']._serialized_end=441
+  _globals['_STOREDLOCALEVENT']._serialized_start=443
+  _globals['_STOREDLOCALEVENT']._serialized_end=519
 # @@protoc_insertion_point(module_scope)

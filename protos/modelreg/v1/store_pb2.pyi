@@ -6,6 +6,7 @@ Records the server keeps in etcd besides the API resources. Not part of the publ
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from modelreg.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -89,3 +90,74 @@ class StageOutcome(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StageOutcome: _TypeAlias = StageOutcome  # noqa: Y015
+
+@_typing.final
+class StoredPin(_message.Message):
+    """A region's break-glass pin of one stage (`pins/{model}/{stage}` in the regional etcd, never
+    replicated). Never deleted: a cleared pin stays, marked, so every server of the region learns
+    of the clear through its watch of the range, as it learned of the pin.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIN_FIELD_NUMBER: _builtins.int
+    CLEARED_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    cleared: _builtins.bool
+    """Cleared: the region follows the primary again."""
+    changed_at: _builtins.int
+    """The primary revision the region had applied at the last change (pin or clear)."""
+    request_id: _builtins.str
+    """The request_id of the last change, and its audit event (`auditEvents/{id}`): a retry of
+    that request is answered from them instead of being applied again.
+    """
+    event: _builtins.str
+    @_builtins.property
+    def pin(self) -> _resources_pb2.LocalPin:
+        """The pin (its `primary_version` is filled in when served)."""
+
+    def __init__(
+        self,
+        *,
+        pin: _resources_pb2.LocalPin | None = ...,
+        cleared: _builtins.bool = ...,
+        changed_at: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        event: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pin", b"pin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "cleared", b"cleared", "event", b"event", "pin", b"pin", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredPin: _TypeAlias = StoredPin  # noqa: Y015
+
+@_typing.final
+class StoredLocalEvent(_message.Message):
+    """A region-local audit event (`localaudit/{id}` in the regional etcd) and whether the primary
+    has recorded it (then `audit/{id}` there, replicated back to the region).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    REPORTED_FIELD_NUMBER: _builtins.int
+    reported: _builtins.bool
+    @_builtins.property
+    def event(self) -> _resources_pb2.AuditEvent: ...
+    def __init__(
+        self,
+        *,
+        event: _resources_pb2.AuditEvent | None = ...,
+        reported: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "reported", b"reported"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredLocalEvent: _TypeAlias = StoredLocalEvent  # noqa: Y015

@@ -26,21 +26,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from modelreg.v1 import resources_pb2 as modelreg_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelreg/v1/watch_service.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmodelreg/v1/resources.proto\"r\n\x12WatchStagesRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\x12\x14\n\x0cmodel_prefix\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x16\n\x0estart_revision\x18\x05 \x01(\x03\"^\n\x0bStageChange\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.StagePointer\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"\xec\x01\n\x13WatchStagesResponse\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.modelreg.v1.WatchMessageType\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05reset\x18\x03 \x01(\x08\x12+\n\x08snapshot\x18\x04 \x03(\x0b\x32\x19.modelreg.v1.StagePointer\x12)\n\x07\x63hanges\x18\x05 \x03(\x0b\x32\x18.modelreg.v1.StageChange\x12/\n\x0bserver_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x98\x01\n\x10WatchMessageType\x12\"\n\x1eWATCH_MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bWATCH_MESSAGE_TYPE_SNAPSHOT\x10\x01\x12\x1e\n\x1aWATCH_MESSAGE_TYPE_CHANGES\x10\x02\x12\x1f\n\x1bWATCH_MESSAGE_TYPE_BOOKMARK\x10\x03\x32\x62\n\x0cWatchService\x12R\n\x0bWatchStages\x12\x1f.modelreg.v1.WatchStagesRequest\x1a .modelreg.v1.WatchStagesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmodelreg/v1/watch_service.proto\x12\x0bmodelreg.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bmodelreg/v1/resources.proto\"r\n\x12WatchStagesRequest\x12\x0e\n\x06models\x18\x01 \x03(\t\x12\x14\n\x0cmodel_prefix\x18\x02 \x01(\t\x12\x0e\n\x06stages\x18\x03 \x03(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x16\n\x0estart_revision\x18\x05 \x01(\x03\"^\n\x0bStageChange\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.modelreg.v1.StagePointer\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"\x82\x02\n\x13WatchStagesResponse\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.modelreg.v1.WatchMessageType\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\r\n\x05reset\x18\x03 \x01(\x08\x12+\n\x08snapshot\x18\x04 \x03(\x0b\x32\x19.modelreg.v1.StagePointer\x12)\n\x07\x63hanges\x18\x05 \x03(\x0b\x32\x18.modelreg.v1.StageChange\x12/\n\x0bserver_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clocal_change\x18\x1e \x01(\x08*\x98\x01\n\x10WatchMessageType\x12\"\n\x1eWATCH_MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bWATCH_MESSAGE_TYPE_SNAPSHOT\x10\x01\x12\x1e\n\x1aWATCH_MESSAGE_TYPE_CHANGES\x10\x02\x12\x1f\n\x1bWATCH_MESSAGE_TYPE_BOOKMARK\x10\x03\x32\x62\n\x0cWatchService\x12R\n\x0bWatchStages\x12\x1f.modelreg.v1.WatchStagesRequest\x1a .modelreg.v1.WatchStagesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelreg.v1.watch_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WATCHMESSAGETYPE']._serialized_start=562
-  _globals['_WATCHMESSAGETYPE']._serialized_end=714
+  _globals['_WATCHMESSAGETYPE']._serialized_start=584
+  _globals['_WATCHMESSAGETYPE']._serialized_end=736
   _globals['_WATCHSTAGESREQUEST']._serialized_start=110
   _globals['_WATCHSTAGESREQUEST']._serialized_end=224
   _globals['_STAGECHANGE']._serialized_start=226
   _globals['_STAGECHANGE']._serialized_end=320
   _globals['_WATCHSTAGESRESPONSE']._serialized_start=323
-  _globals['_WATCHSTAGESRESPONSE']._serialized_end=559
-  _globals['_WATCHSERVICE']._serialized_start=716
-  _globals['_WATCHSERVICE']._serialized_end=814
+  _globals['_WATCHSTAGESRESPONSE']._serialized_end=581
+  _globals['_WATCHSERVICE']._serialized_start=738
+  _globals['_WATCHSERVICE']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

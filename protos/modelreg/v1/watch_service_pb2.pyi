@@ -144,11 +144,19 @@ class WatchStagesResponse(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     CHANGES_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
+    LOCAL_CHANGE_FIELD_NUMBER: _builtins.int
     type: Global___WatchMessageType.ValueType
     revision: _builtins.int
     """etcd revision this message brings the watcher up to."""
     reset: _builtins.bool
     """The snapshot replaces all the watcher knew: the changes it asked for were compacted away."""
+    local_change: _builtins.bool
+    """CHANGES only: a region-local change rather than one of the primary's transactions: a
+    break-glass pin set or cleared in this server's region (StagePointer.local_pin). It
+    carries the region's current revision, which the stream may already have reached: apply
+    it even so (it is sent once, in order with the primary's changes; a stream resumed after
+    it opens with a `reset` snapshot while a pin touches its selection).
+    """
     @_builtins.property
     def snapshot(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.StagePointer]: ...
     @_builtins.property
@@ -168,10 +176,11 @@ class WatchStagesResponse(_message.Message):
         snapshot: _abc.Iterable[_resources_pb2.StagePointer] | None = ...,
         changes: _abc.Iterable[Global___StageChange] | None = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
+        local_change: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "reset", b"reset", "revision", b"revision", "server_time", b"server_time", "snapshot", b"snapshot", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "local_change", b"local_change", "reset", b"reset", "revision", b"revision", "server_time", b"server_time", "snapshot", b"snapshot", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
