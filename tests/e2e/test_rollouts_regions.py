@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,16 +54,20 @@ class Node:
     region: str
     watcher: AsyncModelWatcher[Toy]
     fetches: list[str] = field(default_factory=list)
+    corrupt: set[int] = field(default_factory=set)
+    """Versions whose artifact this node receives damaged (its digest check fails)."""
     swaps: list[tuple[int, float]] = field(default_factory=list)  # (version, time.time())
 
     def served(self) -> set[int]:
         return {version for version, _ in self.swaps}
 
 
-def _fetcher(fetches: list[str]) -> Callable[[str, ArtifactWriter], None]:
+def _fetcher(node: Node) -> Callable[[str, ArtifactWriter], None]:
     def fetch(uri: str, out: ArtifactWriter) -> None:
-        fetches.append(uri)
-        out.write(Path(uri.removeprefix("file://")).read_bytes())
+        node.fetches.append(uri)
+        data = Path(uri.removeprefix("file://")).read_bytes()
+        version = int(uri.rsplit("-", 1)[-1].removesuffix(".txt"))
+        out.write(data[:-1] + b"!" if version in node.corrupt else data)
 
     return fetch
 
@@ -136,8 +142,7 @@ async def fleet(cluster: Cluster, tmp_path: Path) -> AsyncIterator[tuple[Any, li
         nodes = []
         for region in REGIONS:
             for i in range(NODES_PER_REGION):
-                fetches: list[str] = []
-                node = Node(region, None, fetches)  # type: ignore[arg-type]
+                node = Node(region, None)  # type: ignore[arg-type]
 
                 def on_swap(new: LoadedModel[Toy], old: LoadedModel[Toy] | None,
                             node: Node = node) -> None:
@@ -147,7 +152,7 @@ async def fleet(cluster: Cluster, tmp_path: Path) -> AsyncIterator[tuple[Any, li
                     MODEL, "production", load_toy, target=cluster.regions[region].listen,
                     node_id=f"{region}-node-{i}", region=region,
                     cache_dir=tmp_path / f"cache-{region}-{i}",
-                    fetchers={"file": _fetcher(fetches)}, on_swap=on_swap,
+                    fetchers={"file": _fetcher(node)}, on_swap=on_swap,
                     retry_backoff=Backoff(0.05, 0.5), reconnect_backoff=Backoff(0.05, 0.5),
                     idle_timeout=5.0)
                 nodes.append(node)
@@ -273,3 +278,56 @@ class TestRolloutAcrossRegions:
             swap = node.watcher.stats.last_swap
             assert swap is not None and swap.version == 1 and swap.source == "previous"
             assert len(node.fetches) == fetched[node.watcher.node_id]
+
+    async def test_a_digest_failure_in_one_region_aborts_the_rollout(
+        self, cluster: Cluster, fleet: tuple[Any, list[Node]]
+    ) -> None:
+        """The nodes of eu receive v2 damaged: they refuse it (digest) and report the failure; with
+        readiness 1.0 the coordinator aborts at once naming eu and the error, and no node
+        anywhere serves v2.
+        """
+        stub, nodes = fleet
+        for node in nodes:
+            if node.region == "eu":
+                node.corrupt.add(2)
+        rollout = await _promote_staged(stub, 2)
+        done = await _finished(cluster.regions["us"].listen, rollout)
+        assert done.state == res.ROLLOUT_STATE_ABORTED
+        assert "eu" in done.abort_reason and "sha256" in done.abort_reason.lower()
+        eu = next(r for r in done.readiness if r.region == "eu")
+        assert eu.failed_nodes >= 1 and eu.failures
+        for node in nodes:
+            assert 2 not in node.served(), (node.region, node.swaps)
+
+    async def test_the_coordinator_killed_during_prepare_and_after_commit_leaves_no_split(
+        self, cluster: Cluster, fleet: tuple[Any, list[Node]]
+    ) -> None:
+        """The us server (the only coordinator) is SIGKILLed just after the promotion, and
+        again as soon as eu has seen the commit (before the activation time); the launcher
+        restarts it. The restarted coordinator resumes the rollout from etcd, and every node
+        in every region ends on v2, each switching no earlier than the activation time: no
+        region is left on another version.
+        """
+        stub, nodes = fleet
+        supervisor = asyncio.create_task(cluster.supervise(every=0.05))
+        try:
+            us = cluster.regions["us"].server
+            assert us is not None and us.pid is not None
+            rollout = await _promote_staged(stub, 2)
+            first = us.pid
+            os.kill(first, signal.SIGKILL)
+            await _until(lambda: us.pid not in (None, first), "us's server restarted")
+            await cluster.wait_serving("us")
+            done = await _finished(cluster.regions["eu"].listen, rollout)
+            assert done.state == res.ROLLOUT_STATE_COMMITTED, done.abort_reason
+            second = us.pid
+            os.kill(second, signal.SIGKILL)  # after the commit, before the activation time
+            activation = done.activation_time.ToNanoseconds() / 1e9
+            await _until(lambda: us.pid not in (None, second), "us's server restarted again")
+            for node in nodes:
+                await node.watcher.wait_for_version(2, timeout=60)
+            for node in nodes:
+                version, at = node.swaps[-1]
+                assert version == 2 and at >= activation, (node.region, at, activation)
+        finally:
+            supervisor.cancel()
