@@ -5,9 +5,10 @@ so this module speaks the Watch RPC through aetcd's generated stub directly:
 
 * a watch starts at a revision; etcd replays history from there, then streams live changes;
 * events are grouped by ``mod_revision``, so one transaction arrives as one ``Batch``;
-* a progress request every ``progress_interval`` is a liveness probe: after three intervals
-  (at least ``MIN_SILENCE``) without an answer, if etcd holds a change of the range that the
-  watch has not delivered, the watch ends with ``UnavailableError`` instead of hanging;
+* a progress request every ``progress_interval`` is a liveness probe
+  (:mod:`modelreg.server.store.watch_liveness`): after three intervals (at least
+  ``MIN_SILENCE``) without an answer, if etcd holds a change of the range that the watch has
+  not delivered, the watch ends with ``UnavailableError`` instead of hanging;
 * ``Progress`` is never etcd's progress notification taken at its word. Before etcd 3.4.25 /
   3.5.8 a requested notification travels outside the watch's event queue and can overtake
   events not yet sent (etcd issue 15220; measured here: 19 of 20 new watches on etcd 3.5.1
@@ -25,7 +26,6 @@ so this module speaks the Watch RPC through aetcd's generated stub directly:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,8 +37,8 @@ from modelreg.replication.etcd import send
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch, Change, CompactedError, Progress
 from modelreg.server.store.etcd import EtcdStore
+from modelreg.server.store.watch_liveness import Liveness
 
-MIN_SILENCE = 2.0
 """Seconds of silence a watch that owes changes is allowed, whatever the probe interval: etcd
 replays history to a new watch from a loop that runs every 100 ms, later under load."""
 
@@ -74,48 +74,25 @@ class EtcdChangeFeed:
         """Changes of ``[start, end)`` from ``from_revision`` on; see the module docstring."""
         client = await self._store.client()
         call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
-        loop = asyncio.get_running_loop()
-        last_answer = loop.time()
-        stalled = False
 
-        async def keep_alive() -> None:
-            nonlocal stalled, last_answer
-            while True:
-                await asyncio.sleep(self._interval)
-                if loop.time() - last_answer > max(3 * self._interval, MIN_SILENCE):
-                    # Silence alone proves nothing: etcd 3.5.22+/3.4.38+ do not answer progress
-                    # requests while a watch waits for a revision the store has not reached,
-                    # 3.5.8-3.5.12 not before a new watch's first event. Stalled means etcd
-                    # holds a change of the range that the watch has not delivered.
-                    try:
-                        owed = (await self.latest(start, end))[0] > delivered
-                    except UnavailableError:
-                        owed = True
-                    if owed:
-                        stalled = True
-                        call.cancel()
-                        return
-                    last_answer = loop.time()
-                try:
-                    await send(call, rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
-                except grpc.aio.AioRpcError:
-                    return  # the stream ended: the watch's own read raises how, not this task
+        async def owed() -> bool:
+            return (await self.latest(start, end))[0] > delivered
 
+        liveness = Liveness(call, self._interval, owed)
         create = rpc.WatchCreateRequest(
             key=self._key(start), range_end=self._key(end), start_revision=from_revision
         )
-        prober: asyncio.Task[None] | None = None
         delivered = from_revision - 1  # every change at or below it has been yielded
         announced = 0  # the last Progress yielded
         evidence: tuple[int, int] | None = None  # (L, H) read, H not yet announced
         try:
             await send(call, rpc.WatchRequest(create_request=create))
-            prober = asyncio.create_task(keep_alive())
+            liveness.start()
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
                     raise UnavailableError(f"etcd at {self._store.endpoint} ended the watch")
-                last_answer = loop.time()
+                liveness.answered()
                 if resp.compact_revision:
                     raise CompactedError(resp.compact_revision)
                 if resp.canceled:
@@ -128,7 +105,7 @@ class EtcdChangeFeed:
                         delivered = batch.revision
                 elif evidence is None:  # created, or a progress notification: check it
                     evidence = await self.latest(start, end)
-                    last_answer = loop.time()
+                    liveness.answered()
                 if evidence is not None and delivered >= evidence[0]:
                     if evidence[1] > max(announced, delivered):
                         announced = evidence[1]
@@ -140,15 +117,11 @@ class EtcdChangeFeed:
                 metadata={"endpoint": self._store.endpoint},
             ) from err
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if stalled and task is not None and not task.cancelling():
+            if liveness.stalled_error():
                 raise UnavailableError(
                     f"etcd at {self._store.endpoint} stopped answering the watch"
                 ) from None
             raise
         finally:
-            if prober is not None:
-                prober.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await prober
+            await liveness.stop()
             call.cancel()

@@ -31,7 +31,6 @@ seen them on the primary:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,9 +43,9 @@ from modelreg.replication.etcd import send
 from modelreg.replication.layout import Kind, State
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import Batch, Change, CompactedError, Progress
-from modelreg.server.store.etcd_watch import MIN_SILENCE
 from modelreg.server.store.regional import RegionalStore
 from modelreg.server.store.regional_replica import Replica, unavailable
+from modelreg.server.store.watch_liveness import Liveness
 
 
 def applied_batches(replica: Replica, events: list[Any], state: State, start: bytes,
@@ -100,47 +99,29 @@ class RegionalChangeFeed:
         first = await replica.locate(from_revision)
         with unavailable(replica.etcd):
             call = await replica.etcd.watch_call()
-        loop = asyncio.get_running_loop()
-        last_answer = loop.time()
-        stalled = False
         handled = first - 1  # regional revisions looked at
 
-        async def keep_alive() -> None:
-            nonlocal stalled, last_answer
-            while True:
-                await asyncio.sleep(self._interval)
-                if loop.time() - last_answer > max(3 * self._interval, MIN_SILENCE):
-                    try:
-                        owed = await replica.state_revision() > handled
-                    except UnavailableError:
-                        owed = True
-                    if owed:
-                        stalled = True
-                        call.cancel()
-                        return
-                    last_answer = loop.time()
-                try:
-                    await send(call, rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
-                except grpc.aio.AioRpcError:
-                    return  # the stream ended: the watch's own read raises how, not this task
+        async def owed() -> bool:
+            return await replica.state_revision() > handled
+
+        liveness = Liveness(call, self._interval, owed)
 
         root = layout.replica_root(replica.prefix)
         create = rpc.WatchCreateRequest(key=root, range_end=layout.prefix_end(root),
                                         start_revision=first)
         lo, hi = start.encode(), end.encode()
-        prober: asyncio.Task[None] | None = None
         delivered = from_revision - 1  # every change at or below it has been yielded
         last_batch = 0
         announced = 0
         try:
             await send(call, rpc.WatchRequest(create_request=create))
-            prober = asyncio.create_task(keep_alive())
+            liveness.start()
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
                     raise UnavailableError(f"regional etcd at {replica.etcd.endpoint} ended the "
                                            "watch")
-                last_answer = loop.time()
+                liveness.answered()
                 if resp.compact_revision:
                     raise CompactedError(await replica.servable_from(
                         resp.compact_revision, fallback=from_revision + 1))
@@ -172,15 +153,11 @@ class RegionalChangeFeed:
             raise UnavailableError(f"regional etcd at {failed} watch failed ({err.code().name})",
                                    metadata={"endpoint": failed}) from err
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if stalled and task is not None and not task.cancelling():
+            if liveness.stalled_error():
                 raise UnavailableError(
                     f"regional etcd at {replica.etcd.endpoint} stopped answering the watch"
                 ) from None
             raise
         finally:
-            if prober is not None:
-                prober.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await prober
+            await liveness.stop()
             call.cancel()

@@ -16,19 +16,19 @@ reach a client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 from aetcd import rpc
 
+from modelreg.replication.etcd import send
 from modelreg.replication.layout import State
 from modelreg.server.domain.errors import UnavailableError
 from modelreg.server.domain.ports import CompactedError, LocalChange, LocalRead, Put
-from modelreg.server.store.etcd_watch import MIN_SILENCE
 from modelreg.server.store.regional_keys import Source, source
 from modelreg.server.store.regional_replica import Replica, unavailable
+from modelreg.server.store.watch_liveness import Liveness
 
 
 class RegionLocal:
@@ -101,39 +101,24 @@ class RegionLocal:
         etcd = self._replica.etcd
         with unavailable(etcd):
             call = await etcd.watch_call()
-        loop = asyncio.get_running_loop()
-        last_answer = loop.time()
         handled = from_position
-        stalled = False
 
-        async def keep_alive() -> None:
-            nonlocal stalled, last_answer
-            while True:
-                await asyncio.sleep(self._interval)
-                if loop.time() - last_answer > max(3 * self._interval, MIN_SILENCE):
-                    try:
-                        read = await self.read_local(start, end)
-                        owed = max((e.position for e in read.entries), default=0) > handled
-                    except UnavailableError:
-                        owed = True
-                    if owed:
-                        stalled = True
-                        call.cancel()
-                        return
-                    last_answer = loop.time()
-                await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+        async def owed() -> bool:
+            read = await self.read_local(start, end)
+            return max((e.position for e in read.entries), default=0) > handled
+
+        liveness = Liveness(call, self._interval, owed)
 
         create = rpc.WatchCreateRequest(key=self._key(start), range_end=self._key(end),
                                         start_revision=from_position + 1)
-        prober: asyncio.Task[None] | None = None
         try:
-            await call.write(rpc.WatchRequest(create_request=create))
-            prober = asyncio.create_task(keep_alive())
+            await send(call, rpc.WatchRequest(create_request=create))
+            liveness.start()
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
                     raise UnavailableError(f"regional etcd at {etcd.endpoint} ended the watch")
-                last_answer = loop.time()
+                liveness.answered()
                 if resp.compact_revision:
                     raise CompactedError(int(resp.compact_revision))
                 if resp.canceled:
@@ -151,15 +136,11 @@ class RegionLocal:
             raise UnavailableError(f"regional etcd at {failed} watch failed ({err.code().name})",
                                    metadata={"endpoint": failed}) from err
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if stalled and task is not None and not task.cancelling():
+            if liveness.stalled_error():
                 raise UnavailableError(
                     f"regional etcd at {etcd.endpoint} stopped answering the watch") from None
             raise
         finally:
-            if prober is not None:
-                prober.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await prober
+            await liveness.stop()
             call.cancel()
 
