@@ -1,7 +1,8 @@
 """The rollout coordinator: commits a rollout when every region is ready, aborts it otherwise.
 
 Runs in the servers of the primary region (``--coordinator auto``); once a rollout is preparing
-they elect one through the primary etcd (:mod:`modelreg.server.rollout_election`) and only the
+they elect one through the primary etcd (:mod:`modelreg.replication.election`, the leader key
+:data:`LEADER_KEY`) and only the
 leader acts (until then none campaigns: no leader key, no lease). Every ``rollout_interval``
 seconds, for each rollout that is PREPARING, the leader
 
@@ -42,12 +43,12 @@ from typing import Protocol
 
 import structlog
 
+from modelreg.replication.election import Election, Events, Leadership
 from modelreg.replication.etcd import Etcd
 from modelreg.server.api.metrics import Metrics
 from modelreg.server.config import ServerConfig
 from modelreg.server.domain.errors import ModelregError
 from modelreg.server.domain.rollout_decision import decide, stage_of
-from modelreg.server.rollout_election import Election, Leadership
 from modelreg.server.rollout_guard import BakingGuards, GuardRecords
 from modelreg.server.rollout_readiness import (
     COORDINATOR_ACTOR,
@@ -61,6 +62,11 @@ from modelreg.v1 import resources_pb2 as res
 from modelreg.v1.errors_pb2 import ErrorReason
 
 log = structlog.get_logger("modelreg.server.coordinator")
+
+LEADER_KEY = "coordinator/leader"
+"""The coordinators' leader key, relative to the deployment's prefix in the primary etcd."""
+COORDINATOR_EVENTS = Events("coordinator_elected", "coordinator_following",
+                            "coordinator_election_unavailable", "coordinator_lease_not_renewed")
 
 _DONE = ErrorReason.Name(ErrorReason.ROLLOUT_DONE)
 FULL_LOOK = 5.0
@@ -386,8 +392,9 @@ async def open_coordinator(
         regions={r.name: r.servers for r in topology.regions} if topology is not None else {},
         timeout=min(READINESS_TIMEOUT, config.forward_timeout),
         connect_timeout=config.forward_connect_timeout, local_health=local_health)
-    election = Election(etcd, config.prefix, candidate, ttl=config.coordinator_lease,
-                        poll=config.rollout_interval)
+    election = Election(etcd, (config.prefix + LEADER_KEY).encode(), candidate,
+                        ttl=config.coordinator_lease, poll=config.rollout_interval, log=log,
+                        events=COORDINATOR_EVENTS)
     coordinator = Coordinator(rollouts, readiness, election, hint=hint,
                               guard=guard if local_health is not None else None,
                               interval=config.rollout_interval, metrics=metrics)

@@ -29,11 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from modelreg.server.api.consistency import MIN_REVISION_HEADER
-from modelreg.server.api.forward import channel_options
+from modelreg.server.api.forward import Link, channel_options, error_info
 from modelreg.server.api.identity import ACTOR_HEADER
 from modelreg.server.domain.errors import ModelregError
 from modelreg.server.domain.transaction import now_timestamp
@@ -54,48 +52,17 @@ LocalReadiness = Callable[[fs.GetRegionReadinessRequest],
 LocalHealth = Callable[[fs.GetRegionHealthRequest], Awaitable[fs.GetRegionHealthResponse]]
 """The fleet domain's ``health``: this server's own region, from its own store."""
 
-_READY = grpc.ChannelConnectivity.READY
-_DOWN = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
 _NOT_APPLIED = ErrorReason.Name(ErrorReason.REVISION_NOT_YET_APPLIED)
 MAX_ERROR = 512
 """Characters of a region's error kept in the rollout record."""
 
 
-def _reason(err: grpc.aio.AioRpcError) -> tuple[str, Mapping[str, str]]:
-    """The ``ErrorInfo`` reason and metadata of a modelreg error ("" for a transport error)."""
-    status = rpc_status.from_call(err)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason, dict(info.metadata)
-    return "", {}
-
-
-class _Link:
-    """One channel to one server of a region."""
+class _Link(Link):
+    """One channel to one server of a region, with its FleetService stub."""
 
     def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        super().__init__(address, options)
         self.stub = fleet_service_pb2_grpc.FleetServiceStub(self.channel)
-
-    def state(self) -> grpc.ChannelConnectivity:
-        return self.channel.get_state(try_to_connect=True)
-
-    async def ready(self, within: float) -> bool:
-        """Connected now, or within ``within`` s; False at once when gRPC knows it down."""
-        state = self.state()
-        if state == _READY or state in _DOWN:
-            return state == _READY
-        try:
-            async with asyncio.timeout(within):
-                while state != _READY and state not in _DOWN:
-                    await self.channel.wait_for_state_change(state)
-                    state = self.state()
-        except TimeoutError:
-            pass
-        return state == _READY
 
 
 Metadata = tuple[tuple[str, str], ...]
@@ -253,7 +220,7 @@ class RegionReadiness:
             try:
                 response = await ask(link.stub, max(0.001, deadline - loop.time()), metadata)
             except grpc.aio.AioRpcError as err:
-                reason, info = _reason(err)
+                reason, info = error_info(err)
                 if reason == _NOT_APPLIED:
                     return (f"region {region} has not yet replicated {what} (it applied "
                             f"revision {info.get('applied_revision', '?')}, {what} "

@@ -102,13 +102,18 @@ class PrimaryAnswered(Exception):
         self.message = err.details() or ""
         trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if k == _STATUS_DETAILS)
         self.status = ForwardedStatus(self.code, self.message, trailing)
-        self.reason = ""
-        status = rpc_status.from_call(err)
-        for detail in status.details if status is not None else ():
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                self.reason = info.reason
+        self.reason = error_info(err)[0]
+
+
+def error_info(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+    """The ``ErrorInfo`` reason and metadata a modelreg server sent ("" for a transport error)."""
+    status = rpc_status.from_call(err)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason, dict(info.metadata)
+    return "", {}
 
 
 def _on_the_wire_failure(err: grpc.aio.AioRpcError) -> bool:
@@ -116,20 +121,15 @@ def _on_the_wire_failure(err: grpc.aio.AioRpcError) -> bool:
     return err.code() == grpc.StatusCode.UNAVAILABLE and rpc_status.from_call(err) is None
 
 
-class _Link:
-    """One channel to one primary server."""
+class Link:
+    """One channel to one server of another region, and whether it is connected.
+
+    The forwarder's channels to the primary, and the rollout coordinator's to every region.
+    """
 
     def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=options)
-        self.stubs: dict[str, Any] = {
-            "modelreg.v1.ModelService": model_service_pb2_grpc.ModelServiceStub(self.channel),
-            "modelreg.v1.RolloutService":
-                rollout_service_pb2_grpc.RolloutServiceStub(self.channel),
-            "modelreg.v1.RegionService":
-                region_service_pb2_grpc.RegionServiceStub(self.channel),
-        }
-        """The stub of each service with forwarded methods, by full service name."""
 
     def state(self) -> grpc.ChannelConnectivity:
         """The channel's state; asks an idle channel to connect."""
@@ -152,6 +152,21 @@ class _Link:
         except TimeoutError:
             pass
         return state == _READY
+
+
+class _Link(Link):
+    """One channel to one primary server, with the stub of each forwarded service."""
+
+    def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
+        super().__init__(address, options)
+        self.stubs: dict[str, Any] = {
+            "modelreg.v1.ModelService": model_service_pb2_grpc.ModelServiceStub(self.channel),
+            "modelreg.v1.RolloutService":
+                rollout_service_pb2_grpc.RolloutServiceStub(self.channel),
+            "modelreg.v1.RegionService":
+                region_service_pb2_grpc.RegionServiceStub(self.channel),
+        }
+        """The stub of each service with forwarded methods, by full service name."""
 
 
 class Forwarder:

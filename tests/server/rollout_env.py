@@ -25,7 +25,7 @@ from google.protobuf import duration_pb2
 from modelreg.replication import AgentConfig, Replicator
 from modelreg.server.domain.rollouts import Rollouts
 from modelreg.server.embedded_etcd import EmbeddedEtcd
-from modelreg.server.rollout_election import LEADER_KEY
+from modelreg.server.rollout_coordinator import LEADER_KEY
 from modelreg.server.store.etcd import EtcdStore
 from modelreg.v1 import fleet_service_pb2 as fs
 from modelreg.v1 import fleet_service_pb2_grpc
